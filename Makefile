@@ -1,0 +1,27 @@
+# One-command set-up: `make run` and `make test` each create .venv on first use.
+PY      ?= python3
+VENV    ?= .venv
+PIP     := $(VENV)/bin/pip
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+
+.PHONY: install run test test-all clean
+
+$(STAMP): setup.py constraints.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e . pytest
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: the embedded default (MNIST from ../shared/data, local executor, CPU or GPU); ARGS="..." adds flags
+run: $(STAMP)
+	$(VENV)/bin/ddm-hpc run $(ARGS)
+
+## test: the CI suite (no GPU tests without a GPU)
+test: $(STAMP)
+	$(VENV)/bin/pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,404 @@
+"""Stage ``attribute``: perturb the synset, fine-tune, measure the objective, fit W (Eq. 7-9, 11).
+
+For each perturbation p in {0,1}^K (p_k = 0: cluster k removed) the trained model theta_tau is
+fine-tuned for T full-batch steps on the synsets of the removed clusters (Eq. 9; descent for
+reverse-matched synsets, ascent for forward-matched ones, so both *remove* the clusters'
+contribution). Many perturbations are fine-tuned together: stacked parameters, one
+``vmap(grad(...))`` per step, chunked to fit memory. The objective o(p) of each fine-tuned model
+is then fit by weighted least squares with the removal indicators z = 1 - p:
+
+    o(p) ~ b + sum_k z_k A_k,      weights beta_p by the number of zeros,     (Eq. 8)
+
+with the unperturbed model (p = 1, no fine-tuning) as one more row. ``scores`` = A: the effect
+of removing a cluster on the objective; larger = more responsible (for dist3, whose value
+falls as the output changes, the largest score marks the *least* influential cluster, as in
+the paper). The paper's W on p equals -A.
+
+Objectives per query (Eq. 10 evaluated on the fine-tuned model instead of a retrained one):
+  dist1 = |softmax(p) - softmax(theta_tau)|_2, dist2 = CE(softmax(p), y), dist3 = 1/(1 + dist1),
+  global = sum of dist2 over a validation set (Eq. 14).
+
+Hierarchical search (Eq. 11): leave-one-out over the L class synsets picks a class per query,
+then leave-one-out over that class's C cluster synsets picks the cluster: L + C fine-tunings
+per distinct chosen class instead of L x C.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ddm_hpc.config import AttributeConfig, Config
+from ddm_hpc.data import DatasetBundle
+from ddm_hpc.distill import read_synsets
+from ddm_hpc.errors import ConfigError
+from ddm_hpc.storage import artifact_path, atomic_h5, open_read, write_provenance
+from ddm_hpc.train import TrajectoryReader, build_target, load_data
+from ddm_hpc.utils import generator, memory_budget_bytes, progress, resolve_device
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("dist1", "dist2", "dist3", "global")
+
+
+# ----------------------------------------------------------------------------- perturbations + WLS
+def loo_perturbations(k: int) -> torch.Tensor:
+    """uint8 [K, K]: row i removes cluster i only (1 = kept)."""
+    return (1 - torch.eye(k, dtype=torch.uint8))
+
+
+def random_perturbations(k: int, n: int, removal_prob: float, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [n, K] Bernoulli masks, each removing at least one cluster (1 = kept)."""
+    p = (torch.rand(n, k, generator=gen) >= removal_prob).to(torch.uint8)
+    for i in range(n):
+        while p[i].all():
+            p[i] = (torch.rand(k, generator=gen) >= removal_prob).to(torch.uint8)
+    return p
+
+
+def beta_weights(perturbations: torch.Tensor, kind: str) -> torch.Tensor:
+    """float64 [n] weights by the number of zeros z of each row, scaled to max 1.
+
+    inverse: 1/z; uniform: 1; shap: the Shapley kernel (K-1) / (C(K,z) z (K-z)), with z = K
+    rows (all removed) given the largest finite weight.
+    """
+    k = perturbations.shape[1]
+    z = (perturbations == 0).sum(1).double()
+    if kind == "uniform":
+        w = torch.ones_like(z)
+    elif kind == "inverse":
+        w = 1.0 / z.clamp(min=1)
+    elif kind == "shap":
+        logc = torch.lgamma(torch.tensor(k + 1.0)) - torch.lgamma(z + 1) - torch.lgamma(k - z + 1)
+        w = (k - 1) / (torch.exp(logc) * z * (k - z))
+        finite = torch.isfinite(w) & (w > 0)
+        w[~finite] = w[finite].max() if finite.any() else 1.0
+    else:
+        raise ConfigError(f"--beta must be inverse, uniform or shap; got {kind!r}")
+    return w / w.max()
+
+
+def fit_wls(perturbations: torch.Tensor, outcomes: torch.Tensor, beta: torch.Tensor,
+            base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least squares of outcomes on removal indicators (Eq. 8).
+
+    Args:
+        perturbations: {0,1} [n, K] (1 = kept).
+        outcomes: [n, Q] objective of each perturbed model for Q queries.
+        beta: [n] non-negative weights.
+        base: optional [Q] objective of the unperturbed model, added as a row of weight max(beta).
+
+    Returns:
+        (scores [Q, K], intercept [Q]) in float64: outcome ~ intercept + (1 - p) @ scores.
+    """
+    z = 1.0 - perturbations.double()
+    y = outcomes.double()
+    w = beta.double()
+    if base is not None:
+        z = torch.cat([torch.zeros(1, z.shape[1], dtype=z.dtype), z])
+        y = torch.cat([base.double()[None], y])
+        w = torch.cat([w.max()[None], w])
+    design = torch.cat([torch.ones(len(z), 1, dtype=z.dtype), z], 1)
+    sw = w.sqrt()[:, None]
+    sol = torch.linalg.lstsq(design * sw, y * sw, driver="gelsd").solution  # [K+1, Q]
+    return sol[1:].T.contiguous(), sol[0]
+
+
+# ----------------------------------------------------------------------------- batched fine-tuning
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of all module outputs for a forward pass of one image (a memory estimate)."""
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(x[:1])
+    for h in handles:
+        h.remove()
+    return total
+
+
+def auto_chunk(model: nn.Module, n_params: int, rows: int, sample: torch.Tensor, device: torch.device) -> int:
+    """How many models to fine-tune at once so params, grads and activations fit the budget."""
+    per_model = 4 * 4 * n_params + 3 * max(rows, 1) * activation_bytes(model, sample)
+    return int(max(1, min(512, memory_budget_bytes(device) // max(per_model, 1))))
+
+
+@dataclass
+class FinetuneSpec:
+    """Which synthetic images each perturbed model fine-tunes on."""
+
+    rows: torch.Tensor  # int64 [M, R] index into the flattened synset (padding: 0)
+    weights: torch.Tensor  # float32 [M, R] (0 = padding)
+
+
+def removal_spec(perturbations: torch.Tensor, ipc: int) -> FinetuneSpec:
+    """For each row of ``perturbations`` (1 = kept), the synthetic images of its removed groups."""
+    removed = [torch.nonzero(p == 0)[:, 0] for p in perturbations]
+    width = max(1, max(len(r) for r in removed) * ipc)
+    rows = torch.zeros(len(removed), width, dtype=torch.long)
+    weights = torch.zeros(len(removed), width)
+    for i, r in enumerate(removed):
+        idx = (r[:, None] * ipc + torch.arange(ipc)[None, :]).reshape(-1)
+        rows[i, :len(idx)] = idx
+        weights[i, :len(idx)] = 1.0
+    return FinetuneSpec(rows, weights)
+
+
+def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch.Tensor, syn_y: torch.Tensor,
+                  spec: FinetuneSpec, steps: int, lr: float, direction: float, eval_x: torch.Tensor,
+                  chunk: int, device: torch.device, desc: str = "fine-tune", show_progress: bool = True
+                  ) -> torch.Tensor:
+    """Fine-tune one copy of ``theta`` per row of ``spec`` and return its softmax outputs.
+
+    Args:
+        model: architecture; theta: name -> tensor, the start point (theta_tau).
+        syn_x: float32 [S, C, H, W] flattened synset; syn_y: int64 [S].
+        spec: per model, the synset rows it trains on (full batch, weighted mean CE).
+        steps, lr: T full-batch SGD steps of rate lr; direction +1 descent, -1 ascent.
+        eval_x: float32 [E, C, H, W] images to evaluate the fine-tuned models on.
+        chunk: models per vmap call.
+
+    Returns:
+        float32 [M, E, L] softmax probabilities on CPU.
+    """
+    theta = {k: v.detach().to(device) for k, v in theta.items()}
+    syn_x, syn_y, eval_x = syn_x.to(device), syn_y.to(device), eval_x.to(device)
+
+    def loss(p, xb, yb, wb):
+        out = functional_call(model, p, (xb,))
+        return (F.cross_entropy(out, yb, reduction="none") * wb).sum() / wb.sum().clamp(min=1e-12)
+
+    step_fn = vmap(grad(loss), in_dims=(0, 0, 0, 0))
+    eval_fn = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
+    outs = []
+    for m0 in progress(range(0, len(spec.rows), chunk), desc, show_progress):
+        rows = spec.rows[m0:m0 + chunk].to(device)
+        w = spec.weights[m0:m0 + chunk].to(device)
+        m = len(rows)
+        params = {k: v.expand(m, *v.shape).clone() for k, v in theta.items()}
+        xb, yb = syn_x[rows], syn_y[rows]
+        for _ in range(steps):
+            g = step_fn(params, xb, yb, w)
+            params = {k: v - (direction * lr) * g[k] for k, v in params.items()}
+        with torch.no_grad():
+            logits = torch.cat([eval_fn(params, eval_x[e:e + 256]) for e in range(0, len(eval_x), 256)], 1)
+        outs.append(logits.softmax(-1).float().cpu())
+    return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------- objectives
+def objective_values(probs: torch.Tensor, base: torch.Tensor, labels: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+    """Per-query objectives.
+
+    Args:
+        probs: [M, Q, L] softmax of M perturbed models on Q query images.
+        base: [Q, L] softmax of theta_tau; labels: int64 [Q] true labels.
+        mode: 'single' (one value per query) or 'batch' (mean over the queries: one value).
+
+    Returns:
+        name -> [M, Q] (single) or [M, 1] (batch) for dist1, dist2, dist3.
+    """
+    d1 = (probs - base[None]).norm(dim=-1)
+    d2 = -torch.log(probs.gather(-1, labels[None, :, None].expand(len(probs), -1, 1))[..., 0].clamp(min=1e-12))
+    d3 = 1.0 / (1.0 + d1)
+    out = {"dist1": d1, "dist2": d2, "dist3": d3}
+    if mode == "batch":
+        out = {k: v.mean(1, keepdim=True) for k, v in out.items()}
+    return out
+
+
+def all_objectives(probs: torch.Tensor, base: torch.Tensor, labels: torch.Tensor, n_q: int, mode: str
+                   ) -> dict[str, torch.Tensor]:
+    """Objectives of [M, n_q + n_val, L] outputs: per-query ones plus 'global' over the val rows."""
+    out = objective_values(probs[:, :n_q], base[:n_q], labels[:n_q], mode)
+    if probs.shape[1] > n_q:
+        val = objective_values(probs[:, n_q:], base[n_q:], labels[n_q:], "single")["dist2"]
+        out["global"] = val.sum(1, keepdim=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+@dataclass
+class Evaluator:
+    """Everything needed to fine-tune perturbed copies of theta_tau and score them."""
+
+    model: nn.Module
+    theta: dict[str, torch.Tensor]
+    eval_x: torch.Tensor  # [n_q + n_val, C, H, W]
+    eval_y: torch.Tensor
+    base: torch.Tensor  # [n_q + n_val, L]
+    n_q: int
+    acfg: AttributeConfig
+    steps: int
+    lr: float
+    device: torch.device
+    show_progress: bool
+
+    def run(self, syn_x: torch.Tensor, syn_y: torch.Tensor, ipc: int, perturbations: torch.Tensor,
+            direction: float, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Fine-tune per perturbation; return (probs [M, E, L], scores {obj: [Q, G]}, intercepts)."""
+        spec = removal_spec(perturbations, ipc)
+        chunk = self.acfg.batch_models or auto_chunk(self.model, sum(v.numel() for v in self.theta.values()),
+                                                     max(spec.rows.shape[1], min(len(self.eval_x), 256)),
+                                                     self.eval_x, self.device)
+        probs = finetune_many(self.model, self.theta, syn_x.reshape(-1, *syn_x.shape[2:]), syn_y.reshape(-1),
+                              spec, self.steps, self.lr, direction, self.eval_x, chunk, self.device, desc,
+                              self.show_progress)
+        objs = all_objectives(probs, self.base, self.eval_y, self.n_q, self.acfg.query_mode)
+        base_objs = all_objectives(self.base[None], self.base, self.eval_y, self.n_q, self.acfg.query_mode)
+        beta = beta_weights(perturbations, self.acfg.beta)
+        scores, intercepts = {}, {}
+        for name, o in objs.items():
+            s, b = fit_wls(perturbations, o, beta, base_objs[name][0])
+            scores[name], intercepts[name] = s.float(), b.float()
+        return probs, scores, intercepts
+
+
+def select_queries(acfg: AttributeConfig, n_test: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query positions [n_q], validation positions [n_val]) in the test subset, disjoint."""
+    perm = torch.randperm(n_test, generator=generator(seed, 41))
+    explicit = acfg.query_positions()
+    if explicit is not None:
+        bad = [i for i in explicit if not 0 <= i < n_test]
+        if bad:
+            raise ConfigError(f"--query-index {bad} outside the test subset of {n_test} images: use 0..{n_test - 1}")
+        queries = torch.tensor(explicit, dtype=torch.long)
+    else:
+        if acfg.n_queries > n_test:
+            raise ConfigError(f"--n-queries {acfg.n_queries} exceeds the {n_test} test images: lower it or raise --n-test")
+        queries = perm[:acfg.n_queries]
+    rest = perm[~torch.isin(perm, queries)]
+    if acfg.objective == "global" and acfg.n_val == 0:
+        raise ConfigError("--objective global needs --n-val > 0 validation images")
+    return queries, rest[:acfg.n_val]
+
+
+def hierarchical(ev: Evaluator, primary: str, run_dir: str, cluster_class: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+    """Eq. 11: class-wise leave-one-out, then leave-one-out over the chosen class's clusters."""
+    cls_x, cls_y, _, direction = read_synsets(run_dir, "class")
+    n_classes = len(cls_x)
+    _, cls_scores, _ = ev.run(cls_x, cls_y, cls_x.shape[1], loo_perturbations(n_classes), direction,
+                              "fine-tune[class]")
+    cs = cls_scores[primary]  # [Q, L]
+    chosen = cs.argmax(1)
+    clu_x, clu_y, _, clu_dir = read_synsets(run_dir, "cluster")
+    c_max = int(torch.bincount(cluster_class).max())
+    within = torch.full((len(cs), c_max), float("nan"))
+    best = torch.full((len(cs),), -1, dtype=torch.long)
+    n_ft = n_classes
+    for c in chosen.unique().tolist():
+        ids = torch.nonzero(cluster_class == c)[:, 0]
+        _, s, _ = ev.run(clu_x[ids], clu_y[ids], clu_x.shape[1], loo_perturbations(len(ids)), clu_dir,
+                         f"fine-tune[class {c}]")
+        rows = torch.nonzero(chosen == c)[:, 0]
+        within[rows, :len(ids)] = s[primary][rows]
+        best[rows] = ids[s[primary][rows].argmax(1)]
+        n_ft += len(ids)
+    return {"class_scores": cs, "class": chosen, "cluster_scores": within, "cluster": best,
+            "n_finetunes": torch.tensor(n_ft)}
+
+
+def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
+    """Run the stage and write ``attribution.h5``; returns its path."""
+    t0 = time.perf_counter()
+    acfg = cfg.attribute
+    device = resolve_device(cfg.runtime.device)
+    bundle = bundle or load_data(cfg)
+    reader = TrajectoryReader(artifact_path(cfg.runtime.out, "train"), device=device)
+    model = build_target(cfg, bundle).to(device)
+    theta = reader.params(reader.tau)
+    with open_read(artifact_path(cfg.runtime.out, "cluster")) as f:
+        assignment = f["clusters/assignment"][()]
+        cluster_class = torch.from_numpy(f["clusters/class"][()])
+        sizes = f["clusters/size"][()]
+    q_pos, v_pos = select_queries(acfg, len(bundle.y_test), cfg.seed)
+    eval_pos = torch.cat([q_pos, v_pos])
+    eval_x, eval_y = bundle.x_test[eval_pos], bundle.y_test[eval_pos]
+    with torch.no_grad():
+        base = torch.func.functional_call(model, {k: v.to(device) for k, v in theta.items()},
+                                          (eval_x.to(device),)).softmax(-1).float().cpu()
+    steps = acfg.finetune_steps or reader.tau
+    lr = acfg.finetune_lr or cfg.train.lr
+    ev = Evaluator(model, theta, eval_x, eval_y, base, len(q_pos), acfg, steps, lr, device, cfg.runtime.progress)
+    primary = acfg.objective
+    k = len(cluster_class)
+    result: dict[str, object] = {}
+    timings: dict[str, float] = {}
+    if acfg.search in ("flat", "both"):
+        t1 = time.perf_counter()
+        syn_x, syn_y, _, direction = read_synsets(cfg.runtime.out, "cluster")
+        if acfg.perturbation == "loo":
+            pert = loo_perturbations(k)
+        else:
+            pert = random_perturbations(k, acfg.n_perturbations or k, acfg.removal_prob, generator(cfg.seed, 43))
+        probs, scores, intercepts = ev.run(syn_x, syn_y, syn_x.shape[1], pert, direction, "fine-tune[flat]")
+        result.update(perturbations=pert, probs=probs, scores=scores, intercepts=intercepts)
+        timings["flat"] = time.perf_counter() - t1
+    if acfg.search in ("hierarchical", "both"):
+        t1 = time.perf_counter()
+        result["hier"] = hierarchical(ev, primary, cfg.runtime.out, cluster_class)
+        timings["hierarchical"] = time.perf_counter() - t1
+
+    path = artifact_path(cfg.runtime.out, "attribute")
+    n_rows = 1 if acfg.query_mode == "batch" else len(q_pos)
+    with atomic_h5(path) as f:
+        if "scores" in result:
+            primary_scores = result["scores"][primary].numpy()
+            for name, s in result["scores"].items():
+                g = f.create_group(f"objectives/{name}")
+                g.create_dataset("scores", data=s.numpy().astype(np.float32))
+                g.create_dataset("intercept", data=result["intercepts"][name].numpy().astype(np.float32))
+            f.create_dataset("perturbations", data=result["perturbations"].numpy())
+            f.create_dataset("beta", data=beta_weights(result["perturbations"], acfg.beta).numpy())
+            f.create_dataset("outputs", data=result["probs"].numpy().astype(np.float32))
+        else:  # hierarchical only: cluster scores of the chosen class, NaN elsewhere
+            h = result["hier"]
+            primary_scores = np.full((n_rows, k), np.nan, dtype=np.float32)
+            for q in range(n_rows):
+                ids = torch.nonzero(cluster_class == h["class"][q])[:, 0].numpy()
+                primary_scores[q, ids] = h["cluster_scores"][q, :len(ids)].numpy()
+        f.create_dataset("scores", data=primary_scores.astype(np.float32))
+        order = np.argsort(-np.nan_to_num(primary_scores, nan=-np.inf), axis=1)[:, :min(5, k)]
+        f.create_dataset("top_clusters", data=order.astype(np.int64))
+        if "hier" in result:
+            g = f.create_group("hierarchy")
+            for name, v in result["hier"].items():
+                g.create_dataset(name, data=v.numpy())
+        f.create_dataset("query_index", data=bundle.test_index[q_pos].numpy())
+        f.create_dataset("query_position", data=q_pos.numpy())
+        f.create_dataset("query_label", data=bundle.y_test[q_pos].numpy())
+        f.create_dataset("query_pred", data=base[:len(q_pos)].argmax(1).numpy())
+        f.create_dataset("base_probs", data=base[:len(q_pos)].numpy())
+        f.create_dataset("val_index", data=bundle.test_index[v_pos].numpy())
+        c = f.create_group("clusters")
+        c.create_dataset("assignment", data=assignment)
+        c.create_dataset("class", data=cluster_class.numpy())
+        c.create_dataset("size", data=sizes)
+        f.attrs["objective"] = primary
+        f.attrs["query_mode"] = acfg.query_mode
+        f.attrs["finetune_steps"] = steps
+        f.attrs["finetune_lr"] = lr
+        f.attrs["n_finetunes_flat"] = len(result["perturbations"]) if "perturbations" in result else 0
+        f.attrs["n_finetunes_hierarchical"] = int(result["hier"]["n_finetunes"]) if "hier" in result else 0
+        for name, sec in timings.items():
+            f.attrs[f"seconds_{name}"] = sec
+        write_provenance(f, cfg, "attribute", time.perf_counter() - t0)
+    log.info("attribute: %s scores for %d queries over K=%d clusters in %.1f s -> %s", primary, len(q_pos), k,
+             time.perf_counter() - t0, path)
+    return path
+
+
+__all__ = ["fit_wls", "beta_weights", "loo_perturbations", "random_perturbations", "finetune_many",
+           "objective_values", "run_attribute"]

@@ -1,0 +1,348 @@
+"""Configuration: one dataclass per stage, each field documented in its metadata.
+
+The CLI is generated from these fields (``--field-name``), so ``ddm-hpc run --help`` and this
+file never disagree. Defaults form the *embedded default run*: MNIST from ``../shared/data``,
+a CPU-sized demonstration that finishes in minutes on 2 cores. Where a default departs from
+the paper (Ye et al., CVPR 2024, Table 5 / section 4.1), the help text says so and
+:func:`paper_preset` restores the paper's value.
+
+Each stage's artifact stores a hash of the config sections it depends on (``stage_key``);
+a run directory whose artifact was made with a different upstream config is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddm_hpc.errors import ConfigError
+
+STAGES = ("train", "cluster", "distill", "attribute")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(default="mnist", metadata=_help(
+        "mnist, fashionmnist, cifar10, cifar100, or a path to an .npz/.h5 array file or an image folder"))
+    data_root: str = field(default="../shared/data", metadata=_help(
+        "folder holding the torchvision dataset folders (MNIST/raw, cifar-10-batches-py, ...)"))
+    n_train: int | None = field(default=2000, metadata=_help(
+        "class-stratified training subset size; 0 = the whole training set (paper: all)"))
+    n_test: int | None = field(default=1000, metadata=_help(
+        "class-stratified test subset size (queries are drawn from it); 0 = all"))
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = all), got {v}")
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="convnet", metadata=_help(
+        "registered model: convnet, alexnet, resnet18, simplevit, mlp, or one added with register_model"))
+    width: int | None = field(default=32, metadata=_help(
+        "channel width passed to the model factory (convnet/alexnet/resnet18); 0 = the model's own "
+        "default (convnet: 128 as in the paper). 32 keeps the default run CPU-sized"))
+    depth: int | None = field(default=None, metadata=_help(
+        "depth passed to the model factory (convnet, mlp); unset = the model's default (convnet: 3)"))
+    model_args: str = field(default="", metadata=_help(
+        "extra factory keyword arguments as JSON, e.g. '{\"patch_size\": 7}'"))
+
+    def __post_init__(self) -> None:
+        self.factory_kwargs()  # validates the JSON early
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_model`` (width/depth only when set)."""
+        try:
+            extra = json.loads(self.model_args) if self.model_args else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-args is not valid JSON ({e.msg}): pass e.g. '{{\"width\": 64}}'") from None
+        if not isinstance(extra, dict):
+            raise ConfigError("--model-args must be a JSON object, e.g. '{\"width\": 64}'")
+        kw: dict[str, Any] = {}
+        if self.width:
+            kw["width"] = self.width
+        if self.depth:
+            kw["depth"] = self.depth
+        kw.update(extra)
+        return kw
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=30, metadata=_help("training epochs tau (paper Table 5: 30)"))
+    batch_size: int = field(default=256, metadata=_help("SGD minibatch size"))
+    lr: float = field(default=0.01, metadata=_help(
+        "lr_net: SGD learning rate of training, also the unlearning fine-tune rate eta (paper sec. 4.1: 0.01; "
+        "Table 5 says 0.001 for MNIST)"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum of training"))
+    weight_decay: float = field(default=5e-4, metadata=_help("SGD weight decay of training"))
+    save_every: int = field(default=1, metadata=_help("record theta every this many epochs (theta_0 and theta_tau always)"))
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "save_every")
+        _positive(self, "lr", strict=True)
+
+
+@dataclass
+class ClusterConfig:
+    clusters_per_class: int = field(default=10, metadata=_help("C: k-means clusters per class, K = L x C (paper: 10)"))
+    cluster_method: str = field(default="kmeans", metadata=_help(
+        "kmeans (FAISS, per class) or sequential (split each class by index order: 'DDM w/o cluster')"))
+    features: str = field(default="penultimate", metadata=_help(
+        "feature extractor: penultimate (trained target's input to its last Linear), pixels, or "
+        "module:function returning an nn.Module"))
+    kmeans_iters: int = field(default=25, metadata=_help("k-means iterations"))
+    small_class: str = field(default="error", metadata=_help(
+        "a class with fewer than C images: error, or reduce (use as many clusters as images, logged)"))
+
+    def __post_init__(self) -> None:
+        _positive(self, "clusters_per_class", "kmeans_iters")
+        _choice(self, "cluster_method", ("kmeans", "sequential"))
+        _choice(self, "small_class", ("error", "reduce"))
+
+
+@dataclass
+class DistillConfig:
+    method: str = field(default="ddm", metadata=_help(
+        "ddm: reverse gradient matching (syn grad at theta_{tau-t} vs -real grad at theta_t, Eq. 6); "
+        "ddm-match: forward gradient matching at the same theta_t (the paper's DDM-match ablation)"))
+    pairing: str = field(default="auto", metadata=_help(
+        "trajectory pairing: reverse (tau-t, Eq. 6), alg1 (real at t, syn at t+s, Algorithm 1), same (t, t); "
+        "auto = reverse for ddm, same for ddm-match"))
+    step_length: int = field(default=4, metadata=_help("s of the alg1 pairing (paper Table 5: 4)"))
+    ipc: int = field(default=1, metadata=_help("synthetic images per cluster (paper: 1)"))
+    distill_steps: int = field(default=100, metadata=_help(
+        "synset updates, each at a freshly sampled t (paper Table 5 'step for synset': 50)"))
+    lr_img: float = field(default=0.1, metadata=_help(
+        "SGD rate for the synthetic images (Table 5: 0.1; sec. 4.1 says 10; 0.005 for ViT)"))
+    img_momentum: float = field(default=0.5, metadata=_help("momentum of the synthetic-image optimizer (DC: 0.5)"))
+    batch_real: int = field(default=64, metadata=_help("real images per cluster per step (whole cluster if smaller)"))
+    distance: str = field(default="cos", metadata=_help("matching distance: cos (layer-wise, DC) or mse (paper: ViT)"))
+    include_1d: bool = field(default=False, metadata=_help(
+        "count 1-D parameters (biases, norm affines) in the distance (DC skips them)"))
+    init: str = field(default="real", metadata=_help("synset init: real (random images of the cluster) or noise"))
+    levels: str = field(default="cluster,class", metadata=_help(
+        "which synsets to learn: cluster (K groups), class (L groups, for the hierarchical search), or both"))
+    group_chunk: int = field(default=0, metadata=_help(
+        "clusters per vmap chunk (bounds memory); 0 = all at once"))
+
+    def __post_init__(self) -> None:
+        _choice(self, "method", ("ddm", "ddm-match"))
+        _choice(self, "pairing", ("auto", "reverse", "alg1", "same"))
+        _choice(self, "distance", ("cos", "mse"))
+        _choice(self, "init", ("real", "noise"))
+        _positive(self, "step_length", "ipc", "distill_steps", "batch_real")
+        _positive(self, "lr_img", strict=True)
+        if self.group_chunk < 0:
+            raise ConfigError(f"--group-chunk must be >= 0 (0 = all), got {self.group_chunk}")
+        bad = set(self.level_list()) - {"cluster", "class"}
+        if bad or not self.level_list():
+            raise ConfigError(f"--levels must name cluster and/or class (comma-separated), got {self.levels!r}")
+
+    def level_list(self) -> list[str]:
+        return [s.strip() for s in self.levels.split(",") if s.strip()]
+
+    def resolved_pairing(self) -> str:
+        if self.pairing != "auto":
+            return self.pairing
+        return "reverse" if self.method == "ddm" else "same"
+
+    @property
+    def sign(self) -> float:
+        """-1: compare syn with -real (reverse); +1: forward matching."""
+        return -1.0 if self.method == "ddm" else 1.0
+
+
+@dataclass
+class AttributeConfig:
+    n_queries: int = field(default=10, metadata=_help("test images to explain (seeded random picks from the test subset)"))
+    query_index: str = field(default="", metadata=_help(
+        "explicit comma-separated test-subset positions to explain (overrides --n-queries)"))
+    objective: str = field(default="dist1", metadata=_help(
+        "objective stored as `scores`: dist1 (L2 change of softmax), dist2 (CE to the true label), "
+        "dist3 (1/(1+dist1)), global (sum of dist2 over --n-val validation images, Eq. 14)"))
+    query_mode: str = field(default="single", metadata=_help(
+        "single: one objective per query image; batch: the queries form one batch query (objective averaged)"))
+    n_val: int = field(default=200, metadata=_help("validation images for the global objective (disjoint from queries)"))
+    perturbation: str = field(default="loo", metadata=_help(
+        "loo: each p removes one cluster (W = direct removal effect); random: p ~ Bernoulli masks (the paper's "
+        "random sampling; use --n-perturbations > K)"))
+    n_perturbations: int = field(default=0, metadata=_help("|P| for random perturbations; 0 = K (the paper's minimum)"))
+    removal_prob: float = field(default=0.5, metadata=_help("probability a cluster is removed in a random perturbation"))
+    beta: str = field(default="inverse", metadata=_help(
+        "WLS weights beta_p by the number of zeros z: inverse (1/z), uniform, or shap (Shapley kernel)"))
+    finetune_steps: int = field(default=0, metadata=_help(
+        "T: full-batch fine-tune steps on the removed synsets; 0 = tau (the recorded trajectory length, Eq. 3)"))
+    finetune_lr: float = field(default=0.0, metadata=_help("fine-tune rate eta_f; 0 = the training lr (Eq. 3 sets eta_a = eta_f)"))
+    search: str = field(default="both", metadata=_help(
+        "flat (all K clusters), hierarchical (class synsets first, then the C clusters of the chosen class), or both"))
+    batch_models: int = field(default=0, metadata=_help("perturbed models fine-tuned together per vmap chunk; 0 = auto"))
+
+    def __post_init__(self) -> None:
+        _choice(self, "objective", ("dist1", "dist2", "dist3", "global"))
+        _choice(self, "perturbation", ("loo", "random"))
+        _choice(self, "query_mode", ("single", "batch"))
+        _choice(self, "beta", ("inverse", "uniform", "shap"))
+        _choice(self, "search", ("flat", "hierarchical", "both"))
+        _positive(self, "n_queries")
+        if not 0.0 < self.removal_prob < 1.0:
+            raise ConfigError(f"--removal-prob must be in (0, 1), got {self.removal_prob}")
+        for name in ("n_val", "n_perturbations", "finetune_steps", "batch_models"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.finetune_lr < 0:
+            raise ConfigError(f"--finetune-lr must be >= 0 (0 = training lr), got {self.finetune_lr}")
+        self.query_positions()
+
+    def query_positions(self) -> list[int] | None:
+        if not self.query_index.strip():
+            return None
+        try:
+            return [int(s) for s in self.query_index.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--query-index must be comma-separated integers, got {self.query_index!r}") from None
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how to run; not part of any stage key (results do not depend on it)."""
+
+    out: str = field(default="runs/default", metadata=_help("run directory holding the stage artifacts"))
+    device: str = field(default="auto", metadata=_help("auto (cuda if present), cpu, cuda, cuda:N"))
+    executor: str = field(default="local", metadata=_help("job executor: local (in-process)"))
+    overwrite: bool = field(default=False, metadata=_help("recompute stages whose artifact was made with another config"))
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+
+    def __post_init__(self) -> None:
+        _choice(self, "executor", ("local",))
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "cluster": ClusterConfig,
+    "distill": DistillConfig,
+    "attribute": AttributeConfig,
+    "runtime": RuntimeConfig,
+}
+# Sections each stage's result depends on (plus the global seed).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "train": ("data", "model", "train"),
+    "cluster": ("data", "model", "train", "cluster"),
+    "distill": ("data", "model", "train", "cluster", "distill"),
+    "attribute": ("data", "model", "train", "cluster", "distill", "attribute"),
+}
+
+
+@dataclass
+class Config:
+    seed: int = field(default=0, metadata=_help("seed of every random choice (init, data order, k-means, synsets, queries)"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    attribute: AttributeConfig = field(default_factory=AttributeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def stage_dict(self, stage: str) -> dict[str, Any]:
+        """The config a stage's result depends on."""
+        d = {"seed": self.seed}
+        for sec in STAGE_SECTIONS[stage]:
+            d[sec] = dataclasses.asdict(getattr(self, sec))
+        return d
+
+    def stage_key(self, stage: str) -> str:
+        blob = json.dumps(self.stage_dict(stage), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Build from a (possibly partial) nested dict; unknown keys raise ConfigError."""
+        kwargs: dict[str, Any] = {}
+        for key, val in d.items():
+            if key == "seed":
+                kwargs["seed"] = int(val)
+            elif key in SECTIONS:
+                known = {f.name for f in dataclasses.fields(SECTIONS[key])}
+                bad = set(val) - known
+                if bad:
+                    raise ConfigError(f"unknown option(s) {sorted(bad)} in config section {key!r}; known: {sorted(known)}")
+                kwargs[key] = SECTIONS[key](**val)
+            else:
+                raise ConfigError(f"unknown config section {key!r}; known: seed, {', '.join(SECTIONS)}")
+        return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict update (override wins) without mutating either input."""
+    out = json.loads(json.dumps(base))
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences 'section.field: old -> new'."""
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            lines.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return lines
+
+
+def paper_preset() -> dict[str, Any]:
+    """Overrides that restore the paper's scale (Table 5 / sec. 4.1); GPU-sized, not CPU-sized."""
+    return {
+        "data": {"n_train": 0, "n_test": 0},
+        "model": {"width": 0},
+        "distill": {"distill_steps": 50, "batch_real": 256},
+        "attribute": {"n_queries": 20},
+    }
+
+
+def smoke_preset() -> dict[str, Any]:
+    """A seconds-long run for tests and CI: tiny subset, narrow net, few epochs and steps."""
+    return {
+        "data": {"n_train": 300, "n_test": 100},
+        "model": {"width": 8},
+        "train": {"epochs": 3, "batch_size": 64},
+        "cluster": {"clusters_per_class": 3},
+        "distill": {"distill_steps": 5, "batch_real": 16},
+        "attribute": {"n_queries": 3, "n_val": 20},
+    }
+
+
+PRESETS = {"default": dict, "paper": paper_preset, "smoke": smoke_preset}
+
+
+def _positive(obj: Any, *names: str, strict: bool = True) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if (v <= 0) if strict else (v < 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got {v!r}")

@@ -1,0 +1,29 @@
+"""Shared fixtures: where the real MNIST lives, and GPU skipping."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# The project's data sits beside the repo (../shared/data); DDM_DATA_ROOT overrides.
+DATA_ROOT = Path(os.environ.get("DDM_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """Folder holding MNIST/raw (fails loudly if the shared data is missing)."""
+    if not (DATA_ROOT / "MNIST" / "raw").is_dir():
+        pytest.fail(f"real MNIST not found under {DATA_ROOT}/MNIST/raw; set DDM_DATA_ROOT to the folder holding MNIST/")
+    return DATA_ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
