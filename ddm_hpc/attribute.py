@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from torch.func import functional_call, grad, vmap
 
 from ddm_hpc.config import AttributeConfig, Config
 from ddm_hpc.data import DatasetBundle
-from ddm_hpc.distill import read_synsets
+from ddm_hpc.distill import SynsetLevel, read_synsets
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.storage import artifact_path, atomic_h5, open_read, write_provenance
 from ddm_hpc.train import TrajectoryReader, build_target, load_data
@@ -142,8 +143,14 @@ class FinetuneSpec:
     weights: torch.Tensor  # float32 [M, R] (0 = padding)
 
 
-def removal_spec(perturbations: torch.Tensor, ipc: int) -> FinetuneSpec:
-    """For each row of ``perturbations`` (1 = kept), the synthetic images of its removed groups."""
+def removal_spec(perturbations: torch.Tensor, ipc: int, group_weight: torch.Tensor | None = None) -> FinetuneSpec:
+    """For each row of ``perturbations`` (1 = kept), the synthetic images of its removed groups.
+
+    Each removed group contributes ``group_weight[k]`` (default 1) times the mean loss of its
+    ``ipc`` images, so removing more groups moves the model further.
+    """
+    k = perturbations.shape[1]
+    gw = torch.ones(k) if group_weight is None else group_weight.float()
     removed = [torch.nonzero(p == 0)[:, 0] for p in perturbations]
     width = max(1, max(len(r) for r in removed) * ipc)
     rows = torch.zeros(len(removed), width, dtype=torch.long)
@@ -151,8 +158,24 @@ def removal_spec(perturbations: torch.Tensor, ipc: int) -> FinetuneSpec:
     for i, r in enumerate(removed):
         idx = (r[:, None] * ipc + torch.arange(ipc)[None, :]).reshape(-1)
         rows[i, :len(idx)] = idx
-        weights[i, :len(idx)] = 1.0
+        weights[i, :len(idx)] = gw[r].repeat_interleave(ipc) / ipc
     return FinetuneSpec(rows, weights)
+
+
+def group_weights(level: SynsetLevel, scale: str, train_lr: float, momentum: float, batch_size: int,
+                  finetune_lr: float) -> torch.Tensor:
+    """Per-group loss weight c_k of the fine-tune (``--finetune-scale``).
+
+    Training (Eq. 2) applies, per epoch, lr * (n_k / B) * mean grad(D_k) from cluster k, and
+    momentum mu stretches every step by 1/(1-mu). Cosine matching fixes only the direction of
+    grad(S_k), so ``matched`` rescales it: one fine-tune step of rate eta_f then moves theta by
+    that per-epoch amount, and T = tau steps undo tau epochs (Eq. 3).
+    """
+    if scale == "uniform":
+        return torch.ones(len(level.size))
+    eff_lr = train_lr / (1.0 - momentum)
+    ratio = level.grad_norm_real / level.grad_norm_syn.clamp(min=1e-12)
+    return (eff_lr / finetune_lr) * (level.size.float() / batch_size) * ratio
 
 
 def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch.Tensor, syn_y: torch.Tensor,
@@ -164,7 +187,7 @@ def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch
     Args:
         model: architecture; theta: name -> tensor, the start point (theta_tau).
         syn_x: float32 [S, C, H, W] flattened synset; syn_y: int64 [S].
-        spec: per model, the synset rows it trains on (full batch, weighted mean CE).
+        spec: per model, the synset rows it trains on and their weights (loss = sum of w * CE).
         steps, lr: T full-batch SGD steps of rate lr; direction +1 descent, -1 ascent.
         eval_x: float32 [E, C, H, W] images to evaluate the fine-tuned models on.
         chunk: models per vmap call.
@@ -177,7 +200,7 @@ def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch
 
     def loss(p, xb, yb, wb):
         out = functional_call(model, p, (xb,))
-        return (F.cross_entropy(out, yb, reduction="none") * wb).sum() / wb.sum().clamp(min=1e-12)
+        return (F.cross_entropy(out, yb, reduction="none") * wb).sum()
 
     step_fn = vmap(grad(loss), in_dims=(0, 0, 0, 0))
     eval_fn = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
@@ -244,16 +267,18 @@ class Evaluator:
     lr: float
     device: torch.device
     show_progress: bool
+    weights: Callable[[SynsetLevel], torch.Tensor]
 
-    def run(self, syn_x: torch.Tensor, syn_y: torch.Tensor, ipc: int, perturbations: torch.Tensor,
-            direction: float, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def run(self, level: SynsetLevel, perturbations: torch.Tensor, desc: str
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Fine-tune per perturbation; return (probs [M, E, L], scores {obj: [Q, G]}, intercepts)."""
-        spec = removal_spec(perturbations, ipc)
+        spec = removal_spec(perturbations, level.images.shape[1], self.weights(level))
+        syn_x, syn_y = level.images, level.labels
         chunk = self.acfg.batch_models or auto_chunk(self.model, sum(v.numel() for v in self.theta.values()),
                                                      max(spec.rows.shape[1], min(len(self.eval_x), 256)),
                                                      self.eval_x, self.device)
         probs = finetune_many(self.model, self.theta, syn_x.reshape(-1, *syn_x.shape[2:]), syn_y.reshape(-1),
-                              spec, self.steps, self.lr, direction, self.eval_x, chunk, self.device, desc,
+                              spec, self.steps, self.lr, level.unlearn_direction, self.eval_x, chunk, self.device, desc,
                               self.show_progress)
         objs = all_objectives(probs, self.base, self.eval_y, self.n_q, self.acfg.query_mode)
         base_objs = all_objectives(self.base[None], self.base, self.eval_y, self.n_q, self.acfg.query_mode)
@@ -287,21 +312,19 @@ def select_queries(acfg: AttributeConfig, n_test: int, seed: int) -> tuple[torch
 def hierarchical(ev: Evaluator, primary: str, run_dir: str, cluster_class: torch.Tensor
                  ) -> dict[str, torch.Tensor]:
     """Eq. 11: class-wise leave-one-out, then leave-one-out over the chosen class's clusters."""
-    cls_x, cls_y, _, direction = read_synsets(run_dir, "class")
-    n_classes = len(cls_x)
-    _, cls_scores, _ = ev.run(cls_x, cls_y, cls_x.shape[1], loo_perturbations(n_classes), direction,
-                              "fine-tune[class]")
+    classes = read_synsets(run_dir, "class")
+    n_classes = len(classes.size)
+    _, cls_scores, _ = ev.run(classes, loo_perturbations(n_classes), "fine-tune[class]")
     cs = cls_scores[primary]  # [Q, L]
     chosen = cs.argmax(1)
-    clu_x, clu_y, _, clu_dir = read_synsets(run_dir, "cluster")
+    clusters = read_synsets(run_dir, "cluster")
     c_max = int(torch.bincount(cluster_class).max())
     within = torch.full((len(cs), c_max), float("nan"))
     best = torch.full((len(cs),), -1, dtype=torch.long)
     n_ft = n_classes
     for c in chosen.unique().tolist():
         ids = torch.nonzero(cluster_class == c)[:, 0]
-        _, s, _ = ev.run(clu_x[ids], clu_y[ids], clu_x.shape[1], loo_perturbations(len(ids)), clu_dir,
-                         f"fine-tune[class {c}]")
+        _, s, _ = ev.run(clusters.subset(ids), loo_perturbations(len(ids)), f"fine-tune[class {c}]")
         rows = torch.nonzero(chosen == c)[:, 0]
         within[rows, :len(ids)] = s[primary][rows]
         best[rows] = ids[s[primary][rows].argmax(1)]
@@ -331,19 +354,25 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
                                           (eval_x.to(device),)).softmax(-1).float().cpu()
     steps = acfg.finetune_steps or reader.tau
     lr = acfg.finetune_lr or cfg.train.lr
-    ev = Evaluator(model, theta, eval_x, eval_y, base, len(q_pos), acfg, steps, lr, device, cfg.runtime.progress)
+    tc = cfg.train
+
+    def weights(level: SynsetLevel) -> torch.Tensor:
+        return group_weights(level, acfg.finetune_scale, tc.lr, tc.momentum, tc.batch_size, lr)
+
+    ev = Evaluator(model, theta, eval_x, eval_y, base, len(q_pos), acfg, steps, lr, device, cfg.runtime.progress,
+                   weights)
     primary = acfg.objective
     k = len(cluster_class)
     result: dict[str, object] = {}
     timings: dict[str, float] = {}
     if acfg.search in ("flat", "both"):
         t1 = time.perf_counter()
-        syn_x, syn_y, _, direction = read_synsets(cfg.runtime.out, "cluster")
+        level = read_synsets(cfg.runtime.out, "cluster")
         if acfg.perturbation == "loo":
             pert = loo_perturbations(k)
         else:
             pert = random_perturbations(k, acfg.n_perturbations or k, acfg.removal_prob, generator(cfg.seed, 43))
-        probs, scores, intercepts = ev.run(syn_x, syn_y, syn_x.shape[1], pert, direction, "fine-tune[flat]")
+        probs, scores, intercepts = ev.run(level, pert, "fine-tune[flat]")
         result.update(perturbations=pert, probs=probs, scores=scores, intercepts=intercepts)
         timings["flat"] = time.perf_counter() - t1
     if acfg.search in ("hierarchical", "both"):
@@ -362,7 +391,7 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
                 g.create_dataset("intercept", data=result["intercepts"][name].numpy().astype(np.float32))
             f.create_dataset("perturbations", data=result["perturbations"].numpy())
             f.create_dataset("beta", data=beta_weights(result["perturbations"], acfg.beta).numpy())
-            f.create_dataset("outputs", data=result["probs"].numpy().astype(np.float32))
+            f.create_dataset("outputs", data=result["probs"][:, :len(q_pos)].numpy().astype(np.float32))
         else:  # hierarchical only: cluster scores of the chosen class, NaN elsewhere
             h = result["hier"]
             primary_scores = np.full((n_rows, k), np.nan, dtype=np.float32)
@@ -390,6 +419,7 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
         f.attrs["query_mode"] = acfg.query_mode
         f.attrs["finetune_steps"] = steps
         f.attrs["finetune_lr"] = lr
+        f.attrs["finetune_scale"] = acfg.finetune_scale
         f.attrs["n_finetunes_flat"] = len(result["perturbations"]) if "perturbations" in result else 0
         f.attrs["n_finetunes_hierarchical"] = int(result["hier"]["n_finetunes"]) if "hier" in result else 0
         for name, sec in timings.items():

@@ -52,7 +52,7 @@ def _base_type(tp: Any) -> type:
 def _add_fields(parser: argparse.ArgumentParser, section: str | None, cls: type) -> None:
     group = parser.add_argument_group(section or "general")
     for f in dataclasses.fields(cls):
-        if f.name in SECTIONS:
+        if cls is Config and f.name in SECTIONS:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = _base_type(f.type)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd, sections in COMMAND_SECTIONS.items():
-        p = sub.add_parser(cmd, help=STAGE_HELP[cmd], description=STAGE_HELP[cmd])
+        p = sub.add_parser(cmd, help=STAGE_HELP[cmd], description=STAGE_HELP[cmd], allow_abbrev=False)
         p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                        help="named option set: default (CPU-sized demo), paper (Table 5 scale), smoke (seconds)")
         p.add_argument("--config", dest="config_file", default=argparse.SUPPRESS,
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every ISA it tries
     try:
         if ns.command == "show":

@@ -132,6 +132,9 @@ class DistillConfig:
     init: str = field(default="real", metadata=_help("synset init: real (random images of the cluster) or noise"))
     levels: str = field(default="cluster,class", metadata=_help(
         "which synsets to learn: cluster (K groups), class (L groups, for the hierarchical search), or both"))
+    group_grads: str = field(default="auto", metadata=_help(
+        "how per-cluster real gradients are batched: vmap, loop, or auto (vmap on CUDA, loop on CPU, "
+        "where vmap measured 2x slower)"))
     group_chunk: int = field(default=0, metadata=_help(
         "clusters per vmap chunk (bounds memory); 0 = all at once"))
 
@@ -140,6 +143,7 @@ class DistillConfig:
         _choice(self, "pairing", ("auto", "reverse", "alg1", "same"))
         _choice(self, "distance", ("cos", "mse"))
         _choice(self, "init", ("real", "noise"))
+        _choice(self, "group_grads", ("auto", "vmap", "loop"))
         _positive(self, "step_length", "ipc", "distill_steps", "batch_real")
         _positive(self, "lr_img", strict=True)
         if self.group_chunk < 0:
@@ -182,6 +186,10 @@ class AttributeConfig:
         "WLS weights beta_p by the number of zeros z: inverse (1/z), uniform, or shap (Shapley kernel)"))
     finetune_steps: int = field(default=0, metadata=_help(
         "T: full-batch fine-tune steps on the removed synsets; 0 = tau (the recorded trajectory length, Eq. 3)"))
+    finetune_scale: str = field(default="matched", metadata=_help(
+        "weight of each removed synset in the fine-tune loss: matched (so one step moves theta by what the cluster "
+        "contributed per epoch: lr/(1-momentum) * n_k/batch * |grad D_k| / |grad S_k|, from Eq. 2-3) or uniform "
+        "(1 per removed synset, the paper's literal reading)"))
     finetune_lr: float = field(default=0.0, metadata=_help("fine-tune rate eta_f; 0 = the training lr (Eq. 3 sets eta_a = eta_f)"))
     search: str = field(default="both", metadata=_help(
         "flat (all K clusters), hierarchical (class synsets first, then the C clusters of the chosen class), or both"))
@@ -192,6 +200,7 @@ class AttributeConfig:
         _choice(self, "perturbation", ("loo", "random"))
         _choice(self, "query_mode", ("single", "batch"))
         _choice(self, "beta", ("inverse", "uniform", "shap"))
+        _choice(self, "finetune_scale", ("matched", "uniform"))
         _choice(self, "search", ("flat", "hierarchical", "both"))
         _positive(self, "n_queries")
         if not 0.0 < self.removal_prob < 1.0:

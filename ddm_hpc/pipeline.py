@@ -6,9 +6,14 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from ddm_hpc.config import STAGES, Config
+from ddm_hpc.data import DatasetBundle
+from ddm_hpc.errors import ConfigError
 from ddm_hpc.launch import execute
-from ddm_hpc.storage import artifact_path, open_read, plan_stage, read_attrs, require_upstream, write_json_atomic
+from ddm_hpc.storage import (UPSTREAM, artifact_path, open_read, plan_stage, read_attrs, require_upstream,
+                             write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -26,29 +31,60 @@ def stage_function(stage: str):
     return fn
 
 
+def plan(cfg: Config, stages: tuple[str, ...]) -> dict[str, str]:
+    """'run' or 'skip' per stage, raising before anything runs on drift or missing inputs."""
+    out = Path(cfg.runtime.out)
+    decisions: dict[str, str] = {}
+    for stage in stages:
+        upstream_runs = any(decisions.get(up) == "run" for up in UPSTREAM[stage])
+        if upstream_runs:
+            decisions[stage] = "run"  # its inputs are being recomputed
+            continue
+        require_upstream(out, stage, cfg)
+        decisions[stage] = plan_stage(out, stage, cfg)
+    return decisions
+
+
+def preflight(cfg: Config, bundle: DatasetBundle, decisions: dict[str, str]) -> None:
+    """Checks that need the data but no training, so bad options fail in seconds."""
+    n_test, acfg = len(bundle.y_test), cfg.attribute
+    if decisions.get("attribute") == "run":
+        if acfg.query_positions() is None and acfg.n_queries > n_test:
+            raise ConfigError(f"--n-queries {acfg.n_queries} exceeds the {n_test} test images: lower it or raise "
+                              "--n-test")
+    if decisions.get("cluster") == "run" and cfg.cluster.small_class == "error":
+        counts = torch.bincount(bundle.y_train, minlength=bundle.num_classes)
+        c = int(counts.argmin())
+        if counts[c] < cfg.cluster.clusters_per_class:
+            raise ConfigError(f"class {c} has {int(counts[c])} training images, fewer than --clusters-per-class "
+                              f"{cfg.cluster.clusters_per_class}: lower --clusters-per-class, raise --n-train, "
+                              "or pass --small-class reduce")
+
+
 def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     """Run ``stages`` in order, skipping current artifacts; returns seconds per stage run."""
     from ddm_hpc.train import load_data
 
     out = Path(cfg.runtime.out)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = {k: v for k, v in cfg.to_dict().items() if k != "runtime"}
-    write_json_atomic(out / "config.json", saved)
-    bundle = None
-    timings: dict[str, float] = {}
-    for stage in stages:
-        require_upstream(out, stage, cfg)
-        if plan_stage(out, stage, cfg) == "skip":
+    decisions = plan(cfg, stages)
+    for stage, what in decisions.items():
+        if what == "skip":
             log.info("%s: %s is up to date, skipping (pass --overwrite to recompute)", stage,
                      artifact_path(out, stage))
-            continue
-        if bundle is None:
+    timings: dict[str, float] = {}
+    if "run" not in decisions.values():
+        return timings
+    t0 = time.perf_counter()
+    bundle = load_data(cfg)
+    timings["data"] = time.perf_counter() - t0
+    preflight(cfg, bundle, decisions)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", {k: v for k, v in cfg.to_dict().items() if k != "runtime"})
+    for stage in stages:
+        if decisions[stage] == "run":
             t0 = time.perf_counter()
-            bundle = load_data(cfg)
-            timings["data"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        execute(stage_function(stage), cfg, bundle=bundle)
-        timings[stage] = time.perf_counter() - t0
+            execute(stage_function(stage), cfg, bundle=bundle)
+            timings[stage] = time.perf_counter() - t0
     return timings
 
 

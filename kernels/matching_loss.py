@@ -45,15 +45,16 @@ from kernels.reference import EPS, check_inputs, matching_loss_reference
 
 logger = logging.getLogger(__name__)
 
-# Segment-table columns.
-_SEG_SLOT, _SEG_ROW0, _SEG_NROWS, _SEG_NCOLS, _SEG_STRIDE_K, _SEG_GROW0 = range(6)
-_SEG_WIDTH = 6
-
 # Tile sizes. On a GPU a 16 x 128 fp32 tile of each operand is 8 KiB per operand per loop
-# step and program, enough bytes in flight with 4 warps; untuned: see benchmarks/RESULTS.md.
-# The interpreter pays per operation, not per element, so it gets larger tiles.
+# step and program, enough bytes in flight with 4 warps (a first guess: no GPU was lent
+# while this was written; benchmarks/bench_matching_loss.py measures it). The interpreter pays ~0.1 ms per Triton operation and almost
+# nothing per element, so there the tile grows to hold a whole parameter where it can
+# (one program per parameter and cluster).
 _GPU_TILE, _GPU_MAX_BLOCK_C, _GPU_NUM_WARPS = 2048, 128, 4
-_INTERP_TILE, _INTERP_MAX_BLOCK_C = 16384, 2048
+_INTERP_TILE, _INTERP_MAX_BLOCK_R = 1 << 16, 256
+# Tests set (BLOCK_R, BLOCK_C) here to run the GPU tiling (several row blocks per
+# parameter, several column steps per row) under the interpreter.
+_BLOCKS_OVERRIDE: tuple[int, int] | None = None
 
 _KERNEL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -176,8 +177,6 @@ def _matching_loss_bwd_kernel(
     #   dL/ds = -sign r / D + sign*dot * |sign||r| * s / (|s| D^2) = coef_r * r + coef_s * s.
     # |s| = 0: dot = 0 too, and s / |s| -> 0 (torch's norm backward makes the same choice).
     # mse: dL/ds = 2 (s - sign r).
-    coef_r = tl.full([BLOCK_R], 0.0, tl.float32)
-    coef_s = tl.full([BLOCK_R], 0.0, tl.float32)
     if IS_COS:
         out = k * n_rows_total + grow0 + offs_r
         plane = n_clusters * n_rows_total
@@ -188,8 +187,8 @@ def _matching_loss_bwd_kernel(
         s_norm = tl.sqrt(ss)
         denom = r_norm * s_norm + eps
         inv_s_norm = tl.where(ss > 0.0, 1.0 / tl.where(ss > 0.0, s_norm, 1.0), 0.0)
-        coef_r = coef_r - g * sign / denom
-        coef_s = coef_s + g * sign * dot * r_norm * inv_s_norm / (denom * denom)
+        coef_r = -g * sign / denom
+        coef_s = g * sign * dot * r_norm * inv_s_norm / (denom * denom)
 
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + offs_c
@@ -234,9 +233,25 @@ class _Plan:
     num_warps: int
 
 
+def _block_sizes(max_rows: int, max_cols: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) for a launch whose widest row has max_cols and tallest layer max_rows."""
+    npow2 = triton.next_power_of_2
+    if interpret:
+        block_r = min(npow2(max_rows), _INTERP_MAX_BLOCK_R)
+        return block_r, min(npow2(max_cols), max(16, _INTERP_TILE // block_r))
+    block_c = min(npow2(max_cols), _GPU_MAX_BLOCK_C)
+    return min(npow2(max_rows), max(1, _GPU_TILE // block_c)), block_c
+
+
 @functools.lru_cache(maxsize=64)
-def _plan(shapes: tuple[tuple[int, ...], ...], include_1d: bool, device: torch.device, interpret: bool) -> _Plan:
-    """Cut every counted parameter (shape without K) into row blocks; cached per shape list."""
+def _plan(
+    shapes: tuple[tuple[int, ...], ...], include_1d: bool, device: torch.device, interpret: bool,
+    blocks: tuple[int, int] | None,
+) -> _Plan:  # fmt: skip
+    """Cut every counted parameter (shape without K) into row blocks; cached per shape list.
+
+    ``blocks``: (BLOCK_R, BLOCK_C) to use instead of ``_block_sizes``' choice, or None.
+    """
     slots, rows_cols = [], []
     for i, shape in enumerate(shapes):
         if len(shape) == 1:
@@ -249,9 +264,7 @@ def _plan(shapes: tuple[tuple[int, ...], ...], include_1d: bool, device: torch.d
                 cols *= d
         slots.append(i)
         rows_cols.append((rows, cols))
-    tile, max_block_c = (_INTERP_TILE, _INTERP_MAX_BLOCK_C) if interpret else (_GPU_TILE, _GPU_MAX_BLOCK_C)
-    block_c = min(max_block_c, triton.next_power_of_2(max(c for _, c in rows_cols)))
-    block_r = min(triton.next_power_of_2(max(r for r, _ in rows_cols)), max(1, tile // block_c))
+    block_r, block_c = blocks or _block_sizes(max(r for r, _ in rows_cols), max(c for _, c in rows_cols), interpret)
     table, grow = [], 0
     for slot, (rows, cols) in enumerate(rows_cols):
         for row0 in range(0, rows, block_r):
@@ -416,7 +429,7 @@ def matching_loss(
 
     interpret = backend == "interpret"
     work = torch.device("cpu") if interpret else syn_grads[0].device
-    plan = _plan(shapes, include_1d, work, interpret)
+    plan = _plan(shapes, include_1d, work, interpret, _BLOCKS_OVERRIDE)
     reals = [real_grads[i].detach() for i in plan.slots]
     syns = [syn_grads[i] for i in plan.slots]
     # One dtype per side for the kernel's typed pointers; promote the odd one out (rare).

@@ -1,0 +1,97 @@
+"""How far does DDM's fine-tune move the queries' outputs, against exact leave-cluster-out?
+
+For a finished run directory, retrains the target exactly without each of ``--n-clusters``
+clusters (same theta_0, the full run's data order with the cluster's rows dropped), and
+compares Dist1 (L2 change of the queries' softmax) of the exact retraining with Dist1 of the
+DDM fine-tune under both ``--finetune-scale`` choices. Also retrains once on the full data
+with another seed for the noise floor. Prints means and the per-query Spearman correlation
+between predicted and exact effects across the chosen clusters.
+
+    python benchmarks/unlearning_magnitude.py runs/default --n-clusters 6
+
+This is a spot check on a few clusters, not the evaluation (LDS over many retrainings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from ddm_hpc.attribute import finetune_many, group_weights, loo_perturbations, removal_spec
+from ddm_hpc.config import Config
+from ddm_hpc.distill import read_synsets
+from ddm_hpc.storage import artifact_path
+from ddm_hpc.train import TrajectoryReader, build_target, load_data, load_into, train_trajectory
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--n-clusters", type=int, default=6, help="clusters to retrain without (spread over the ranking)")
+    args = ap.parse_args()
+    with h5py.File(artifact_path(args.run_dir, "attribute"), "r") as f:
+        cfg = Config.from_dict(json.loads(f.attrs["config"]) | {"runtime": {"out": args.run_dir, "progress": False}})
+        q_pos = torch.from_numpy(f["query_position"][()])
+        base = torch.from_numpy(f["base_probs"][()])
+        scores = f["scores"][()]
+    bundle = load_data(cfg)
+    device = torch.device("cpu")
+    reader = TrajectoryReader(artifact_path(args.run_dir, "train"))
+    model = build_target(cfg, bundle)
+    with h5py.File(artifact_path(args.run_dir, "cluster"), "r") as f:
+        assignment = torch.from_numpy(f["clusters/assignment"][()])
+    # clusters spread over the mean ranking, so effects differ
+    order = np.argsort(-scores.mean(0))
+    picks = order[np.linspace(0, len(order) - 1, args.n_clusters).round().astype(int)]
+    xq = bundle.x_test[q_pos]
+
+    def probs_of(flat: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return load_into(model, reader.table, flat)(xq).softmax(-1)
+
+    exact = []
+    t0 = time.perf_counter()
+    for k in picks:
+        m = build_target(cfg, bundle)
+        traj = train_trajectory(m, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], cfg.train,
+                                cfg.seed, device, keep=assignment != int(k), show_progress=False)
+        exact.append((probs_of(traj.params[-1]) - base).norm(dim=-1))
+    m = build_target(cfg, bundle, seed=cfg.seed + 1)
+    noise = train_trajectory(m, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], cfg.train,
+                             cfg.seed + 1, device, show_progress=False)
+    noise_d1 = (probs_of(noise.params[-1]) - base).norm(dim=-1)
+    t_retrain = time.perf_counter() - t0
+    exact = torch.stack(exact)  # [n_clusters, Q]
+
+    level = read_synsets(args.run_dir, "cluster")
+    theta = reader.params(reader.tau)
+    steps = cfg.attribute.finetune_steps or reader.tau
+    lr = cfg.attribute.finetune_lr or cfg.train.lr
+    pert = loo_perturbations(len(level.size))[torch.from_numpy(picks)]
+    print(f"run {args.run_dir}: {len(q_pos)} queries, clusters {picks.tolist()}, "
+          f"{len(picks) + 1} retrainings in {t_retrain:.0f} s")
+    print(f"  exact leave-cluster-out  mean Dist1 {exact.mean():.4f}")
+    print(f"  noise floor (seed+1)     mean Dist1 {noise_d1.mean():.4f}")
+    for scale in ("matched", "uniform"):
+        w = group_weights(level, scale, cfg.train.lr, cfg.train.momentum, cfg.train.batch_size, lr)
+        spec = removal_spec(pert, level.images.shape[1], w)
+        t1 = time.perf_counter()
+        p = finetune_many(model, theta, level.images.reshape(-1, *level.images.shape[2:]), level.labels.reshape(-1),
+                          spec, steps, lr, level.unlearn_direction, xq, len(picks), device, show_progress=False)
+        d1 = (p - base[None]).norm(dim=-1)  # [n_clusters, Q]
+        rho = np.nanmean([spearman(d1[:, q].numpy(), exact[:, q].numpy()) for q in range(len(q_pos))])
+        print(f"  DDM fine-tune, {scale:8s} mean Dist1 {d1.mean():.4f}  ratio to exact {d1.mean() / exact.mean():8.2f}"
+              f"  mean per-query Spearman vs exact {rho:+.3f}  ({time.perf_counter() - t1:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
