@@ -228,7 +228,8 @@ class RuntimeConfig:
     out: str = field(default="runs/default", metadata=_help("run directory holding the stage artifacts"))
     device: str = field(default="auto", metadata=_help("auto (cuda if present), cpu, cuda, cuda:N"))
     executor: str = field(default="local", metadata=_help("job executor: local (in-process)"))
-    overwrite: bool = field(default=False, metadata=_help("recompute stages whose artifact was made with another config"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "recompute the requested stages even where an artifact exists (required when it was made with another config)"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
 
     def __post_init__(self) -> None:

@@ -154,3 +154,27 @@ def test_console_script_help_lists_flags_with_defaults():
     assert "(default: 30)" in flat and "(default: 'mnist')" in flat and "(default: 'convnet')" in flat
     bad = subprocess.run([sys.executable, "-m", "ddm_hpc.cli", "run", "--epochs", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid int value" in bad.stderr
+
+
+def test_attribute_variants_and_show(smoke_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "variants"
+    shutil.copytree(smoke_run, run)
+    common = ["--out", str(run), "--no-progress", "--overwrite"]
+    # one batch query over all queries, global objective (Eq. 14) and random perturbations with WLS
+    code, out, err = _run(["attribute", "--query-mode", "batch", "--search", "flat", "--perturbation", "random",
+                           "--n-perturbations", "40", "--beta", "shap", *common], capsys)
+    assert code == 0, err
+    with h5py.File(run / "attribution.h5") as f:
+        assert f["scores"].shape == (1, 30) and f["perturbations"].shape == (40, 30)
+        assert f["objectives/global/scores"].shape == (1, 30)
+        assert ((f["perturbations"][()] == 0).sum(1) >= 1).all()
+    code, out, err = _run(["attribute", "--objective", "global", "--search", "both", *common], capsys)
+    assert code == 0, err
+    with h5py.File(run / "attribution.h5") as f:
+        assert f.attrs["objective"] == "global" and f["scores"].shape == (1, 30)
+        assert f["hierarchy/class"].shape == (1,)
+        np.testing.assert_array_equal(f["scores"][()], f["objectives/global/scores"][()])
+    code, out, _ = _run(["show", str(run)], capsys)
+    assert code == 0 and "query batch" in out and "global" in out
