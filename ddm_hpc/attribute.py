@@ -205,13 +205,15 @@ def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch
     step_fn = vmap(grad(loss), in_dims=(0, 0, 0, 0))
     eval_fn = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
     outs = []
-    for m0 in progress(range(0, len(spec.rows), chunk), desc, show_progress):
+    starts = range(0, len(spec.rows), chunk)
+    for i, m0 in enumerate(starts):
         rows = spec.rows[m0:m0 + chunk].to(device)
         w = spec.weights[m0:m0 + chunk].to(device)
         m = len(rows)
         params = {k: v.expand(m, *v.shape).clone() for k, v in theta.items()}
         xb, yb = syn_x[rows], syn_y[rows]
-        for _ in range(steps):
+        label = f"{desc} {m0 + m}/{len(spec.rows)} models" if len(starts) > 1 else f"{desc} {m} models"
+        for _ in progress(range(steps), label, show_progress):
             g = step_fn(params, xb, yb, w)
             params = {k: v - (direction * lr) * g[k] for k, v in params.items()}
         with torch.no_grad():
