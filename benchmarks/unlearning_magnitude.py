@@ -24,13 +24,9 @@ import torch
 from ddm_hpc.attribute import finetune_many, group_weights, loo_perturbations, removal_spec
 from ddm_hpc.config import Config
 from ddm_hpc.distill import read_synsets
+from ddm_hpc.evaluate import query_probs, retrain_without, spearman
 from ddm_hpc.storage import artifact_path
-from ddm_hpc.train import TrajectoryReader, build_target, load_data, load_into, train_trajectory
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+from ddm_hpc.train import TrajectoryReader, build_target, load_data
 
 
 def main() -> None:
@@ -44,7 +40,6 @@ def main() -> None:
         base = torch.from_numpy(f["base_probs"][()])
         scores = f["scores"][()]
     bundle = load_data(cfg)
-    device = torch.device("cpu")
     reader = TrajectoryReader(artifact_path(args.run_dir, "train"))
     model = build_target(cfg, bundle)
     with h5py.File(artifact_path(args.run_dir, "cluster"), "r") as f:
@@ -54,23 +49,12 @@ def main() -> None:
     picks = order[np.linspace(0, len(order) - 1, args.n_clusters).round().astype(int)]
     xq = bundle.x_test[q_pos]
 
-    def probs_of(flat: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return load_into(model, reader.table, flat)(xq).softmax(-1)
-
-    exact = []
     t0 = time.perf_counter()
-    for k in picks:
-        m = build_target(cfg, bundle)
-        traj = train_trajectory(m, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], cfg.train,
-                                cfg.seed, device, keep=assignment != int(k), show_progress=False)
-        exact.append((probs_of(traj.params[-1]) - base).norm(dim=-1))
-    m = build_target(cfg, bundle, seed=cfg.seed + 1)
-    noise = train_trajectory(m, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], cfg.train,
-                             cfg.seed + 1, device, show_progress=False)
-    noise_d1 = (probs_of(noise.params[-1]) - base).norm(dim=-1)
+    exact = torch.stack([(query_probs(model, reader.table, retrain_without(cfg, bundle, assignment, [int(k)]), xq)
+                          - base).norm(dim=-1) for k in picks])  # [n_clusters, Q]
+    noise_d1 = (query_probs(model, reader.table, retrain_without(cfg, bundle, assignment, [], seed_offset=1), xq)
+                - base).norm(dim=-1)
     t_retrain = time.perf_counter() - t0
-    exact = torch.stack(exact)  # [n_clusters, Q]
 
     level = read_synsets(args.run_dir, "cluster")
     theta = reader.params(reader.tau)
@@ -86,9 +70,10 @@ def main() -> None:
         spec = removal_spec(pert, level.images.shape[1], w)
         t1 = time.perf_counter()
         p = finetune_many(model, theta, level.images.reshape(-1, *level.images.shape[2:]), level.labels.reshape(-1),
-                          spec, steps, lr, level.unlearn_direction, xq, len(picks), device, show_progress=False)
+                          spec, steps, lr, level.unlearn_direction, xq, len(picks), torch.device("cpu"),
+                          show_progress=False)
         d1 = (p - base[None]).norm(dim=-1)  # [n_clusters, Q]
-        rho = np.nanmean([spearman(d1[:, q].numpy(), exact[:, q].numpy()) for q in range(len(q_pos))])
+        rho = float(torch.nanmean(spearman(d1, exact)))
         print(f"  DDM fine-tune, {scale:8s} mean Dist1 {d1.mean():.4f}  ratio to exact {d1.mean() / exact.mean():8.2f}"
               f"  mean per-query Spearman vs exact {rho:+.3f}  ({time.perf_counter() - t1:.1f} s)")
 

@@ -70,7 +70,7 @@ class ModelConfig:
         kw: dict[str, Any] = {}
         if self.width:
             kw["width"] = self.width
-        if self.depth:
+        if self.depth is not None:
             kw["depth"] = self.depth
         kw.update(extra)
         return kw
