@@ -210,6 +210,29 @@ class TrajectoryReader:
         return self.table.unflatten(self.flat(i))
 
 
+class MemoryTrajectory:
+    """A trajectory held in memory, with the reader interface the distill stage uses.
+
+    For small problems and tests: ``MemoryTrajectory(traj.table, traj.params)``.
+    """
+
+    def __init__(self, table: ParamTable, rows: torch.Tensor, device: torch.device | str = "cpu"):
+        self.table, self.rows, self.device = table, rows, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def tau(self) -> int:
+        return len(self.rows) - 1
+
+    def flat(self, i: int) -> torch.Tensor:
+        return self.rows[i].to(self.device)
+
+    def params(self, i: int) -> dict[str, torch.Tensor]:
+        return self.table.unflatten(self.flat(i))
+
+
 def load_into(model: nn.Module, table: ParamTable, flat: torch.Tensor) -> nn.Module:
     """Copy a flat parameter row into ``model`` (names must match the table)."""
     params = table.unflatten(flat)

@@ -11,8 +11,7 @@ from kernels import matching_loss, matching_loss_reference
 from ddm_hpc.config import DistillConfig
 from ddm_hpc.distill import distill_groups, group_members, per_group_grads, sample_real, trajectory_pairs
 from ddm_hpc.models import build_model
-from ddm_hpc.storage import ParamTable
-from ddm_hpc.train import train_trajectory
+from ddm_hpc.train import MemoryTrajectory, train_trajectory
 from ddm_hpc.config import TrainConfig
 
 
@@ -135,20 +134,6 @@ def test_trajectory_pairs(pairing):
         assert max(s for _, s in pairs) < 10  # t + s < tau (Algorithm 1)
 
 
-class _Reader:
-    """In-memory stand-in for TrajectoryReader."""
-
-    def __init__(self, table: ParamTable, rows: torch.Tensor):
-        self.table, self.rows = table, rows
-
-    @property
-    def tau(self) -> int:
-        return len(self.rows) - 1
-
-    def params(self, i: int):
-        return self.table.unflatten(self.rows[i])
-
-
 @pytest.mark.parametrize("method", ["ddm", "ddm-match"])
 def test_matching_loss_decreases_on_tiny_problem(method):
     g = torch.Generator().manual_seed(3)
@@ -161,7 +146,7 @@ def test_matching_loss_decreases_on_tiny_problem(method):
                             torch.device("cpu"), show_progress=False)
     groups = torch.arange(n) % 6  # 6 groups, 2 per class
     dcfg = DistillConfig(method=method, distill_steps=40, lr_img=1.0, batch_real=20, ipc=1)
-    syn = distill_groups(_tiny_model(), _Reader(traj.table, traj.params), x, y, groups, torch.tensor([0, 1, 2] * 2),
+    syn = distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, groups, torch.tensor([0, 1, 2] * 2),
                          dcfg, 0, torch.device("cpu"), show_progress=False)
     assert syn.images.shape == (6, 1, 1, 8, 8)
     assert syn.labels[:, 0].tolist() == [0, 1, 2, 0, 1, 2]

@@ -272,19 +272,7 @@ def test_distill_stage_kernel_path_equals_reference_path(monkeypatch):
     from ddm_hpc.config import DistillConfig, TrainConfig
     from ddm_hpc.distill import distill_groups
     from ddm_hpc.models import build_model
-    from ddm_hpc.storage import ParamTable
-    from ddm_hpc.train import train_trajectory
-
-    class Reader:
-        def __init__(self, table: ParamTable, rows: torch.Tensor):
-            self.table, self.rows = table, rows
-
-        @property
-        def tau(self) -> int:
-            return len(self.rows) - 1
-
-        def params(self, i: int):
-            return self.table.unflatten(self.rows[i].to(DEVICE))
+    from ddm_hpc.train import MemoryTrajectory, train_trajectory
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(60, 1, 8, 8, generator=g)
@@ -293,7 +281,7 @@ def test_distill_stage_kernel_path_equals_reference_path(monkeypatch):
     model = build_model("convnet", 1, 3, (8, 8), width=4, depth=2).to(DEVICE)
     traj = train_trajectory(model, x, y, x[:10], y[:10], TrainConfig(epochs=3, batch_size=20, lr=0.05), 0,
                             torch.device(DEVICE), show_progress=False)
-    reader = Reader(traj.table, traj.params)
+    reader = MemoryTrajectory(traj.table, traj.params, DEVICE)
     dcfg = DistillConfig(distill_steps=6, lr_img=0.5, batch_real=8, include_1d=True)
 
     def run():
