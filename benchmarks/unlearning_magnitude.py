@@ -8,6 +8,7 @@ with another seed for the noise floor. Prints means and the per-query Spearman c
 between predicted and exact effects across the chosen clusters.
 
     python benchmarks/unlearning_magnitude.py runs/default --n-clusters 6
+    python benchmarks/unlearning_magnitude.py runs/default --scales matched --lrs 0.01 0.001 --steps 1 5 30
 
 This is a spot check on a few clusters, not the evaluation (LDS over many retrainings).
 """
@@ -33,6 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--n-clusters", type=int, default=6, help="clusters to retrain without (spread over the ranking)")
+    ap.add_argument("--scales", nargs="+", default=["matched", "uniform"], help="--finetune-scale values to compare")
+    ap.add_argument("--lrs", nargs="+", type=float, default=None, help="fine-tune rates to sweep (default: the run's)")
+    ap.add_argument("--steps", nargs="+", type=int, default=None, help="fine-tune steps to sweep (default: the run's)")
     args = ap.parse_args()
     with h5py.File(artifact_path(args.run_dir, "attribute"), "r") as f:
         cfg = Config.from_dict(json.loads(f.attrs["config"]) | {"runtime": {"out": args.run_dir, "progress": False}})
@@ -65,18 +69,20 @@ def main() -> None:
           f"{len(picks) + 1} retrainings in {t_retrain:.0f} s")
     print(f"  exact leave-cluster-out  mean Dist1 {exact.mean():.4f}")
     print(f"  noise floor (seed+1)     mean Dist1 {noise_d1.mean():.4f}")
-    for scale in ("matched", "uniform"):
-        w = group_weights(level, scale, cfg.train.lr, cfg.train.momentum, cfg.train.batch_size, lr)
-        spec = removal_spec(pert, level.images.shape[1], w)
-        t1 = time.perf_counter()
-        p = finetune_many(model, theta, level.images.reshape(-1, *level.images.shape[2:]), level.labels.reshape(-1),
-                          spec, steps, lr, level.unlearn_direction, xq, len(picks), torch.device("cpu"),
-                          show_progress=False)
-        d1 = (p - base[None]).norm(dim=-1)  # [n_clusters, Q]
-        rho = float(torch.nanmean(spearman(d1, exact)))
-        print(f"  DDM fine-tune, {scale:8s} mean Dist1 {d1.mean():.4f}  ratio to exact {d1.mean() / exact.mean():8.2f}"
-              f"  mean per-query Spearman vs exact {rho:+.3f}  ({time.perf_counter() - t1:.1f} s)")
-
+    for scale in args.scales:
+        for lr_f in args.lrs or [lr]:
+            for t in args.steps or [steps]:
+                w = group_weights(level, scale, cfg.train.lr, cfg.train.momentum, cfg.train.batch_size, lr_f)
+                spec = removal_spec(pert, level.images.shape[1], w)
+                t1 = time.perf_counter()
+                p = finetune_many(model, theta, level.images.reshape(-1, *level.images.shape[2:]),
+                                  level.labels.reshape(-1), spec, t, lr_f, level.unlearn_direction, xq, len(picks),
+                                  torch.device("cpu"), show_progress=False)
+                d1 = (p - base[None]).norm(dim=-1)  # [n_clusters, Q]
+                rho = float(torch.nanmean(spearman(d1, exact)))
+                print(f"  DDM fine-tune, {scale:8s} lr {lr_f:<7g} T {t:3d}  mean Dist1 {d1.mean():.4f}  ratio to exact "
+                      f"{d1.mean() / exact.mean():8.2f}  mean per-query Spearman vs exact {rho:+.3f}  "
+                      f"({time.perf_counter() - t1:.1f} s)")
 
 if __name__ == "__main__":
     main()
