@@ -88,7 +88,7 @@ def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, float
     return timings
 
 
-def summary(run_dir: str | Path, n_show: int = 5) -> str:
+def summary(run_dir: str | Path, n_show: int = 10) -> str:
     """A human-readable summary of a run directory's artifacts."""
     run_dir = Path(run_dir)
     lines = [f"run directory: {run_dir}"]
