@@ -5,11 +5,10 @@ PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: install run test test-all clean
+.PHONY: install run test clean
 
 $(STAMP): setup.py constraints.txt
 	$(PY) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e . pytest
 	touch $(STAMP)
 

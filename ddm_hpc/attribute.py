@@ -311,15 +311,14 @@ def select_queries(acfg: AttributeConfig, n_test: int, seed: int) -> tuple[torch
     return queries, rest[:acfg.n_val]
 
 
-def hierarchical(ev: Evaluator, primary: str, run_dir: str, cluster_class: torch.Tensor
+def hierarchical(ev: Evaluator, primary: str, classes: SynsetLevel, clusters: SynsetLevel
                  ) -> dict[str, torch.Tensor]:
     """Eq. 11: class-wise leave-one-out, then leave-one-out over the chosen class's clusters."""
-    classes = read_synsets(run_dir, "class")
+    cluster_class = clusters.group_class
     n_classes = len(classes.size)
     _, cls_scores, _ = ev.run(classes, loo_perturbations(n_classes), "fine-tune[class]")
     cs = cls_scores[primary]  # [Q, L]
     chosen = cs.argmax(1)
-    clusters = read_synsets(run_dir, "cluster")
     c_max = int(torch.bincount(cluster_class).max())
     within = torch.full((len(cs), c_max), float("nan"))
     best = torch.full((len(cs),), -1, dtype=torch.long)
@@ -364,12 +363,12 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     ev = Evaluator(model, theta, eval_x, eval_y, base, len(q_pos), acfg, steps, lr, device, cfg.runtime.progress,
                    weights)
     primary = acfg.objective
+    level = read_synsets(cfg.runtime.out, "cluster")  # read once: flat and hierarchical both use it
     k = len(cluster_class)
     result: dict[str, object] = {}
     timings: dict[str, float] = {}
     if acfg.search in ("flat", "both"):
         t1 = time.perf_counter()
-        level = read_synsets(cfg.runtime.out, "cluster")
         if acfg.perturbation == "loo":
             pert = loo_perturbations(k)
         else:
@@ -379,7 +378,7 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
         timings["flat"] = time.perf_counter() - t1
     if acfg.search in ("hierarchical", "both"):
         t1 = time.perf_counter()
-        result["hier"] = hierarchical(ev, primary, cfg.runtime.out, cluster_class)
+        result["hier"] = hierarchical(ev, primary, read_synsets(cfg.runtime.out, "class"), level)
         timings["hierarchical"] = time.perf_counter() - t1
 
     path = artifact_path(cfg.runtime.out, "attribute")
