@@ -18,7 +18,8 @@ setup(
         "tqdm",
         "PyYAML",
         "matplotlib",
+        "traker",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "bench": ["scikit-learn"]},
     entry_points={"console_scripts": ["ddm-hpc=ddm_hpc.cli:main"]},
 )

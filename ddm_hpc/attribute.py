@@ -21,6 +21,14 @@ Objectives per query (Eq. 10 evaluated on the fine-tuned model instead of a retr
 Hierarchical search (Eq. 11): leave-one-out over the L class synsets picks a class per query,
 then leave-one-out over that class's C cluster synsets picks the cluster: L + C fine-tunings
 per distinct chosen class instead of L x C.
+
+Sharding (``--shards``): the fine-tunings are the work. Each part (flat: the |P| perturbations;
+class: the L class leave-one-outs; within a chosen class: its C leave-one-outs) is cut into
+blocks of ``--batch-models`` perturbations (0 = blocks of ``BLOCK``; a block is split further
+only if memory is short), and tasks take contiguous runs of blocks. Phase 1 (``attribute-flat``)
+runs the flat and class parts; phase 2 (``attribute-hier``) the within-class parts of the
+classes phase 1 chose; the merge fits W and writes ``attribution.h5``. A block is fine-tuned the
+same way whichever task runs it, so the artifact is the same for any shard count.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,12 +49,14 @@ from ddm_hpc.config import AttributeConfig, Config
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.distill import SynsetLevel, read_synsets
 from ddm_hpc.errors import ConfigError
+from ddm_hpc.launch import run_sharded, sharded
 from ddm_hpc.storage import artifact_path, atomic_h5, open_read, write_provenance
 from ddm_hpc.train import TrajectoryReader, build_target, load_data
 from ddm_hpc.utils import generator, memory_budget_bytes, progress, resolve_device
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("dist1", "dist2", "dist3", "global")
+BLOCK = 64  # perturbations per work block when --batch-models is 0 (auto); blocks never straddle shards
 
 
 # ----------------------------------------------------------------------------- perturbations + WLS
@@ -274,14 +285,28 @@ class Evaluator:
     def run(self, level: SynsetLevel, perturbations: torch.Tensor, desc: str
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Fine-tune per perturbation; return (probs [M, E, L], scores {obj: [Q, G]}, intercepts)."""
+        probs = self.finetune(level, perturbations, 0, len(perturbations), desc)
+        return (probs, *self.fit(perturbations, probs))
+
+    def finetune(self, level: SynsetLevel, perturbations: torch.Tensor, r0: int, r1: int, desc: str) -> torch.Tensor:
+        """Softmax outputs float32 [r1 - r0, E, L] of the models of perturbation rows ``r0:r1``.
+
+        The removal spec is built from all rows (its padding width is global), and the rows are
+        fine-tuned ``--batch-models`` (or ``BLOCK``) at a time, fewer only if memory is short.
+        """
         spec = removal_spec(perturbations, level.images.shape[1], self.weights(level))
+        spec = FinetuneSpec(spec.rows[r0:r1], spec.weights[r0:r1])
         syn_x, syn_y = level.images, level.labels
-        chunk = self.acfg.batch_models or auto_chunk(self.model, sum(v.numel() for v in self.theta.values()),
-                                                     max(spec.rows.shape[1], min(len(self.eval_x), 256)),
-                                                     self.eval_x, self.device)
-        probs = finetune_many(self.model, self.theta, syn_x.reshape(-1, *syn_x.shape[2:]), syn_y.reshape(-1),
-                              spec, self.steps, self.lr, level.unlearn_direction, self.eval_x, chunk, self.device, desc,
-                              self.show_progress)
+        chunk = self.acfg.batch_models or min(BLOCK, auto_chunk(
+            self.model, sum(v.numel() for v in self.theta.values()),
+            max(spec.rows.shape[1], min(len(self.eval_x), 256)), self.eval_x, self.device))
+        return finetune_many(self.model, self.theta, syn_x.reshape(-1, *syn_x.shape[2:]), syn_y.reshape(-1),
+                             spec, self.steps, self.lr, level.unlearn_direction, self.eval_x, chunk, self.device, desc,
+                             self.show_progress)
+
+    def fit(self, perturbations: torch.Tensor, probs: torch.Tensor
+            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """WLS fit of every objective of ``probs`` [M, E, L]: (scores {obj: [Q, G]}, intercepts {obj: [Q]})."""
         objs = all_objectives(probs, self.base, self.eval_y, self.n_q, self.acfg.query_mode)
         base_objs = all_objectives(self.base[None], self.base, self.eval_y, self.n_q, self.acfg.query_mode)
         beta = beta_weights(perturbations, self.acfg.beta)
@@ -289,7 +314,7 @@ class Evaluator:
         for name, o in objs.items():
             s, b = fit_wls(perturbations, o, beta, base_objs[name][0])
             scores[name], intercepts[name] = s.float(), b.float()
-        return probs, scores, intercepts
+        return scores, intercepts
 
 
 def select_queries(acfg: AttributeConfig, n_test: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,29 +339,75 @@ def select_queries(acfg: AttributeConfig, n_test: int, seed: int) -> tuple[torch
 def hierarchical(ev: Evaluator, primary: str, classes: SynsetLevel, clusters: SynsetLevel
                  ) -> dict[str, torch.Tensor]:
     """Eq. 11: class-wise leave-one-out, then leave-one-out over the chosen class's clusters."""
-    cluster_class = clusters.group_class
     n_classes = len(classes.size)
-    _, cls_scores, _ = ev.run(classes, loo_perturbations(n_classes), "fine-tune[class]")
+    class_pert = loo_perturbations(n_classes)
+    class_probs = ev.finetune(classes, class_pert, 0, n_classes, "fine-tune[class]")
+    chosen = choose_classes(ev, class_pert, class_probs, primary)
+    within = {}
+    for c in chosen.unique().tolist():
+        ids = torch.nonzero(clusters.group_class == c)[:, 0]
+        within[c] = ev.finetune(clusters.subset(ids), loo_perturbations(len(ids)), 0, len(ids),
+                                f"fine-tune[class {c}]")
+    return hierarchy_result(ev, primary, class_pert, class_probs, clusters.group_class, within)
+
+
+def choose_classes(ev: Evaluator, class_pert: torch.Tensor, class_probs: torch.Tensor, primary: str) -> torch.Tensor:
+    """int64 [Q]: per query, the class whose removal scores highest on the primary objective."""
+    scores, _ = ev.fit(class_pert, class_probs)
+    return scores[primary].argmax(1)
+
+
+def hierarchy_result(ev: Evaluator, primary: str, class_pert: torch.Tensor, class_probs: torch.Tensor,
+                     cluster_class: torch.Tensor, within: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``hierarchy/`` datasets from the class-level outputs and each chosen class's LOO outputs."""
+    cls_scores, _ = ev.fit(class_pert, class_probs)
     cs = cls_scores[primary]  # [Q, L]
     chosen = cs.argmax(1)
     c_max = int(torch.bincount(cluster_class).max())
-    within = torch.full((len(cs), c_max), float("nan"))
+    inside = torch.full((len(cs), c_max), float("nan"))
     best = torch.full((len(cs),), -1, dtype=torch.long)
-    n_ft = n_classes
+    n_ft = len(class_pert)
     for c in chosen.unique().tolist():
         ids = torch.nonzero(cluster_class == c)[:, 0]
-        _, s, _ = ev.run(clusters.subset(ids), loo_perturbations(len(ids)), f"fine-tune[class {c}]")
+        s, _ = ev.fit(loo_perturbations(len(ids)), within[c])
         rows = torch.nonzero(chosen == c)[:, 0]
-        within[rows, :len(ids)] = s[primary][rows]
+        inside[rows, :len(ids)] = s[primary][rows]
         best[rows] = ids[s[primary][rows].argmax(1)]
         n_ft += len(ids)
-    return {"class_scores": cs, "class": chosen, "cluster_scores": within, "cluster": best,
+    return {"class_scores": cs, "class": chosen, "cluster_scores": inside, "cluster": best,
             "n_finetunes": torch.tensor(n_ft)}
 
 
-def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
-    """Run the stage and write ``attribution.h5``; returns its path."""
-    t0 = time.perf_counter()
+# ----------------------------------------------------------------------------- the stage, sharded
+@dataclass
+class Part:
+    """A list of perturbations of one synset level (optionally a subset of its groups)."""
+
+    name: str  # flat, class, or within<c>
+    level: str  # cluster or class
+    ids: torch.Tensor | None  # groups of the level the perturbations index (None = all)
+    perturbations: torch.Tensor  # uint8 [M, G] (1 = kept)
+
+
+@dataclass
+class AttributeSetup:
+    """Everything the tasks and the merge of the stage share, built from (cfg, data)."""
+
+    ev: Evaluator
+    q_pos: torch.Tensor
+    v_pos: torch.Tensor
+    assignment: np.ndarray
+    cluster_class: torch.Tensor
+    sizes: np.ndarray
+    levels: dict[str, SynsetLevel]
+
+    def level(self, part: Part) -> SynsetLevel:
+        lv = self.levels[part.level]
+        return lv if part.ids is None else lv.subset(part.ids)
+
+
+def attribute_setup(cfg: Config, bundle: DatasetBundle | None = None) -> AttributeSetup:
+    """Load the target theta_tau, the queries, the base outputs and the synsets."""
     acfg = cfg.attribute
     device = resolve_device(cfg.runtime.device)
     bundle = bundle or load_data(cfg)
@@ -362,25 +433,173 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
 
     ev = Evaluator(model, theta, eval_x, eval_y, base, len(q_pos), acfg, steps, lr, device, cfg.runtime.progress,
                    weights)
-    primary = acfg.objective
-    level = read_synsets(cfg.runtime.out, "cluster")  # read once: flat and hierarchical both use it
-    k = len(cluster_class)
-    result: dict[str, object] = {}
-    timings: dict[str, float] = {}
+    levels = {"cluster": read_synsets(cfg.runtime.out, "cluster")}  # read once: flat and hierarchical use it
+    if acfg.search in ("hierarchical", "both"):
+        levels["class"] = read_synsets(cfg.runtime.out, "class")
+    return AttributeSetup(ev, q_pos, v_pos, assignment, cluster_class, sizes, levels)
+
+
+def _n_classes(cfg: Config) -> int:
+    from ddm_hpc.storage import read_attrs
+
+    return int((read_attrs(artifact_path(cfg.runtime.out, "train")) or {}).get("num_classes", 0))
+
+
+def flat_parts(cfg: Config) -> list[Part]:
+    """Phase 1: the flat perturbations and (for the hierarchical search) the class leave-one-outs."""
+    acfg = cfg.attribute
+    with open_read(artifact_path(cfg.runtime.out, "cluster")) as f:
+        k = len(f["clusters/class"])
+    parts = []
     if acfg.search in ("flat", "both"):
-        t1 = time.perf_counter()
         if acfg.perturbation == "loo":
             pert = loo_perturbations(k)
         else:
             pert = random_perturbations(k, acfg.n_perturbations or k, acfg.removal_prob, generator(cfg.seed, 43))
-        probs, scores, intercepts = ev.run(level, pert, "fine-tune[flat]")
-        result.update(perturbations=pert, probs=probs, scores=scores, intercepts=intercepts)
-        timings["flat"] = time.perf_counter() - t1
+        parts.append(Part("flat", "cluster", None, pert))
     if acfg.search in ("hierarchical", "both"):
-        t1 = time.perf_counter()
-        result["hier"] = hierarchical(ev, primary, read_synsets(cfg.runtime.out, "class"), level)
-        timings["hierarchical"] = time.perf_counter() - t1
+        parts.append(Part("class", "class", None, loo_perturbations(_n_classes(cfg))))
+    return parts
 
+
+def hier_parts(chosen: torch.Tensor, cluster_class: torch.Tensor) -> list[Part]:
+    """Phase 2: leave-one-out within each chosen class."""
+    parts = []
+    for c in chosen.unique().tolist():
+        ids = torch.nonzero(cluster_class == c)[:, 0]
+        parts.append(Part(f"within{c}", "cluster", ids, loo_perturbations(len(ids))))
+    return parts
+
+
+def blocks(cfg: Config, parts: list[Part]) -> list[tuple[int, int, int]]:
+    """Work items: (part index, row0, row1) blocks of ``--batch-models`` (or BLOCK) perturbations."""
+    size = cfg.attribute.batch_models or BLOCK
+    return [(i, r0, min(r0 + size, len(p.perturbations))) for i, p in enumerate(parts)
+            for r0 in range(0, len(p.perturbations), size)]
+
+
+def _finetune_shard(cfg: Config, shard: int, n_shards: int, setup: AttributeSetup, parts: list[Part]
+                    ) -> dict[str, np.ndarray]:
+    """Fine-tune this shard's blocks: ``<part>/rows`` int64 [m] and ``<part>/probs`` float32 [m, E, L]."""
+    from ddm_hpc.launch import shard_range
+
+    work = blocks(cfg, parts)
+    i0, i1 = shard_range(len(work), shard, n_shards)
+    rows: dict[str, list[np.ndarray]] = {}
+    probs: dict[str, list[np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    for pi, r0, r1 in work[i0:i1]:
+        part = parts[pi]
+        t0 = time.perf_counter()
+        out = setup.ev.finetune(setup.level(part), part.perturbations, r0, r1,
+                                f"fine-tune[{part.name} {r0}:{r1}]")
+        rows.setdefault(part.name, []).append(np.arange(r0, r1))
+        probs.setdefault(part.name, []).append(out.numpy())
+        seconds[part.name] = seconds.get(part.name, 0.0) + time.perf_counter() - t0
+    result: dict[str, np.ndarray] = {}
+    for name in rows:
+        result[f"{name}/rows"] = np.concatenate(rows[name])
+        result[f"{name}/probs"] = np.concatenate(probs[name])
+        result[f"{name}/seconds"] = np.float64(seconds[name])
+    return result
+
+
+def attribute_flat_shard(cfg: Config, shard: int, n_shards: int, bundle: DatasetBundle | None = None,
+                         setup: AttributeSetup | None = None) -> dict[str, np.ndarray]:
+    """Phase-1 task: this shard's blocks of the flat and class parts."""
+    setup = setup or attribute_setup(cfg, bundle)
+    return _finetune_shard(cfg, shard, n_shards, setup, flat_parts(cfg))
+
+
+def attribute_hier_shard(cfg: Config, shard: int, n_shards: int, bundle: DatasetBundle | None = None,
+                         setup: AttributeSetup | None = None) -> dict[str, np.ndarray]:
+    """Phase-2 task: this shard's blocks of the within-class leave-one-outs of the chosen classes."""
+    setup = setup or attribute_setup(cfg, bundle)
+    parts = hier_parts(_chosen(cfg, setup), setup.cluster_class)
+    return _finetune_shard(cfg, shard, n_shards, setup, parts)
+
+
+def gather(paths: list[Path], parts: list[Part]) -> dict[str, torch.Tensor]:
+    """Per part, the probs of all its rows in order (checks each row is there exactly once)."""
+    from ddm_hpc.errors import StageError
+
+    got: dict[str, tuple[list, list]] = {p.name: ([], []) for p in parts}
+    for path in paths:
+        with h5py.File(path, "r", locking=False) as f:
+            for name in got:
+                if name in f:
+                    got[name][0].append(f[name]["rows"][()])
+                    got[name][1].append(f[name]["probs"][()])
+    out = {}
+    for p in parts:
+        rows, probs = got[p.name]
+        rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        if not np.array_equal(rows_all, np.arange(len(p.perturbations))):
+            raise StageError(f"attribute shards hold rows {rows_all.tolist()[:10]}... of part {p.name}, not each of "
+                             f"0..{len(p.perturbations) - 1} once: rerun with --overwrite")
+        out[p.name] = torch.from_numpy(np.concatenate(probs))
+    return out
+
+
+def _phase1_paths(cfg: Config) -> list[Path]:
+    from ddm_hpc.launch import resolve_shards, shard_paths
+
+    return shard_paths(cfg.runtime.out, "attribute-flat", resolve_shards(cfg, len(blocks(cfg, flat_parts(cfg)))))
+
+
+def _chosen(cfg: Config, setup: AttributeSetup) -> torch.Tensor:
+    """The class each query's hierarchical search descends into, from the phase-1 class outputs."""
+    parts = [p for p in flat_parts(cfg) if p.name == "class"]
+    probs = gather(_phase1_paths(cfg), parts)["class"]
+    return choose_classes(setup.ev, parts[0].perturbations, probs, cfg.attribute.objective)
+
+
+def merge_attribute(cfg: Config, paths: list[Path], bundle: DatasetBundle | None = None,
+                    setup: AttributeSetup | None = None) -> Path:
+    """Fit W from the phase-1 (and phase-2) shards and write ``attribution.h5``."""
+    t0 = time.perf_counter()
+    bundle = bundle or load_data(cfg)
+    setup = setup or attribute_setup(cfg, bundle)
+    acfg, ev = cfg.attribute, setup.ev
+    p1 = flat_parts(cfg)
+    probs1 = gather(_phase1_paths(cfg), p1)
+    result: dict[str, object] = {}
+    for part in p1:
+        if part.name == "flat":
+            scores, intercepts = ev.fit(part.perturbations, probs1["flat"])
+            result.update(perturbations=part.perturbations, probs=probs1["flat"], scores=scores, intercepts=intercepts)
+        else:
+            chosen = choose_classes(ev, part.perturbations, probs1["class"], acfg.objective)
+            p2 = hier_parts(chosen, setup.cluster_class)
+            probs2 = gather(paths, p2)
+            within = {int(p.name.removeprefix("within")): probs2[p.name] for p in p2}
+            result["hier"] = hierarchy_result(ev, acfg.objective, part.perturbations, probs1["class"],
+                                              setup.cluster_class, within)
+    all_paths = _phase1_paths(cfg) + (paths if acfg.search != "flat" else [])
+    timings = {"flat": _part_seconds(all_paths, lambda n: n == "flat"),
+               "hierarchical": _part_seconds(all_paths, lambda n: n != "flat")}
+    timings = {k: v for k, v in timings.items() if (k == "flat") == ("scores" in result) or k == "hierarchical"
+               and "hier" in result}
+    return write_attribution(cfg, bundle, setup, result, sum(timings.values()) + time.perf_counter() - t0, timings)
+
+
+def _part_seconds(paths: list[Path], which: Callable[[str], bool]) -> float:
+    """Fine-tuning seconds summed over the shards' parts whose name passes ``which``."""
+    total = 0.0
+    for path in paths:
+        with h5py.File(path, "r", locking=False) as f:
+            total += sum(float(f[n]["seconds"][()]) for n in f if which(n))
+    return total
+
+
+def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup, result: dict[str, object],
+                      seconds: float, timings: dict[str, float]) -> Path:
+    """Write ``attribution.h5`` (schema in the README) from the fitted results."""
+    acfg = cfg.attribute
+    primary = acfg.objective
+    q_pos, v_pos, cluster_class = setup.q_pos, setup.v_pos, setup.cluster_class
+    base = setup.ev.base
+    k = len(cluster_class)
     path = artifact_path(cfg.runtime.out, "attribute")
     n_rows = 1 if acfg.query_mode == "batch" else len(q_pos)
     with atomic_h5(path) as f:
@@ -413,22 +632,49 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
         f.create_dataset("base_probs", data=base[:len(q_pos)].numpy())
         f.create_dataset("val_index", data=bundle.test_index[v_pos].numpy())
         c = f.create_group("clusters")
-        c.create_dataset("assignment", data=assignment)
+        c.create_dataset("assignment", data=setup.assignment)
         c.create_dataset("class", data=cluster_class.numpy())
-        c.create_dataset("size", data=sizes)
+        c.create_dataset("size", data=setup.sizes)
         f.attrs["objective"] = primary
         f.attrs["query_mode"] = acfg.query_mode
-        f.attrs["finetune_steps"] = steps
-        f.attrs["finetune_lr"] = lr
+        f.attrs["finetune_steps"] = setup.ev.steps
+        f.attrs["finetune_lr"] = setup.ev.lr
         f.attrs["finetune_scale"] = acfg.finetune_scale
         f.attrs["n_finetunes_flat"] = len(result["perturbations"]) if "perturbations" in result else 0
         f.attrs["n_finetunes_hierarchical"] = int(result["hier"]["n_finetunes"]) if "hier" in result else 0
         for name, sec in timings.items():
-            f.attrs[f"seconds_{name}"] = sec
-        write_provenance(f, cfg, "attribute", time.perf_counter() - t0)
-    log.info("attribute: %s scores for %d queries over K=%d clusters in %.1f s -> %s", primary, len(q_pos), k,
-             time.perf_counter() - t0, path)
+            f.attrs[f"seconds_{name}"] = sec  # fine-tuning seconds summed over shards
+        write_provenance(f, cfg, "attribute", seconds)
+    log.info("attribute: %s scores for %d queries over K=%d clusters -> %s", primary, len(q_pos), k, path)
     return path
+
+
+@sharded
+def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
+    """Run the stage and write ``attribution.h5``; returns its path.
+
+    Fine-tunings run as ``--shards`` tasks on the configured executor (launch.py): phase 1 the
+    flat and class perturbations, phase 2 (hierarchical search) the chosen classes' clusters.
+    """
+    from ddm_hpc.launch import remove_shards
+
+    acfg = cfg.attribute
+    here = cfg.runtime.executor != "slurm"
+    setup = attribute_setup(cfg, bundle) if here else None  # tasks in this process share it
+    context = {"bundle": bundle, "setup": setup} if here else {}
+    n1 = len(blocks(cfg, flat_parts(cfg)))
+    if acfg.search == "flat":
+        path = run_sharded("attribute-flat", cfg, attribute_flat_shard, n1, merge_attribute, stage="attribute",
+                           context=context)
+    else:
+        run_sharded("attribute-flat", cfg, attribute_flat_shard, n1, stage="attribute", context=context)
+        setup = setup or attribute_setup(cfg, bundle)
+        chosen = _chosen(cfg, setup)
+        n2 = len(blocks(cfg, hier_parts(chosen, setup.cluster_class)))
+        path = run_sharded("attribute-hier", cfg, attribute_hier_shard, n2, merge_attribute, stage="attribute",
+                           key_extra=",".join(map(str, chosen.tolist())), context=context)
+        remove_shards(cfg.runtime.out, "attribute-flat")
+    return Path(path)
 
 
 __all__ = ["fit_wls", "beta_weights", "loo_perturbations", "random_perturbations", "finetune_many",

@@ -28,6 +28,7 @@ STAGE_HELP = {
     "cluster": "k-means each class into C clusters -> clusters.h5",
     "distill": "learn a synset per cluster/class by reverse gradient matching -> synsets.h5",
     "attribute": "perturb synsets, fine-tune, fit the attribution matrix -> attribution.h5",
+    "evaluate": "exact leave-cluster-out retraining, baselines and peers, LDS -> evaluation.h5 + report.md",
 }
 # Sections whose flags each command shows (runtime and seed always).
 COMMAND_SECTIONS = {
@@ -36,6 +37,7 @@ COMMAND_SECTIONS = {
     "cluster": ("data", "model", "train", "cluster"),
     "distill": ("data", "model", "train", "cluster", "distill"),
     "attribute": ("data", "model", "train", "cluster", "distill", "attribute"),
+    "evaluate": ("data", "model", "train", "cluster", "distill", "attribute", "evaluate"),
 }
 
 
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd, sections in COMMAND_SECTIONS.items():
         p = sub.add_parser(cmd, help=STAGE_HELP[cmd], description=STAGE_HELP[cmd], allow_abbrev=False)
         p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
-                       help="named option set: default (CPU-sized demo), paper (Table 5 scale), smoke (seconds)")
+                       help="named option set: default (CPU-sized demo), paper (Table 5 scale), smoke (seconds), eval "
+                       "(evaluate on CPU within the hour)")
         p.add_argument("--config", dest="config_file", default=argparse.SUPPRESS,
                        help="YAML or JSON file of options, nested by section (data:, train:, ...)")
         _add_fields(p, None, Config)
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the summary of a run directory", description="print a run's summary")
     show.add_argument("run_dir", help="run directory (the --out of an earlier run)")
     show.add_argument("--n-show", type=int, default=10, help="queries to list")
+    st = sub.add_parser("status", help="per-stage artifacts and shard progress, failed tasks and their logs",
+                        description="per-stage artifacts and shard progress of a run, failed tasks with their log paths")
+    st.add_argument("run_dir", help="run directory (the --out of a run, finished or not)")
     return parser
 
 
@@ -133,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, force=True)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every ISA it tries
     try:
+        if ns.command == "status":
+            from ddm_hpc.launch import status
+
+            print(status(ns.run_dir))
+            return 0
         if ns.command == "show":
             from ddm_hpc.pipeline import summary
 
@@ -141,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(ns)
         from ddm_hpc.pipeline import run_stages, summary
 
+        timings = {}
+        if ns.command == "evaluate":  # one command: run missing pipeline stages first (--overwrite: evaluate only)
+            timings = run_stages(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False)))
         stages = STAGES if ns.command == "run" else (ns.command,)
-        timings = run_stages(cfg, stages)
+        timings.update(run_stages(cfg, stages))
         print(summary(cfg.runtime.out))
         if timings:
             print("this invocation: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

@@ -136,7 +136,7 @@ class DistillConfig:
         "how per-cluster real gradients are batched: vmap, loop, or auto (vmap on CUDA, loop on CPU, "
         "where vmap measured 2x slower)"))
     group_chunk: int = field(default=0, metadata=_help(
-        "clusters per vmap chunk (bounds memory); 0 = all at once"))
+        "groups computed together (one vmap call per step; bounds memory) and the unit of --shards; 0 = 32"))
 
     def __post_init__(self) -> None:
         _choice(self, "method", ("ddm", "ddm-match"))
@@ -147,7 +147,7 @@ class DistillConfig:
         _positive(self, "step_length", "ipc", "distill_steps", "batch_real")
         _positive(self, "lr_img", strict=True)
         if self.group_chunk < 0:
-            raise ConfigError(f"--group-chunk must be >= 0 (0 = all), got {self.group_chunk}")
+            raise ConfigError(f"--group-chunk must be >= 0 (0 = 32), got {self.group_chunk}")
         bad = set(self.level_list()) - {"cluster", "class"}
         if bad or not self.level_list():
             raise ConfigError(f"--levels must name cluster and/or class (comma-separated), got {self.levels!r}")
@@ -193,7 +193,9 @@ class AttributeConfig:
     finetune_lr: float = field(default=0.0, metadata=_help("fine-tune rate eta_f; 0 = the training lr (Eq. 3 sets eta_a = eta_f)"))
     search: str = field(default="both", metadata=_help(
         "flat (all K clusters), hierarchical (class synsets first, then the C clusters of the chosen class), or both"))
-    batch_models: int = field(default=0, metadata=_help("perturbed models fine-tuned together per vmap chunk; 0 = auto"))
+    batch_models: int = field(default=0, metadata=_help(
+        "perturbed models fine-tuned together per vmap call, and the block unit of --shards; 0 = 64, fewer if "
+        "memory is short"))
 
     def __post_init__(self) -> None:
         _choice(self, "objective", ("dist1", "dist2", "dist3", "global"))
@@ -221,19 +223,84 @@ class AttributeConfig:
             raise ConfigError(f"--query-index must be comma-separated integers, got {self.query_index!r}") from None
 
 
+METHODS = ("random", "predict", "clustering", "ddm-seq", "ddm-match", "ddm", "tracin", "trak")
+
+
+@dataclass
+class EvaluateConfig:
+    """Ground truth by exact retraining and the methods compared against it (``ddm-hpc evaluate``)."""
+
+    methods: str = field(default=",".join(METHODS), metadata=_help(
+        "comma-separated methods to score: random, predict (most similar predictions), clustering (nearest "
+        "cluster centroid of the predicted class), ddm-seq (DDM with clusters by sequence number), ddm-match "
+        "(forward gradient matching), ddm (this run), tracin, trak"))
+    n_removed: int = field(default=0, metadata=_help(
+        "clusters retrained without, one at a time (a seeded random choice); 0 = all K"))
+    gt_seeds: int = field(default=1, metadata=_help("seeds averaged per leave-out retraining"))
+    noise_seeds: int = field(default=2, metadata=_help(
+        "full-data reruns with other seeds: the noise floor of every metric"))
+    n_masks: int = field(default=20, metadata=_help("random cluster subsets retrained for the LDS (0 = no LDS)"))
+    alpha: float = field(default=0.5, metadata=_help("fraction of the clusters each LDS subset keeps"))
+    peer_checkpoints: int = field(default=5, metadata=_help(
+        "trajectory checkpoints (evenly spaced, theta_tau last) TracIn and TRAK use"))
+    proj_dim: int = field(default=512, metadata=_help("TRAK random-projection dimension"))
+    plots: bool = field(default=True, metadata=_help("write PNG plots beside report.md"))
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.method_list() if m not in METHODS]
+        if bad or not self.method_list():
+            raise ConfigError(f"--methods {self.methods!r}: unknown {bad or 'empty list'}; choose from "
+                              f"{', '.join(METHODS)}")
+        _positive(self, "gt_seeds", "peer_checkpoints", "proj_dim")
+        for name in ("n_removed", "noise_seeds", "n_masks"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"--alpha must be in (0, 1), got {self.alpha}")
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
 @dataclass
 class RuntimeConfig:
     """Where and how to run; not part of any stage key (results do not depend on it)."""
 
     out: str = field(default="runs/default", metadata=_help("run directory holding the stage artifacts"))
     device: str = field(default="auto", metadata=_help("auto (cuda if present), cpu, cuda, cuda:N"))
-    executor: str = field(default="local", metadata=_help("job executor: local (in-process)"))
+    executor: str = field(default="local", metadata=_help(
+        "job executor: local (this machine: in-process, or --workers processes), debug (submitit's in-process "
+        "debug executor: a failing task opens pdb post-mortem), slurm (submitit job arrays; options from --profile and --slurm-* flags)"))
     overwrite: bool = field(default=False, metadata=_help(
         "recompute the requested stages even where an artifact exists (required when it was made with another config)"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
+    shards: int = field(default=1, metadata=_help(
+        "tasks per sharded stage (distill: groups, attribute: perturbation blocks); each writes its own HDF5 shard "
+        "under RUN/shards and the merged artifact is the same for any value"))
+    workers: int = field(default=1, metadata=_help(
+        "local executor: shards run at once in separate processes (1 = in this process; 0 = one per CPU core)"))
+    profile: str = field(default="", metadata=_help(
+        "SLURM profile (YAML/TOML: partition, gpus_per_task, cpus_per_task, mem_gb, timeout_min, array_parallelism, "
+        "account, qos, constraint, additional, setup), e.g. slurm/gpu-cluster.yaml; --slurm-* flags override it"))
+    slurm_partition: str = field(default="", metadata=_help("SLURM partition (overrides the profile)"))
+    slurm_gpus_per_task: int | None = field(default=None, metadata=_help("GPUs per task (overrides the profile)"))
+    slurm_cpus_per_task: int | None = field(default=None, metadata=_help("CPUs per task (overrides the profile)"))
+    slurm_mem_gb: float | None = field(default=None, metadata=_help("memory per task in GB (overrides the profile)"))
+    slurm_time: int | None = field(default=None, metadata=_help("time limit per task in minutes (overrides the profile)"))
+    slurm_array_parallelism: int | None = field(default=None, metadata=_help(
+        "array tasks running at once (overrides the profile)"))
+    slurm_account: str = field(default="", metadata=_help("SLURM account (overrides the profile)"))
+    slurm_qos: str = field(default="", metadata=_help("SLURM QOS (overrides the profile)"))
+    slurm_constraint: str = field(default="", metadata=_help("SLURM node constraint (overrides the profile)"))
+    slurm_extra: str = field(default="", metadata=_help(
+        "extra sbatch options, ';'-separated key=value, e.g. 'reservation=abc;exclusive'"))
 
     def __post_init__(self) -> None:
-        _choice(self, "executor", ("local",))
+        _choice(self, "executor", ("local", "debug", "slurm"))
+        if self.shards < 1:
+            raise ConfigError(f"--shards must be >= 1, got {self.shards}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0 (0 = one per core), got {self.workers}")
 
 
 SECTIONS: dict[str, type] = {
@@ -243,6 +310,7 @@ SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "distill": DistillConfig,
     "attribute": AttributeConfig,
+    "evaluate": EvaluateConfig,
     "runtime": RuntimeConfig,
 }
 # Sections each stage's result depends on (plus the global seed).
@@ -251,6 +319,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "cluster": ("data", "model", "train", "cluster"),
     "distill": ("data", "model", "train", "cluster", "distill"),
     "attribute": ("data", "model", "train", "cluster", "distill", "attribute"),
+    "evaluate": ("data", "model", "train", "cluster", "distill", "attribute", "evaluate"),
 }
 
 
@@ -263,6 +332,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -342,7 +412,19 @@ def smoke_preset() -> dict[str, Any]:
     }
 
 
-PRESETS = {"default": dict, "paper": paper_preset, "smoke": smoke_preset}
+def eval_preset() -> dict[str, Any]:
+    """``ddm-hpc evaluate`` on CPU within the hour (issue 3): 2000 MNIST images, width 16, 15 epochs,
+    K = 50 (5 clusters per class), 20 queries; 83 exact retrainings of ~10 s each."""
+    return {
+        "model": {"width": 16},
+        "train": {"epochs": 15},
+        "cluster": {"clusters_per_class": 5},
+        "attribute": {"n_queries": 20},
+        "evaluate": {"n_masks": 30, "noise_seeds": 2},
+    }
+
+
+PRESETS = {"default": dict, "paper": paper_preset, "smoke": smoke_preset, "eval": eval_preset}
 
 
 def _positive(obj: Any, *names: str, strict: bool = True) -> None:

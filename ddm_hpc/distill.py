@@ -14,6 +14,15 @@ Real minibatches: up to ``batch_real`` members of each group, drawn without repl
 padded to a common size with zero weights, so each group's gradient is the exact mean over
 its own sample.
 
+Sharding (``--shards``): groups are computed in blocks of ``--group-chunk`` (0 = ``BLOCK``)
+consecutive groups, one synthetic-side ``vmap`` call per block, and the blocks of every level (K
+cluster groups, then L class groups) are the work items: each task distils a contiguous run of
+blocks and writes its own shard, and the merge step concatenates them into ``synsets.h5``. The
+result is the same for any shard count: every group draws its init and minibatches from its own
+generator (``generator(seed, salt, g)``), the trajectory pairs are one sequence shared by all
+groups, each group's images are their own optimizer tensor, and a block is computed the same way
+whichever task runs it (bit for bit on CPU; GPU kernels may differ in the last bits).
+
 Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class``: L groups):
   <level>/images       float32 [G, ipc, C, H, W]  (normalised input space)
   <level>/labels       int64 [G, ipc]             class of the group
@@ -30,6 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,19 +50,23 @@ from kernels import matching_loss
 
 from ddm_hpc.config import Config, DistillConfig
 from ddm_hpc.errors import ConfigError
+from ddm_hpc.launch import run_sharded, sharded
 from ddm_hpc.storage import artifact_path, atomic_h5, open_read, write_provenance
 from ddm_hpc.train import TrajectoryReader, build_target, load_data
 from ddm_hpc.utils import generator, progress, resolve_device
 
 log = logging.getLogger(__name__)
+BLOCK = 32  # groups per block when --group-chunk is 0; blocks never straddle shards
 
 
 @dataclass
 class Synset:
+    group_id: torch.Tensor  # int64 [G] ids of the distilled groups (all groups, or a shard's subset)
     images: torch.Tensor  # float32 [G, ipc, C, H, W]
     labels: torch.Tensor  # int64 [G, ipc]
     group_class: torch.Tensor  # int64 [G]
-    loss_history: np.ndarray  # float32 [steps]
+    loss_history: np.ndarray  # float32 [steps] mean over the groups of group_history
+    group_history: np.ndarray  # float32 [G, steps] matching loss of each group at each step
     init_loss: np.ndarray  # float32 [G]
     final_loss: np.ndarray  # float32 [G]
     grad_norm_real: np.ndarray  # float32 [G] |grad L(theta_t; D_k)| on the evaluation pairs (mean)
@@ -73,12 +87,17 @@ def group_members(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, to
     return torch.where(valid, order[pos], torch.zeros_like(pos)), sizes
 
 
-def sample_real(members: torch.Tensor, sizes: torch.Tensor, batch: int, gen: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, up to ``batch`` distinct members: (rows int64 [G, B], weights float32 [G, B])."""
+def sample_real(members: torch.Tensor, sizes: torch.Tensor, batch: int,
+                gen: torch.Generator | list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, up to ``batch`` distinct members: (rows int64 [G, B], weights float32 [G, B]).
+
+    ``gen``: one generator per group (each group's sample then does not depend on which other
+    groups are drawn with it: shard-invariant), or one generator used for every group in turn.
+    """
     g, width = members.shape
     b = min(batch, width)
-    keys = torch.rand(g, width, generator=gen)
+    gens = gen if isinstance(gen, list) else [gen] * g
+    keys = torch.stack([torch.rand(width, generator=gens[i]) for i in range(g)]) if g else torch.zeros(0, width)
     keys[torch.arange(width)[None, :] >= sizes[:, None]] = float("inf")
     pick = keys.argsort(1)[:, :b]
     weights = (torch.arange(b)[None, :] < sizes.clamp(max=batch)[:, None]).float()
@@ -148,18 +167,24 @@ class Matcher:
     """Computes per-group matching losses for synthetic images against real data."""
 
     def __init__(self, model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, y: torch.Tensor,
-                 groups: torch.Tensor, n_groups: int, dcfg: DistillConfig, device: torch.device):
+                 groups: torch.Tensor, n_groups: int, dcfg: DistillConfig, device: torch.device,
+                 group_ids: torch.Tensor | None = None):
         self.model, self.reader, self.dcfg, self.device = model, reader, dcfg, device
         self.x, self.y = x.to(device), y.to(device)
-        self.members, self.sizes = group_members(groups, n_groups)
-        self.n_groups = n_groups
+        members, sizes = group_members(groups, n_groups)  # over all groups: the padding width is global
+        self.group_ids = torch.arange(n_groups) if group_ids is None else group_ids
+        self.members, self.sizes = members[self.group_ids], sizes[self.group_ids]
+        self.n_groups = len(self.group_ids)
         self.impl = resolve_group_grads(dcfg.group_grads, device)
 
-    def losses(self, images: torch.Tensor, labels: torch.Tensor, pair: tuple[int, int], gen: torch.Generator,
-               chunk: int, backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def losses(self, images: list[torch.Tensor], labels: torch.Tensor, pair: tuple[int, int],
+               gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """At one trajectory pair: (matching loss [G], |real grad| [G], |syn grad| [G]).
 
-        If ``backward``, accumulates d loss / d images. Norms are over all parameters.
+        ``images``: one tensor [ipc, C, H, W] per group; ``gen``: one generator per group;
+        ``chunk``: groups per block (the first block starts at the first group). If ``backward``,
+        accumulates d loss / d images. Norms are over all parameters.
         """
         t_real, t_syn = pair
         p_real = {k: v.detach() for k, v in self.reader.params(t_real).items()}
@@ -172,7 +197,7 @@ class Matcher:
             with torch.no_grad():
                 real = per_group_grads(self.model, p_real, self.x[r], self.y[r], w[g0:g1].to(self.device),
                                        self.impl)
-            syn_x = images[g0:g1]
+            syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             syn = per_group_grads(self.model, p_syn, syn_x, labels[g0:g1], ones)
             loss = matching_loss(real, syn, sign=self.dcfg.sign, include_1d=self.dcfg.include_1d,
@@ -191,18 +216,25 @@ def _group_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 def init_images(x: torch.Tensor, members: torch.Tensor, sizes: torch.Tensor, ipc: int, how: str,
-                gen: torch.Generator) -> torch.Tensor:
-    """[G, ipc, C, H, W]: random real members of each group, or standard-normal noise."""
-    g = len(sizes)
-    if how == "noise":
-        return torch.randn((g, ipc, *x.shape[1:]), generator=gen)
-    pick = (torch.rand(g, ipc, generator=gen) * sizes[:, None]).long()
-    return x[members.gather(1, pick)].clone()
+                gens: list[torch.Generator]) -> list[torch.Tensor]:
+    """Per group [ipc, C, H, W]: random real members of the group, or standard-normal noise.
+
+    ``gens``: one generator per group, so each group's init is independent of the others.
+    """
+    out = []
+    for k in range(len(sizes)):
+        if how == "noise":
+            out.append(torch.randn((ipc, *x.shape[1:]), generator=gens[k]))
+        else:
+            pick = (torch.rand(ipc, generator=gens[k]) * sizes[k]).long()
+            out.append(x[members[k, pick]].clone())
+    return out
 
 
 def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, y: torch.Tensor,
                    groups: torch.Tensor, group_class: torch.Tensor, dcfg: DistillConfig, seed: int,
-                   device: torch.device, desc: str = "distill", show_progress: bool = True) -> Synset:
+                   device: torch.device, desc: str = "distill", show_progress: bool = True,
+                   group_ids: torch.Tensor | None = None) -> Synset:
     """Learn ``ipc`` synthetic images for each group.
 
     Args:
@@ -212,14 +244,20 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
         groups: int64 [N] group id of each row (cluster id, or class for class-wise synsets).
         group_class: int64 [G] the class of each group (label of its synthetic images).
         dcfg: distillation options; seed: seeds init, pair sampling and minibatches.
+        group_ids: int64 [g] consecutive groups to distil (a shard's blocks), starting on a block
+            boundary; default all. Each group's result is then the same whichever other blocks
+            are distilled with it.
     """
-    n_groups = len(group_class)
-    matcher = Matcher(model, reader, x, y, groups, n_groups, dcfg, device)
-    images = init_images(x, matcher.members, matcher.sizes, dcfg.ipc, dcfg.init, generator(seed, 21))
-    images = images.to(device).requires_grad_(True)
-    labels = group_class[:, None].expand(n_groups, dcfg.ipc).contiguous().to(device)
-    opt = torch.optim.SGD([images], lr=dcfg.lr_img, momentum=dcfg.img_momentum)
-    chunk = dcfg.group_chunk or n_groups
+    matcher = Matcher(model, reader, x, y, groups, len(group_class), dcfg, device, group_ids)
+    ids = matcher.group_ids.tolist()
+    n_groups = len(ids)
+    images = init_images(x, matcher.members, matcher.sizes, dcfg.ipc, dcfg.init,
+                         [generator(seed, 21, k) for k in ids])
+    images = [im.to(device).requires_grad_(True) for im in images]
+    gclass = group_class[matcher.group_ids]
+    labels = gclass[:, None].expand(n_groups, dcfg.ipc).contiguous().to(device)
+    opt = torch.optim.SGD(images, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
+    chunk = block_size(dcfg)
     pairing = dcfg.resolved_pairing()
 
     # Fixed evaluation pairs and minibatches: the same before and after, so the losses compare.
@@ -227,33 +265,76 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
     eval_pairs = trajectory_pairs(pairing, reader.tau, dcfg.step_length, generator(seed, 31), n_eval)
 
     def evaluate() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        gen = generator(seed, 32)
+        gen = [generator(seed, 32, k) for k in ids]
         parts = [matcher.losses(images, labels, p, gen, chunk, backward=False) for p in eval_pairs]
         return tuple(torch.stack(x).mean(0).numpy() for x in zip(*parts))
 
     init_loss, _, _ = evaluate()
     pairs = trajectory_pairs(pairing, reader.tau, dcfg.step_length, generator(seed, 33), dcfg.distill_steps)
-    batch_gen = generator(seed, 34)
+    batch_gen = [generator(seed, 34, k) for k in ids]
     history = []
     bar = progress(pairs, desc, show_progress)
     for pair in bar:
         opt.zero_grad(set_to_none=True)
         loss, _, _ = matcher.losses(images, labels, pair, batch_gen, chunk, backward=True)
         opt.step()
-        history.append(float(loss.mean()))
+        history.append(loss)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            bar.set_postfix(loss=f"{float(loss.mean()):.4f}")
     final_loss, real_norm, syn_norm = evaluate()
-    return Synset(images.detach().cpu(), labels.cpu(), group_class.clone(), np.array(history, dtype=np.float32),
-                  init_loss.astype(np.float32), final_loss.astype(np.float32), real_norm.astype(np.float32),
-                  syn_norm.astype(np.float32), matcher.sizes.numpy())
+    per_group = (torch.stack(history, 1) if history else torch.zeros(n_groups, 0)).numpy().astype(np.float32)
+    return Synset(matcher.group_ids.clone(), torch.stack([im.detach().cpu() for im in images]), labels.cpu(),
+                  gclass.clone(), loss_history_of(per_group), per_group, init_loss.astype(np.float32),
+                  final_loss.astype(np.float32), real_norm.astype(np.float32), syn_norm.astype(np.float32),
+                  matcher.sizes.numpy())
 
 
-def run_distill(cfg: Config, bundle=None) -> Path:
-    """Run the stage for every requested level and write ``synsets.h5``; returns its path."""
+def loss_history_of(group_history: np.ndarray) -> np.ndarray:
+    """float32 [steps]: the mean over groups of float32 [G, steps] (one formula, sharded or not)."""
+    return torch.from_numpy(np.ascontiguousarray(group_history, dtype=np.float32)).mean(0).numpy()
+
+
+SYNSET_DATASETS = ("images", "labels", "group_class", "init_loss", "final_loss", "grad_norm_real", "grad_norm_syn",
+                   "size")
+
+
+def block_size(dcfg: DistillConfig) -> int:
+    """Groups computed together (one synthetic-side vmap call) and the unit of sharding."""
+    return dcfg.group_chunk or BLOCK
+
+
+def distill_items(cfg: Config) -> list[tuple[str, int]]:
+    """(level, number of groups) for each requested level, in work order."""
+    from ddm_hpc.storage import read_attrs
+
+    train_attrs = read_attrs(artifact_path(cfg.runtime.out, "train")) or {}
+    with open_read(artifact_path(cfg.runtime.out, "cluster")) as f:
+        k = len(f["clusters/class"])
+    counts = {"cluster": k, "class": int(train_attrs.get("num_classes", 0))}
+    return [(level, counts[level]) for level in cfg.distill.level_list()]
+
+
+def distill_blocks(cfg: Config) -> list[tuple[str, int, int]]:
+    """The work items: (level, first group, end group) blocks of ``block_size`` groups."""
+    b = block_size(cfg.distill)
+    return [(level, g0, min(g0 + b, n)) for level, n in distill_items(cfg) for g0 in range(0, n, b)]
+
+
+def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[str, np.ndarray]:
+    """Distil the groups of one shard (a contiguous run of the blocks of ``distill_blocks``).
+
+    Returns dataset name -> array: per level ``<level>/group_id`` int64 [g] and the per-group
+    rows of every ``synsets.h5`` dataset, plus ``<level>/group_history`` float32 [g, steps] and
+    ``<level>/seconds``.
+    """
     from ddm_hpc.cluster import read_clusters
+    from ddm_hpc.launch import shard_range
 
-    t0 = time.perf_counter()
+    work = distill_blocks(cfg)
+    i0, i1 = shard_range(len(work), shard, n_shards)
+    out: dict[str, np.ndarray] = {}
+    if i0 == i1:
+        return out
     device = resolve_device(cfg.runtime.device)
     bundle = bundle or load_data(cfg)
     reader = TrajectoryReader(artifact_path(cfg.runtime.out, "train"), device=device)
@@ -263,39 +344,75 @@ def run_distill(cfg: Config, bundle=None) -> Path:
         "cluster": (torch.from_numpy(assignment), torch.from_numpy(cluster_class)),
         "class": (bundle.y_train.clone(), torch.arange(bundle.num_classes)),
     }
-    results: dict[str, Synset] = {}
-    timings: dict[str, float] = {}
-    for i, level in enumerate(cfg.distill.level_list()):
+    for i, (level, n) in enumerate(distill_items(cfg)):
+        mine = [(g0, g1) for lv, g0, g1 in work[i0:i1] if lv == level]
+        if not mine:
+            continue
+        lo, hi = mine[0][0], mine[-1][1]
         t1 = time.perf_counter()
         groups, gclass = levels[level]
-        results[level] = distill_groups(model, reader, bundle.x_train, bundle.y_train, groups, gclass, cfg.distill,
-                                        cfg.seed + 1000 * i, device, f"distill[{level}]", cfg.runtime.progress)
-        timings[level] = time.perf_counter() - t1
-        s = results[level]
-        log.info("distill[%s]: %d synsets, matching loss %.4f -> %.4f (mean over groups) in %.1f s", level,
-                 len(gclass), s.init_loss.mean(), s.final_loss.mean(), timings[level])
-    path = artifact_path(cfg.runtime.out, "distill")
-    with atomic_h5(path) as f:
-        for level, s in results.items():
-            g = f.create_group(level)
-            g.create_dataset("images", data=s.images.numpy())
-            g.create_dataset("labels", data=s.labels.numpy())
-            g.create_dataset("group_class", data=s.group_class.numpy())
-            g.create_dataset("loss_history", data=s.loss_history)
-            g.create_dataset("init_loss", data=s.init_loss)
-            g.create_dataset("final_loss", data=s.final_loss)
-            g.create_dataset("grad_norm_real", data=s.grad_norm_real)
-            g.create_dataset("grad_norm_syn", data=s.grad_norm_syn)
-            g.create_dataset("size", data=s.size)
-            g.attrs["seconds"] = timings[level]
-        f.attrs["method"] = cfg.distill.method
-        f.attrs["pairing"] = cfg.distill.resolved_pairing()
-        f.attrs["sign"] = cfg.distill.sign
-        f.attrs["distance"] = cfg.distill.distance
-        f.attrs["include_1d"] = cfg.distill.include_1d
-        f.attrs["unlearn_direction"] = 1.0 if cfg.distill.method == "ddm" else -1.0
-        write_provenance(f, cfg, "distill", time.perf_counter() - t0)
+        s = distill_groups(model, reader, bundle.x_train, bundle.y_train, groups, gclass, cfg.distill,
+                           cfg.seed + 1000 * i, device, f"distill[{level} {lo}:{hi}]", cfg.runtime.progress,
+                           group_ids=torch.arange(lo, hi))
+        seconds = time.perf_counter() - t1
+        log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,
+                 n, s.init_loss.mean(), s.final_loss.mean(), seconds)
+        out.update({f"{level}/group_id": s.group_id.numpy(), f"{level}/images": s.images.numpy(),
+                    f"{level}/labels": s.labels.numpy(), f"{level}/group_class": s.group_class.numpy(),
+                    f"{level}/group_history": s.group_history, f"{level}/init_loss": s.init_loss,
+                    f"{level}/final_loss": s.final_loss, f"{level}/grad_norm_real": s.grad_norm_real,
+                    f"{level}/grad_norm_syn": s.grad_norm_syn, f"{level}/size": s.size,
+                    f"{level}/seconds": np.float64(seconds)})
+    return out
+
+
+def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
+    """Concatenate the shards (in order) into ``synsets.h5``; checks every group is there once.
+
+    ``bundle`` (the in-process context of the tasks) is accepted and not needed.
+    """
+    from ddm_hpc.errors import StageError
+
+    t0 = time.perf_counter()
+    files = [h5py.File(p, "r", locking=False) for p in paths]
+    try:
+        path = artifact_path(cfg.runtime.out, "distill")
+        shard_seconds = sum(float(f.attrs.get("seconds", 0.0)) for f in files)
+        with atomic_h5(path) as out:
+            for level, n in distill_items(cfg):
+                parts = [f[level] for f in files if level in f]
+                ids = np.concatenate([g["group_id"][()] for g in parts]) if parts else np.zeros(0, np.int64)
+                if not np.array_equal(ids, np.arange(n)):
+                    raise StageError(f"distill shards cover groups {ids.tolist()[:10]}... of level {level}, not "
+                                     f"0..{n - 1} once each: rerun with --overwrite")
+                g = out.create_group(level)
+                for name in SYNSET_DATASETS:
+                    g.create_dataset(name, data=np.concatenate([p[name][()] for p in parts]))
+                history = np.concatenate([p["group_history"][()] for p in parts])
+                g.create_dataset("loss_history", data=loss_history_of(history))
+                g.attrs["seconds"] = float(sum(float(p["seconds"][()]) for p in parts))
+            out.attrs["method"] = cfg.distill.method
+            out.attrs["pairing"] = cfg.distill.resolved_pairing()
+            out.attrs["sign"] = cfg.distill.sign
+            out.attrs["distance"] = cfg.distill.distance
+            out.attrs["include_1d"] = cfg.distill.include_1d
+            out.attrs["unlearn_direction"] = 1.0 if cfg.distill.method == "ddm" else -1.0
+            out.attrs["n_shards"] = len(paths)
+            write_provenance(out, cfg, "distill", shard_seconds + time.perf_counter() - t0)
+    finally:
+        for f in files:
+            f.close()
     return path
+
+
+@sharded
+def run_distill(cfg: Config, bundle=None) -> Path:
+    """Run the stage for every requested level and write ``synsets.h5``; returns its path.
+
+    The groups are split into ``--shards`` tasks on the configured executor (see launch.py).
+    """
+    return run_sharded("distill", cfg, distill_shard, len(distill_blocks(cfg)), merge_distill,
+                       context={"bundle": bundle})
 
 
 @dataclass

@@ -24,12 +24,22 @@ HDF5 layout written by :func:`write_ground_truth` (the ``gt`` part of ``evaluati
   gt/noise    float32 [n_noise, Q, L]    full-data reruns with seed offsets 1..n_noise
   query_index int64 [Q], query_label int64 [Q]
   attrs: seconds, n_gt_seeds, n_noise_seeds, config (JSON, when given), complete
+
+The stage (``ddm-hpc evaluate``, :func:`run_evaluate`) adds the LDS subsets (``gt/masks``,
+``gt/mask_outputs``), every method's scores (``methods/<name>``, see :mod:`ddm_hpc.methods`), the
+reference rows and Table 4, then writes ``report.md`` (:mod:`ddm_hpc.report`). Its retrainings
+(:func:`retrain_jobs`: base, leave-one-out x seeds, noise seeds, LDS subsets x seeds) run through the
+job layer (:func:`ddm_hpc.launch.run_sharded`; local processes or a SLURM array), one shard per retrained
+model, merged into ``groundtruth.h5`` keyed by what the retrainings depend on (:func:`retrain_key`), so
+a rerun with other methods retrains nothing and an interrupted one redoes only missing shards.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,10 +53,12 @@ from torch import nn
 from ddm_hpc.attribute import objective_values
 from ddm_hpc.config import Config
 from ddm_hpc.data import DatasetBundle
-from ddm_hpc.errors import ConfigError
-from ddm_hpc.storage import ParamTable, atomic_h5
+from ddm_hpc.errors import ConfigError, StageError
+from ddm_hpc.launch import sharded
+from ddm_hpc.storage import (ParamTable, artifact_path, atomic_h5, open_read, read_attrs, upstream_uids,
+                             write_provenance)
 from ddm_hpc.train import build_target, load_into, train_trajectory
-from ddm_hpc.utils import progress
+from ddm_hpc.utils import generator, progress, resolve_device
 
 log = logging.getLogger(__name__)
 Ids = Sequence[int] | torch.Tensor | np.ndarray
@@ -366,4 +378,333 @@ def write_ground_truth(path: str | Path, gt: GroundTruth, removed_ids: Ids, quer
         fill_ground_truth(f, gt, removed_ids, query_index, query_label)
         if cfg is not None:
             f.attrs["config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- the stage: retraining jobs
+@dataclass(frozen=True)
+class RetrainJob:
+    """One exact retraining: leave out ``removed`` clusters, init and data order from seed + offset.
+
+    kind: 'base' (full data, offset 0), 'loo' (one cluster), 'noise' (full data, offset >= 1) or
+    'mask' (a random LDS subset); ``index`` is the cluster id, noise offset or mask row.
+    """
+
+    kind: str
+    index: int
+    removed: tuple[int, ...]
+    seed_offset: int
+
+
+def removed_clusters(cfg: Config, k: int) -> torch.Tensor:
+    """Cluster ids retrained without one at a time: all K, or a seeded choice of --n-removed."""
+    n = cfg.evaluate.n_removed
+    if n == 0 or n >= k:
+        return torch.arange(k)
+    return torch.randperm(k, generator=generator(cfg.seed, 73))[:n].sort().values
+
+
+def lds_masks(cfg: Config, k: int) -> torch.Tensor:
+    """bool [n_masks, K] random cluster subsets (True = kept) for the LDS."""
+    ec = cfg.evaluate
+    if ec.n_masks == 0:
+        return torch.zeros(0, k, dtype=torch.bool)
+    return random_subset_masks(k, ec.n_masks, ec.alpha, generator(cfg.seed, 71))
+
+
+def retrain_jobs(cfg: Config, k: int) -> list[RetrainJob]:
+    """Every retraining the evaluate stage needs, in a fixed order (the shard layout depends on it)."""
+    ec = cfg.evaluate
+    jobs = [RetrainJob("base", 0, (), 0)]
+    jobs += [RetrainJob("loo", int(c), (int(c),), s) for c in removed_clusters(cfg, k) for s in range(ec.gt_seeds)]
+    jobs += [RetrainJob("noise", s, (), s) for s in range(1, ec.noise_seeds + 1)]
+    for m, mask in enumerate(lds_masks(cfg, k)):
+        rem = tuple(int(i) for i in torch.nonzero(~mask)[:, 0])
+        jobs += [RetrainJob("mask", m, rem, s) for s in range(ec.gt_seeds)]
+    return jobs
+
+
+RETRAIN_OPTIONS = ("n_removed", "gt_seeds", "noise_seeds", "n_masks", "alpha")
+
+
+def retrain_key(cfg: Config, query_pos: torch.Tensor) -> str:
+    """Hash of everything the retrainings depend on: data/model/train/cluster options, the train and
+    cluster artifacts, the retraining options of ``evaluate`` and the queries (not the methods)."""
+    from ddm_hpc.launch import shard_key
+
+    extra = json.dumps({"evaluate": {k: getattr(cfg.evaluate, k) for k in RETRAIN_OPTIONS},
+                        "clusters": upstream_uids(cfg.runtime.out, "distill"), "queries": query_pos.tolist()},
+                       sort_keys=True)
+    return shard_key(cfg, "cluster", extra)
+
+
+def groundtruth_path(run_dir: str | Path) -> Path:
+    """The merged retrainings (kept, so a rerun with other methods retrains nothing)."""
+    return Path(run_dir) / "groundtruth.h5"
+
+
+def read_queries(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """The attribute stage's queries: position (in the test subset), index, label, base softmax."""
+    with open_read(artifact_path(run_dir, "attribute")) as f:
+        return {k: f[k][()] for k in ("query_position", "query_index", "query_label", "base_probs")}
+
+
+def _cluster_count(run_dir: Path) -> tuple[np.ndarray, int]:
+    with open_read(artifact_path(run_dir, "cluster")) as f:
+        return f["clusters/assignment"][()], len(f["clusters/class"])
+
+
+def retrain_task(cfg: Config, shard: int, n_shards: int, bundle: DatasetBundle | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Job-layer task: the retrainings ``shard_range(n_jobs, shard, n_shards)`` of :func:`retrain_jobs`.
+
+    Returns ``probs`` float32 [n, Q, L] (softmax on the queries), ``job`` int64 [n], ``seconds`` [n].
+    """
+    from ddm_hpc.launch import shard_range
+    from ddm_hpc.train import load_data
+
+    run_dir = Path(cfg.runtime.out)
+    bundle = bundle or load_data(cfg)
+    device = resolve_device(cfg.runtime.device)
+    assignment, k = _cluster_count(run_dir)
+    query_x = bundle.x_test[torch.from_numpy(read_queries(run_dir)["query_position"]).long()]
+    jobs = retrain_jobs(cfg, k)
+    i0, i1 = shard_range(len(jobs), shard, n_shards)
+    model = build_target(cfg, bundle).to(device)
+    table = ParamTable.from_module(model)
+    probs, secs = [], []
+    for i in progress(range(i0, i1), f"retrain[{i0}:{i1} of {len(jobs)}]", cfg.runtime.progress and i1 - i0 > 1):
+        t0 = time.perf_counter()
+        flat = retrain_without(cfg, bundle, assignment, list(jobs[i].removed), jobs[i].seed_offset, device)
+        probs.append(query_probs(model, table, flat, query_x).numpy())
+        secs.append(time.perf_counter() - t0)
+    return {"probs": np.stack(probs).astype(np.float32), "job": np.arange(i0, i1, dtype=np.int64),
+            "seconds": np.asarray(secs, dtype=np.float64)}
+
+
+def merge_retrain(cfg: Config, paths: list[Path], bundle: DatasetBundle | None = None) -> Path:
+    """Job-layer merge: every shard's retrainings, in job order, into ``RUN/groundtruth.h5``."""
+    run_dir = Path(cfg.runtime.out)
+    probs, jobs, secs = [], [], []
+    for p in paths:
+        with h5py.File(p, "r", locking=False) as f:
+            probs.append(f["probs"][()])
+            jobs.append(f["job"][()])
+            secs.append(f["seconds"][()])
+    job = np.concatenate(jobs)
+    if not np.array_equal(job, np.arange(len(job))):
+        raise StageError(f"retraining shards cover jobs {job.tolist()[:8]}...: delete {run_dir / 'shards'} and rerun")
+    query_pos = torch.from_numpy(read_queries(run_dir)["query_position"]).long()
+    path = groundtruth_path(run_dir)
+    with atomic_h5(path) as f:
+        f.create_dataset("probs", data=np.concatenate(probs))
+        f.create_dataset("seconds", data=np.concatenate(secs))
+        f.attrs["key"] = retrain_key(cfg, query_pos)
+    return path
+
+
+def run_retrainings(cfg: Config, query_pos: torch.Tensor, bundle: DatasetBundle | None = None) -> Path:
+    """Every retraining through the job layer, one shard per retrained model (resumable); reuses a
+    current ``groundtruth.h5``."""
+    from ddm_hpc.launch import run_sharded
+
+    run_dir = Path(cfg.runtime.out)
+    key = retrain_key(cfg, query_pos)
+    path = groundtruth_path(run_dir)
+    attrs = read_attrs(path)
+    if attrs is not None and attrs.get("key") == key:
+        log.info("evaluate: %s is current, no retraining needed", path)
+        return path
+    _, k = _cluster_count(run_dir)
+    n_jobs = len(retrain_jobs(cfg, k))
+    one_each = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, shards=n_jobs))
+    return run_sharded("evaluate", one_each, retrain_task, n_jobs, merge_retrain, stage="cluster",
+                       key_extra=key, context={"bundle": bundle} if bundle is not None else None)
+
+
+@dataclass
+class Retrained:
+    """Merged retraining results (see :func:`load_retrained`)."""
+
+    gt: GroundTruth
+    removed: torch.Tensor  # int64 [n_removed]
+    masks: torch.Tensor  # bool [n_masks, K]
+    mask_outputs: torch.Tensor  # float32 [n_masks, Q, L]
+    seconds_per_retrain: float
+
+
+def load_retrained(cfg: Config, k: int, query_pos: torch.Tensor) -> Retrained:
+    """Split ``groundtruth.h5`` (job order of :func:`retrain_jobs`) into base, leave-outs, noise, subsets."""
+    path = groundtruth_path(cfg.runtime.out)
+    attrs = read_attrs(path)
+    if attrs is None or attrs.get("key") != retrain_key(cfg, query_pos):
+        raise StageError(f"{path} is missing or was made for other retrainings: rerun `ddm-hpc evaluate`")
+    with h5py.File(path, "r", locking=False) as f:
+        probs = torch.from_numpy(f["probs"][()])
+        secs = f["seconds"][()]
+    jobs = retrain_jobs(cfg, k)
+    ec = cfg.evaluate
+    kind = np.array([j.kind for j in jobs])
+    q, n_cls = probs.shape[1:]
+    removed = removed_clusters(cfg, k)
+    masks = lds_masks(cfg, k)
+    loo, noise, mk = probs[kind == "loo"], probs[kind == "noise"], probs[kind == "mask"]
+    outputs = loo.view(len(removed), ec.gt_seeds, q, n_cls).mean(1)
+    mask_out = mk.view(len(masks), ec.gt_seeds, q, n_cls).mean(1)
+    gt = GroundTruth(probs[0], outputs, noise, ec.gt_seeds, float(secs.sum()))
+    return Retrained(gt, removed, masks, mask_out, float(secs.mean()))
+
+
+# ----------------------------------------------------------------------------- the stage: metrics
+METRICS = ("dist1", "dist2", "dist3")
+
+
+def _mean_sem(v: torch.Tensor) -> tuple[float, float]:
+    v = v[~torch.isnan(v)].double()
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    sem = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    return float(v.mean()), sem
+
+
+def method_metrics(res, r: Retrained, labels: torch.Tensor) -> dict[str, object]:
+    """Eq. 10 metrics (mean and s.e.m. over queries) and the LDS of one :class:`~ddm_hpc.methods.MethodResult`.
+
+    Returns:
+        {'dist1', 'dist2', 'dist3', 'lds': (mean, sem), 'located': int64 [3, Q] cluster ids,
+         'lds_per_query': float64 [Q]}. Dist1 is x100 as in the paper's tables.
+    """
+    objs = _gt_objectives(r.gt.outputs, r.gt.base, labels)
+    q = torch.arange(len(labels))
+    out: dict[str, object] = {}
+    located = []
+    for m in METRICS:
+        pick = located_clusters(res.for_metric(m), r.removed)
+        located.append(r.removed[pick])
+        v = objs[m][pick, q] * (100.0 if m == "dist1" else 1.0)
+        out[m] = _mean_sem(v)
+    out["located"] = torch.stack(located)
+    if len(r.masks):
+        # a removal raises the query's CE by the removed clusters' scores: predict with the removed sum
+        pred = predicted_subset_effect(res.scores, ~r.masks)
+        actual = _gt_objectives(r.mask_outputs, r.gt.base, labels)["dist2"].float()
+        per_q = spearman(pred, actual)
+        out["lds"] = _mean_sem(per_q)
+        out["lds_per_query"] = per_q
+    else:
+        out["lds"] = (float("nan"), float("nan"))
+        out["lds_per_query"] = torch.full((len(labels),), float("nan"))
+    return out
+
+
+def reference_rows(r: Retrained, labels: torch.Tensor) -> dict[str, dict[str, tuple[float, float]]]:
+    """Rows the report prints beside the methods: the oracle, the mean over all clusters, the noise floor."""
+    objs = _gt_objectives(r.gt.outputs, r.gt.base, labels)
+    scale = {"dist1": 100.0, "dist2": 1.0, "dist3": 1.0}
+    rows = {"oracle": {m: _mean_sem(objs[m].max(0).values * scale[m]) for m in METRICS},
+            "mean over clusters": {m: _mean_sem(objs[m].mean(0) * scale[m]) for m in METRICS}}
+    if len(r.gt.noise):
+        nz = _gt_objectives(r.gt.noise, r.gt.base, labels)
+        rows["noise floor (seed reruns)"] = {m: _mean_sem(nz[m].mean(0) * scale[m]) for m in METRICS}
+    return rows
+
+
+def unlearn_all_accuracy(cfg: Config, bundle: DatasetBundle, run_dir: Path, device: torch.device) -> float:
+    """Test accuracy of theta_tau fine-tuned on *all* cluster synsets (Table 4's "unlearn everything").
+
+    Uses the attribute stage's fine-tune (same steps, rate, scale and direction) with every cluster
+    removed; exact retraining on nothing is theta_0, whose accuracy is the reference.
+    """
+    from ddm_hpc.attribute import finetune_many, group_weights, removal_spec
+    from ddm_hpc.distill import read_synsets
+    from ddm_hpc.train import TrajectoryReader
+
+    reader = TrajectoryReader(artifact_path(run_dir, "train"))
+    model = build_target(cfg, bundle).to(device)
+    level = read_synsets(run_dir, "cluster")
+    ac, tc = cfg.attribute, cfg.train
+    lr = ac.finetune_lr or tc.lr
+    w = group_weights(level, ac.finetune_scale, tc.lr, tc.momentum, tc.batch_size, lr)
+    spec = removal_spec(torch.zeros(1, len(level.size)), level.images.shape[1], w)
+    probs = finetune_many(model, reader.params(reader.tau), level.images.flatten(0, 1), level.labels.flatten(),
+                          spec, ac.finetune_steps or reader.tau, lr, level.unlearn_direction, bundle.x_test, 1,
+                          device, "unlearn all", cfg.runtime.progress)
+    return float((probs[0].argmax(1) == bundle.y_test).float().mean())
+
+
+# ----------------------------------------------------------------------------- the stage
+@sharded
+def run_evaluate(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
+    """Retrain exactly, score every method, write ``evaluation.h5`` and ``report.md`` (+ PNGs).
+
+    The retrainings run on the configured executor (SLURM arrays included); scoring the methods,
+    their variant runs and the report run in this process."""
+    from ddm_hpc.methods import Context, score_methods
+    from ddm_hpc.report import write_report
+    from ddm_hpc.train import load_data
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.runtime.out)
+    bundle = bundle or load_data(cfg)
+    device = resolve_device(cfg.runtime.device)
+    queries = read_queries(run_dir)
+    query_pos = torch.from_numpy(queries["query_position"]).long()
+    labels = torch.from_numpy(queries["query_label"]).long()
+    with open_read(artifact_path(run_dir, "cluster")) as f:
+        assignment = torch.from_numpy(f["clusters/assignment"][()]).long()
+        cluster_class = torch.from_numpy(f["clusters/class"][()]).long()
+    k = len(cluster_class)
+    n_jobs = len(retrain_jobs(cfg, k))
+    log.info("evaluate: %d exact retrainings (K=%d leave-one-out x %d seeds, %d noise seeds, %d LDS subsets), "
+             "%d queries", n_jobs, len(removed_clusters(cfg, k)), cfg.evaluate.gt_seeds, cfg.evaluate.noise_seeds,
+             cfg.evaluate.n_masks, len(query_pos))
+    run_retrainings(cfg, query_pos, bundle)
+    retrained = load_retrained(cfg, k, query_pos)
+    retrain_seconds = retrained.gt.seconds  # summed over the retrainings, whenever they ran
+    drift = float((retrained.gt.base - torch.from_numpy(queries["base_probs"])).abs().max())
+    if drift > 1e-4:
+        log.warning("evaluate: the full-data retraining differs from theta_tau by %.2g in softmax: training is not "
+                    "deterministic on this device, so ground truth carries that noise too", drift)
+
+    ctx = Context(cfg, bundle, query_pos, assignment, cluster_class, device)
+    results = score_methods(ctx, cfg.evaluate.method_list())
+    metrics = {name: method_metrics(res, retrained, labels) for name, res in results.items()}
+    refs = reference_rows(retrained, labels)
+    with open_read(artifact_path(run_dir, "train")) as f:
+        accs = f["trajectory/test_accuracy"][()]
+    table4 = {"theta_0": float(accs[0]), "theta_tau": float(accs[-1]),
+              "ddm": unlearn_all_accuracy(cfg, bundle, run_dir, device)}
+    if "ddm-match" in results:
+        table4["ddm-match"] = unlearn_all_accuracy(cfg, bundle, run_dir / "variants" / "ddm-match", device)
+
+    path = artifact_path(run_dir, "evaluate")
+    with atomic_h5(path) as f:
+        fill_ground_truth(f, retrained.gt, retrained.removed, queries["query_index"], labels)
+        f.create_dataset("query_position", data=query_pos.numpy())
+        f["gt"].create_dataset("masks", data=retrained.masks.numpy())
+        f["gt"].create_dataset("mask_outputs", data=retrained.mask_outputs.float().numpy())
+        f["gt"].attrs.update(seconds=retrain_seconds, seconds_per_retrain=retrained.seconds_per_retrain,
+                             base_drift=drift, n_retrainings=n_jobs)
+        for name, res in results.items():
+            g = f.create_group(f"methods/{name}")
+            g.create_dataset("scores", data=res.scores.float().numpy())
+            g.create_dataset("seconds", data=np.float64(res.seconds))
+            g.create_dataset("offline_seconds", data=np.float64(res.offline_seconds))
+            g.create_dataset("located", data=metrics[name]["located"].numpy())
+            g.create_dataset("lds_per_query", data=metrics[name]["lds_per_query"].float().numpy())
+            for obj, s in res.per_objective.items():
+                g.create_dataset(f"objectives/{obj}", data=s.float().numpy())
+            g.attrs["note"] = res.note
+            for m in (*METRICS, "lds"):
+                g.attrs[m], g.attrs[f"{m}_sem"] = metrics[name][m]
+        r = f.create_group("reference")
+        for row, vals in refs.items():
+            for m, (mean, sem) in vals.items():
+                r.attrs[f"{row}/{m}"], r.attrs[f"{row}/{m}_sem"] = mean, sem
+        t4 = f.create_group("table4")
+        t4.attrs.update(table4)
+        write_provenance(f, cfg, "evaluate", time.perf_counter() - t0)
+    report = write_report(path, run_dir / "report.md", plots=cfg.evaluate.plots)
+    log.info("evaluate: %d methods against %d retrainings in %.1f s -> %s, %s", len(results), n_jobs,
+             time.perf_counter() - t0, path, report)
     return path

@@ -26,8 +26,10 @@ def stage_function(stage: str):
         from ddm_hpc.cluster import run_cluster as fn
     elif stage == "distill":
         from ddm_hpc.distill import run_distill as fn
-    else:
+    elif stage == "attribute":
         from ddm_hpc.attribute import run_attribute as fn
+    else:
+        from ddm_hpc.evaluate import run_evaluate as fn
     return fn
 
 
@@ -112,7 +114,29 @@ def summary(run_dir: str | Path, n_show: int = 10) -> str:
         lines.append(f"  attribute  {a['seconds']:7.1f} s  {a['n_finetunes_flat']} flat + "
                      f"{a['n_finetunes_hierarchical']} hierarchical fine-tunings of {a['finetune_steps']} steps")
         lines += _attribution_table(artifact_path(run_dir, "attribute"), str(a["objective"]), n_show)
+    ev = read_attrs(artifact_path(run_dir, "evaluate"))
+    if ev:
+        lines.append(f"  evaluate   {ev['seconds']:7.1f} s  {run_dir / 'report.md'}")
+        lines += _evaluation_table(artifact_path(run_dir, "evaluate"))
     return "\n".join(lines)
+
+
+def _evaluation_table(path: Path) -> list[str]:
+    from ddm_hpc.report import LABELS, ORDER
+
+    lines = ["  method                    Dist1x100   Dist2   Dist3     LDS   online s"]
+    with open_read(path) as f:
+        for name in [m for m in ORDER if m in f["methods"]]:
+            g = f["methods"][name]
+            a = g.attrs
+            lines.append(f"  {LABELS[name]:24s} {a['dist1']:9.2f} {a['dist2']:7.3f} {a['dist3']:7.4f} "
+                         f"{a['lds']:7.3f} {float(g['seconds'][()]):10.1f}")
+        ref = f["reference"].attrs
+        for row in ("oracle", "noise floor (seed reruns)"):
+            if f"{row}/dist1" in ref:
+                lines.append(f"  {row:24s} {ref[row + '/dist1']:9.2f} {ref[row + '/dist2']:7.3f} "
+                             f"{ref[row + '/dist3']:7.4f}")
+    return lines
 
 
 def _attribution_table(path: Path, objective: str, n_show: int) -> list[str]:

@@ -33,9 +33,10 @@ ARTIFACTS = {
     "cluster": "clusters.h5",
     "distill": "synsets.h5",
     "attribute": "attribution.h5",
+    "evaluate": "evaluation.h5",
 }
 UPSTREAM = {"train": (), "cluster": ("train",), "distill": ("train", "cluster"),
-            "attribute": ("train", "cluster", "distill")}
+            "attribute": ("train", "cluster", "distill"), "evaluate": ("train", "cluster", "distill", "attribute")}
 
 
 def artifact_path(run_dir: str | Path, stage: str) -> Path:

@@ -1,0 +1,208 @@
+"""``ddm-hpc evaluate`` end to end on a tiny real-MNIST run: schema, recomputable metrics, resume, report."""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ddm_hpc.cli import main
+from ddm_hpc.config import Config, EvaluateConfig
+from ddm_hpc.errors import ConfigError, StageError
+from ddm_hpc.evaluate import groundtruth_path, load_retrained, read_queries, retrain_jobs, retrain_key, spearman
+from ddm_hpc.methods import MethodResult, cluster_means, spread_to_clusters
+
+METHODS = "random,predict,clustering,ddm,ddm-match,ddm-seq,tracin,trak"
+ARGS = ["--preset", "smoke", "--n-masks", "6", "--noise-seeds", "1", "--methods", METHODS, "--proj-dim", "64",
+        "--peer-checkpoints", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, mnist_root):
+    out = tmp_path_factory.mktemp("eval")
+    assert main(["evaluate", *ARGS, "--data-root", str(mnist_root), "--out", str(out)]) == 0
+    return out
+
+
+def _ce(p, labels):
+    return -np.log(np.clip(p[..., np.arange(len(labels)), labels], 1e-12, None))
+
+
+def test_evaluation_schema(evaluated):
+    with h5py.File(evaluated / "evaluation.h5") as f:
+        assert f.attrs["complete"] and f.attrs["stage"] == "evaluate"
+        q, k = len(f["query_index"]), len(f["gt/removed"])
+        assert (q, k) == (3, 30)
+        assert f["gt/base"].shape == (q, 10) and f["gt/base"].dtype == np.float32
+        assert f["gt/outputs"].shape == (k, q, 10) and f["gt/outputs"].dtype == np.float32
+        assert f["gt/noise"].shape == (1, q, 10)
+        assert f["gt/masks"].shape == (6, k) and f["gt/mask_outputs"].shape == (6, q, 10)
+        assert f["query_label"].dtype.kind == "i" and f["gt/removed"].dtype.kind == "i"
+        np.testing.assert_allclose(f["gt/outputs"][()].sum(-1), 1.0, rtol=1e-5)
+        assert sorted(f["methods"]) == sorted(METHODS.split(","))
+        for name in f["methods"]:
+            s = f["methods"][name]["scores"]
+            assert s.shape == (q, k) and s.dtype == np.float32 and np.isfinite(s[()]).all(), name
+            assert float(f["methods"][name]["seconds"][()]) >= 0
+        # on CPU the full-data retraining is theta_tau bit for bit, so its softmax is the attribute stage's
+        # (up to float32 rounding: attribute evaluates the queries in a larger batch)
+        assert f["gt"].attrs["base_drift"] < 1e-6
+        with h5py.File(evaluated / "attribution.h5") as a:
+            np.testing.assert_allclose(f["gt/base"][()], a["base_probs"][()], atol=1e-6)
+            np.testing.assert_array_equal(f["query_index"][()], a["query_index"][()])
+        # DDM's per-objective scores are the attribute stage's flat scores, unchanged
+            for obj in ("dist1", "dist2", "dist3"):
+                np.testing.assert_array_equal(f[f"methods/ddm/objectives/{obj}"][()], a[f"objectives/{obj}/scores"][()])
+
+
+def test_metrics_recompute_from_the_file(evaluated):
+    """Every table number follows from the stored scores and ground truth (Eq. 10 and LDS by hand)."""
+    with h5py.File(evaluated / "evaluation.h5") as f:
+        base, out, labels = f["gt/base"][()], f["gt/outputs"][()], f["query_label"][()]
+        removed = f["gt/removed"][()]
+        masks, mask_out = f["gt/masks"][()], f["gt/mask_outputs"][()]
+        for name in f["methods"]:
+            g = f["methods"][name]
+            scores = g["scores"][()]
+            objs = {m: g[f"objectives/{m}"][()] for m in ("dist1", "dist2", "dist3")} if "objectives" in g else \
+                {"dist1": scores, "dist2": scores, "dist3": -scores}
+            for m in ("dist1", "dist2", "dist3"):
+                vals = []
+                for qi in range(len(labels)):
+                    r = int(np.argmax(objs[m][qi, removed]))
+                    d1 = np.linalg.norm(out[r, qi] - base[qi])
+                    vals.append({"dist1": 100 * d1, "dist2": -np.log(max(out[r, qi, labels[qi]], 1e-12)),
+                                 "dist3": 1 / (1 + d1)}[m])
+                assert g.attrs[m] == pytest.approx(np.mean(vals), rel=1e-5, abs=1e-7), (name, m)
+            pred = (~masks).astype(np.float64) @ scores.T.astype(np.float64)  # removed-sum, [n_masks, Q]
+            actual = _ce(mask_out, labels)
+            rho = spearman(torch.from_numpy(pred), torch.from_numpy(actual)).numpy()
+            assert g.attrs["lds"] == pytest.approx(np.nanmean(rho), rel=1e-6, abs=1e-9), name
+        ref = f["reference"].attrs
+        d1 = np.linalg.norm(out - base[None], axis=-1)
+        assert ref["oracle/dist1"] == pytest.approx(100 * d1.max(0).mean(), rel=1e-5)
+        nz = np.linalg.norm(f["gt/noise"][()] - base[None], axis=-1)
+        assert ref["noise floor (seed reruns)/dist1"] == pytest.approx(100 * nz.mean(), rel=1e-5)
+        # oracle bounds every method's located Dist1
+        for name in f["methods"]:
+            assert f["methods"][name].attrs["dist1"] <= ref["oracle/dist1"] + 1e-6
+        t4 = f["table4"].attrs
+        assert 0 <= t4["theta_0"] <= 1 and 0 <= t4["ddm"] <= 1 and "ddm-match" in t4
+
+
+def test_report_tables_and_plots(evaluated):
+    from matplotlib.image import imread
+
+    text = (evaluated / "report.md").read_text()
+    for row in ("Random select", "Predict-based", "Clustering-based", "DDM w/o cluster", "DDM-match",
+                "DDM-full", "TracInCP", "TRAK", "*oracle*", "*noise floor (seed reruns)*", "theta_0"):
+        assert row in text, row
+    with h5py.File(evaluated / "evaluation.h5") as f:
+        d1 = f["methods/ddm"].attrs["dist1"]
+    assert f"{d1:.2f} ±" in text  # the table prints the stored number
+    for png in ("scatter_ddm.png", "scatter_trak.png", "heatmap.png"):
+        path = evaluated / png
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = imread(path)
+        assert img.shape[0] >= 200 and img.shape[1] >= 300 and img[..., :3].std() > 0.05, png  # not blank
+        assert f"]({png})" in text
+
+
+def _cfg(run_dir, **evaluate):
+    d = json.loads((run_dir / "config.json").read_text())
+    d["evaluate"].update(evaluate)
+    return Config.from_dict({**d, "runtime": {"out": str(run_dir), "progress": False}})
+
+
+def test_rerun_reuses_the_retrainings(evaluated, mnist_root):
+    gt = groundtruth_path(evaluated)
+    mtime = gt.stat().st_mtime_ns
+    assert not (evaluated / "shards").exists()  # merged shards are removed
+    with h5py.File(evaluated / "evaluation.h5") as f:
+        before = {n: f["methods"][n].attrs["dist1"] for n in f["methods"]}
+    # other methods, same retrainings: nothing is retrained
+    assert main(["evaluate", *ARGS, "--methods", "random,ddm", "--data-root", str(mnist_root), "--out",
+                 str(evaluated), "--overwrite"]) == 0
+    assert gt.stat().st_mtime_ns == mtime
+    with h5py.File(evaluated / "evaluation.h5") as f:
+        assert sorted(f["methods"]) == ["ddm", "random"]
+        assert {n: f["methods"][n].attrs["dist1"] for n in f["methods"]} == {n: before[n] for n in ("ddm", "random")}
+    # restore the full evaluation for the other tests (variants and retrainings are reused)
+    assert main(["evaluate", *ARGS, "--data-root", str(mnist_root), "--out", str(evaluated), "--overwrite"]) == 0
+    assert gt.stat().st_mtime_ns == mtime
+
+
+def test_groundtruth_layout_and_key(evaluated):
+    cfg = _cfg(evaluated)
+    qpos = torch.from_numpy(read_queries(evaluated)["query_position"]).long()
+    r = load_retrained(cfg, 30, qpos)
+    jobs = retrain_jobs(cfg, 30)
+    with h5py.File(groundtruth_path(evaluated)) as f:
+        probs = f["probs"][()]
+        assert probs.shape == (len(jobs), 3, 10) and (f["seconds"][()] > 0).all()
+    with h5py.File(evaluated / "evaluation.h5") as f:
+        np.testing.assert_array_equal(f["gt/outputs"][()], r.gt.outputs.numpy())
+        np.testing.assert_array_equal(f["gt/masks"][()], r.masks.numpy())
+    loo = [i for i, j in enumerate(jobs) if j.kind == "loo"]
+    np.testing.assert_array_equal(probs[loo], r.gt.outputs.numpy())  # one seed: no averaging
+    # the key follows the retraining options and the queries, not the methods
+    assert retrain_key(_cfg(evaluated, methods="random"), qpos) == retrain_key(cfg, qpos)
+    assert retrain_key(_cfg(evaluated, n_masks=7), qpos) != retrain_key(cfg, qpos)
+    assert retrain_key(cfg, qpos[:2]) != retrain_key(cfg, qpos)
+    with pytest.raises(StageError, match="groundtruth.h5"):
+        load_retrained(_cfg(evaluated, noise_seeds=3), 30, qpos)
+
+
+def test_retrain_jobs_layout(tmp_path):
+    cfg = Config.from_dict({"evaluate": {"n_removed": 4, "gt_seeds": 2, "noise_seeds": 3, "n_masks": 5},
+                            "runtime": {"out": str(tmp_path)}})
+    jobs = retrain_jobs(cfg, 10)
+    kinds = [j.kind for j in jobs]
+    assert kinds[0] == "base" and jobs[0].removed == () and jobs[0].seed_offset == 0
+    assert kinds.count("base") == 1 and kinds.count("loo") == 8 and kinds.count("noise") == 3
+    assert kinds.count("mask") == 10
+    loo = [j for j in jobs if j.kind == "loo"]
+    assert len({j.removed for j in loo}) == 4 and {j.seed_offset for j in loo} == {0, 1}
+    assert [j.seed_offset for j in jobs if j.kind == "noise"] == [1, 2, 3]
+    assert all(len(j.removed) == 5 for j in jobs if j.kind == "mask")  # alpha 0.5 keeps 5 of 10
+    assert retrain_jobs(cfg, 10) == jobs  # seeded
+
+
+def test_spread_to_clusters_and_cluster_means():
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 4, (40,), generator=g)
+    dst = torch.randint(0, 6, (40,), generator=g)
+    scores = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    got = spread_to_clusters(scores, src, dst, 6)
+    want = torch.zeros(3, 6, dtype=torch.float64)
+    for i in range(40):
+        want[:, dst[i]] += scores[:, src[i]] / (src == src[i]).sum()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.sum(1), scores[:, torch.unique(src)].sum(1))  # mass is conserved
+    vals = torch.randn(40, 2, dtype=torch.float64, generator=g)
+    means = cluster_means(vals, dst, 7)
+    for c in range(7):
+        rows = vals[dst == c]
+        torch.testing.assert_close(means[c], rows.mean(0) if len(rows) else torch.zeros(2, dtype=torch.float64))
+
+
+def test_method_result_locates_dist3_at_the_least_responsible():
+    s = torch.tensor([[0.1, 0.9, 0.5]])
+    r = MethodResult(s, 0.0)
+    assert int(r.for_metric("dist1").argmax()) == 1 and int(r.for_metric("dist3").argmax()) == 0
+    r2 = MethodResult(s, 0.0, per_objective={"dist3": torch.tensor([[0.0, 0.0, 1.0]])})
+    assert int(r2.for_metric("dist3").argmax()) == 2
+
+
+def test_bad_evaluate_options_fail_in_one_line(capsys, tmp_path):
+    assert main(["evaluate", "--methods", "ddm,bogus", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddm-hpc: error: --methods") and "bogus" in err and len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match="--alpha"):
+        EvaluateConfig(alpha=1.0)
+    with pytest.raises(ConfigError, match="--gt-seeds"):
+        EvaluateConfig(gt_seeds=0)
+    assert not any(tmp_path.iterdir())  # nothing written
