@@ -197,7 +197,7 @@ def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch
 
     Args:
         model: architecture; theta: name -> tensor, the start point (theta_tau).
-        syn_x: float32 [S, C, H, W] flattened synset; syn_y: int64 [S].
+        syn_x: float32 [S, C, H, W] flattened synset; syn_y: int64 [S] labels or float32 [S, L] soft labels.
         spec: per model, the synset rows it trains on and their weights (loss = sum of w * CE).
         steps, lr: T full-batch SGD steps of rate lr; direction +1 descent, -1 ascent.
         eval_x: float32 [E, C, H, W] images to evaluate the fine-tuned models on.
@@ -296,11 +296,11 @@ class Evaluator:
         """
         spec = removal_spec(perturbations, level.images.shape[1], self.weights(level))
         spec = FinetuneSpec(spec.rows[r0:r1], spec.weights[r0:r1])
-        syn_x, syn_y = level.images, level.labels
+        syn_x = level.images
         chunk = self.acfg.batch_models or min(BLOCK, auto_chunk(
             self.model, sum(v.numel() for v in self.theta.values()),
             max(spec.rows.shape[1], min(len(self.eval_x), 256)), self.eval_x, self.device))
-        return finetune_many(self.model, self.theta, syn_x.reshape(-1, *syn_x.shape[2:]), syn_y.reshape(-1),
+        return finetune_many(self.model, self.theta, syn_x.reshape(-1, *syn_x.shape[2:]), level.flat_targets(),
                              spec, self.steps, self.lr, level.unlearn_direction, self.eval_x, chunk, self.device, desc,
                              self.show_progress)
 

@@ -125,6 +125,11 @@ class DistillConfig:
     lr_img: float = field(default=0.1, metadata=_help(
         "SGD rate for the synthetic images (Table 5: 0.1; sec. 4.1 says 10; 0.005 for ViT)"))
     img_momentum: float = field(default=0.5, metadata=_help("momentum of the synthetic-image optimizer (DC: 0.5)"))
+    syn_labels: str = field(default="hard", metadata=_help(
+        "labels of the synthetic images: hard (the cluster's class, fixed: the paper) or learn (soft labels "
+        "distilled with the images; needed for reverse matching to reach the classifier layer, whose gradient "
+        "on a correctly labelled image can never point against the real data's when features are >= 0)"))
+    lr_label: float = field(default=1.0, metadata=_help("SGD rate of the label logits (with --syn-labels learn)"))
     batch_real: int = field(default=64, metadata=_help("real images per cluster per step (whole cluster if smaller)"))
     distance: str = field(default="cos", metadata=_help("matching distance: cos (layer-wise, DC) or mse (paper: ViT)"))
     include_1d: bool = field(default=False, metadata=_help(
@@ -143,6 +148,8 @@ class DistillConfig:
         _choice(self, "pairing", ("auto", "reverse", "alg1", "same"))
         _choice(self, "distance", ("cos", "mse"))
         _choice(self, "init", ("real", "noise"))
+        _choice(self, "syn_labels", ("hard", "learn"))
+        _positive(self, "lr_label")
         _choice(self, "group_grads", ("auto", "vmap", "loop"))
         _positive(self, "step_length", "ipc", "distill_steps", "batch_real")
         _positive(self, "lr_img", strict=True)
@@ -223,7 +230,7 @@ class AttributeConfig:
             raise ConfigError(f"--query-index must be comma-separated integers, got {self.query_index!r}") from None
 
 
-METHODS = ("random", "predict", "clustering", "ddm-seq", "ddm-match", "ddm", "tracin", "trak")
+METHODS = ("random", "predict", "clustering", "ddm-seq", "ddm-match", "ddm", "ddm-soft", "tracin", "trak")
 
 
 @dataclass
@@ -233,7 +240,8 @@ class EvaluateConfig:
     methods: str = field(default=",".join(METHODS), metadata=_help(
         "comma-separated methods to score: random, predict (most similar predictions), clustering (nearest "
         "cluster centroid of the predicted class), ddm-seq (DDM with clusters by sequence number), ddm-match "
-        "(forward gradient matching), ddm (this run), tracin, trak"))
+        "(forward gradient matching), ddm (this run), ddm-soft (this run's reverse matching with --syn-labels "
+        "learn), tracin, trak"))
     n_removed: int = field(default=0, metadata=_help(
         "clusters retrained without, one at a time (a seeded random choice); 0 = all K"))
     gt_seeds: int = field(default=1, metadata=_help("seeds averaged per leave-out retraining"))

@@ -35,6 +35,7 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class Synset:
     group_id: torch.Tensor  # int64 [G] ids of the distilled groups (all groups, or a shard's subset)
     images: torch.Tensor  # float32 [G, ipc, C, H, W]
     labels: torch.Tensor  # int64 [G, ipc]
+    targets: torch.Tensor  # float32 [G, ipc, L] label distribution (one-hot unless --syn-labels learn)
     group_class: torch.Tensor  # int64 [G]
     loss_history: np.ndarray  # float32 [steps] mean over the groups of group_history
     group_history: np.ndarray  # float32 [G, steps] matching loss of each group at each step
@@ -255,8 +257,19 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
                          [generator(seed, 21, k) for k in ids])
     images = [im.to(device).requires_grad_(True) for im in images]
     gclass = group_class[matcher.group_ids]
-    labels = gclass[:, None].expand(n_groups, dcfg.ipc).contiguous().to(device)
-    opt = torch.optim.SGD(images, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
+    hard = gclass[:, None].expand(n_groups, dcfg.ipc).contiguous().to(device)
+    with torch.no_grad():
+        n_cls = functional_call(model, reader.params(0), (x[:1].to(device),)).shape[-1]
+    groups_opt = [{"params": images}]
+    if dcfg.syn_labels == "learn":
+        # logits start at q(class) = 0.9; per group, so a group's result does not depend on its block
+        init = math.log(9.0 * max(n_cls - 1, 1))
+        logits = [(F.one_hot(hard[g], n_cls).float() * init).requires_grad_(True) for g in range(n_groups)]
+        groups_opt.append({"params": logits, "lr": dcfg.lr_label})
+        label_fn = lambda: torch.stack([lg.softmax(-1) for lg in logits])  # noqa: E731
+    else:
+        label_fn = lambda: hard  # noqa: E731
+    opt = torch.optim.SGD(groups_opt, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
     chunk = block_size(dcfg)
     pairing = dcfg.resolved_pairing()
 
@@ -266,6 +279,8 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
 
     def evaluate() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         gen = [generator(seed, 32, k) for k in ids]
+        with torch.no_grad():
+            labels = label_fn()
         parts = [matcher.losses(images, labels, p, gen, chunk, backward=False) for p in eval_pairs]
         return tuple(torch.stack(x).mean(0).numpy() for x in zip(*parts))
 
@@ -276,15 +291,17 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
     bar = progress(pairs, desc, show_progress)
     for pair in bar:
         opt.zero_grad(set_to_none=True)
-        loss, _, _ = matcher.losses(images, labels, pair, batch_gen, chunk, backward=True)
+        loss, _, _ = matcher.losses(images, label_fn(), pair, batch_gen, chunk, backward=True)
         opt.step()
         history.append(loss)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{float(loss.mean()):.4f}")
     final_loss, real_norm, syn_norm = evaluate()
     per_group = (torch.stack(history, 1) if history else torch.zeros(n_groups, 0)).numpy().astype(np.float32)
-    return Synset(matcher.group_ids.clone(), torch.stack([im.detach().cpu() for im in images]), labels.cpu(),
-                  gclass.clone(), loss_history_of(per_group), per_group, init_loss.astype(np.float32),
+    with torch.no_grad():
+        targets = label_fn().float() if dcfg.syn_labels == "learn" else F.one_hot(hard, n_cls).float()
+    return Synset(matcher.group_ids.clone(), torch.stack([im.detach().cpu() for im in images]), hard.cpu(),
+                  targets.cpu(), gclass.clone(), loss_history_of(per_group), per_group, init_loss.astype(np.float32),
                   final_loss.astype(np.float32), real_norm.astype(np.float32), syn_norm.astype(np.float32),
                   matcher.sizes.numpy())
 
@@ -294,7 +311,7 @@ def loss_history_of(group_history: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(group_history, dtype=np.float32)).mean(0).numpy()
 
 
-SYNSET_DATASETS = ("images", "labels", "group_class", "init_loss", "final_loss", "grad_norm_real", "grad_norm_syn",
+SYNSET_DATASETS = ("images", "labels", "targets", "group_class", "init_loss", "final_loss", "grad_norm_real", "grad_norm_syn",
                    "size")
 
 
@@ -358,7 +375,8 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
         log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,
                  n, s.init_loss.mean(), s.final_loss.mean(), seconds)
         out.update({f"{level}/group_id": s.group_id.numpy(), f"{level}/images": s.images.numpy(),
-                    f"{level}/labels": s.labels.numpy(), f"{level}/group_class": s.group_class.numpy(),
+                    f"{level}/labels": s.labels.numpy(), f"{level}/targets": s.targets.numpy(),
+                    f"{level}/group_class": s.group_class.numpy(),
                     f"{level}/group_history": s.group_history, f"{level}/init_loss": s.init_loss,
                     f"{level}/final_loss": s.final_loss, f"{level}/grad_norm_real": s.grad_norm_real,
                     f"{level}/grad_norm_syn": s.grad_norm_syn, f"{level}/size": s.size,
@@ -396,6 +414,7 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
             out.attrs["sign"] = cfg.distill.sign
             out.attrs["distance"] = cfg.distill.distance
             out.attrs["include_1d"] = cfg.distill.include_1d
+            out.attrs["syn_labels"] = cfg.distill.syn_labels
             out.attrs["unlearn_direction"] = 1.0 if cfg.distill.method == "ddm" else -1.0
             out.attrs["n_shards"] = len(paths)
             write_provenance(out, cfg, "distill", shard_seconds + time.perf_counter() - t0)
@@ -426,10 +445,22 @@ class SynsetLevel:
     grad_norm_syn: torch.Tensor  # float32 [G]
     size: torch.Tensor  # int64 [G]
     unlearn_direction: float  # +1 descent (ddm), -1 ascent (ddm-match)
+    targets: torch.Tensor | None = None  # float32 [G, ipc, L] learned soft labels (None: train on ``labels``)
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        """What fine-tuning trains on: the soft labels if learned, else the hard labels."""
+        return self.labels if self.targets is None else self.targets
+
+    def flat_targets(self) -> torch.Tensor:
+        """``train_targets`` with groups and images flattened: int64 [G*ipc] or float32 [G*ipc, L]."""
+        t = self.train_targets
+        return t.reshape(-1) if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
     def subset(self, ids: torch.Tensor) -> SynsetLevel:
         return SynsetLevel(self.images[ids], self.labels[ids], self.group_class[ids], self.grad_norm_real[ids],
-                           self.grad_norm_syn[ids], self.size[ids], self.unlearn_direction)
+                           self.grad_norm_syn[ids], self.size[ids], self.unlearn_direction,
+                           None if self.targets is None else self.targets[ids])
 
 
 def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
@@ -438,6 +469,8 @@ def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
         if level not in f:
             raise ConfigError(f"synsets.h5 has no {level!r} synsets: re-run distill with --levels cluster,class")
         g = f[level]
+        learned = str(f.attrs.get("syn_labels", "hard")) == "learn" and "targets" in g
         return SynsetLevel(*(torch.from_numpy(g[k][()]) for k in ("images", "labels", "group_class",
                                                                    "grad_norm_real", "grad_norm_syn", "size")),
-                           unlearn_direction=float(f.attrs["unlearn_direction"]))
+                           unlearn_direction=float(f.attrs["unlearn_direction"]),
+                           targets=torch.from_numpy(g["targets"][()]) if learned else None)

@@ -626,7 +626,7 @@ def unlearn_all_accuracy(cfg: Config, bundle: DatasetBundle, run_dir: Path, devi
     lr = ac.finetune_lr or tc.lr
     w = group_weights(level, ac.finetune_scale, tc.lr, tc.momentum, tc.batch_size, lr)
     spec = removal_spec(torch.zeros(1, len(level.size)), level.images.shape[1], w)
-    probs = finetune_many(model, reader.params(reader.tau), level.images.flatten(0, 1), level.labels.flatten(),
+    probs = finetune_many(model, reader.params(reader.tau), level.images.flatten(0, 1), level.flat_targets(),
                           spec, ac.finetune_steps or reader.tau, lr, level.unlearn_direction, bundle.x_test, 1,
                           device, "unlearn all", cfg.runtime.progress)
     return float((probs[0].argmax(1) == bundle.y_test).float().mean())
@@ -674,8 +674,9 @@ def run_evaluate(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
         accs = f["trajectory/test_accuracy"][()]
     table4 = {"theta_0": float(accs[0]), "theta_tau": float(accs[-1]),
               "ddm": unlearn_all_accuracy(cfg, bundle, run_dir, device)}
-    if "ddm-match" in results:
-        table4["ddm-match"] = unlearn_all_accuracy(cfg, bundle, run_dir / "variants" / "ddm-match", device)
+    for variant in ("ddm-match", "ddm-soft"):
+        if variant in results:
+            table4[variant] = unlearn_all_accuracy(cfg, bundle, run_dir / "variants" / variant, device)
 
     path = artifact_path(run_dir, "evaluate")
     with atomic_h5(path) as f:

@@ -12,6 +12,8 @@ more; for the signed Dist2/LDS reading: removing it should raise the query's cro
   ddm         this run's attribution.h5 (flat search), one score matrix per objective.
   ddm-match   the same pipeline with forward gradient matching, run in ``RUN/variants/ddm-match``
               on this run's train.h5 and clusters.h5.
+  ddm-soft    reverse matching with learned soft labels (``--syn-labels learn``; not in the paper), run
+              in ``RUN/variants/ddm-soft`` on this run's train.h5 and clusters.h5.
   ddm-seq     "DDM w/o cluster": clusters by sequence number (``RUN/variants/ddm-seq``, on this
               run's train.h5). Its scores live on other clusters, so they are spread evenly over
               each sequential cluster's members and summed per k-means cluster.
@@ -40,7 +42,7 @@ from ddm_hpc.config import Config, merge
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.models import penultimate_features
-from ddm_hpc.storage import artifact_path, open_read, read_attrs
+from ddm_hpc.storage import artifact_path, open_read, read_attrs, stage_status
 from ddm_hpc.train import TrajectoryReader, build_target, load_into
 from ddm_hpc.utils import generator
 
@@ -200,6 +202,9 @@ def variant_run(ctx: Context, name: str, overrides: dict, shared: tuple[str, ...
     d["runtime"]["out"] = str(out)
     d["runtime"]["overwrite"] = False
     vcfg = Config.from_dict(d)
+    for stage in stages:  # a variant's own artifacts belong to evaluate: made with other options, redo them
+        if stage_status(out, stage, vcfg) == "stale":
+            artifact_path(out, stage).unlink()
     timings = run_stages(vcfg, stages)
     log.info("evaluate: variant %s %s", name, ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) or "up to date")
     return out
@@ -216,6 +221,12 @@ def ddm_match_scores(ctx: Context) -> MethodResult:
     over = merge(VARIANT_ATTRIBUTE, {"distill": {"method": "ddm-match"}})
     out = variant_run(ctx, "ddm-match", over, ("train", "cluster"), ("distill", "attribute"))
     return read_ddm_scores(out, "forward gradient matching, same clusters")
+
+
+def ddm_soft_scores(ctx: Context) -> MethodResult:
+    over = merge(VARIANT_ATTRIBUTE, {"distill": {"syn_labels": "learn"}})
+    out = variant_run(ctx, "ddm-soft", over, ("train", "cluster"), ("distill", "attribute"))
+    return read_ddm_scores(out, "reverse gradient matching with learned soft labels, same clusters")
 
 
 def ddm_seq_scores(ctx: Context) -> MethodResult:
@@ -280,12 +291,13 @@ METHOD_FUNCTIONS: dict[str, Callable[[Context], MethodResult]] = {
     "ddm-seq": ddm_seq_scores,
     "ddm-match": ddm_match_scores,
     "ddm": ddm_scores,
+    "ddm-soft": ddm_soft_scores,
     "tracin": tracin_cluster_scores,
     "trak": trak_cluster_scores,
 }
 LABELS = {"random": "Random select", "predict": "Predict-based", "clustering": "Clustering-based",
           "ddm-seq": "DDM w/o cluster", "ddm-match": "DDM-match", "ddm": "DDM-full (reverse GM)",
-          "tracin": "TracInCP (peer)", "trak": "TRAK (peer)"}
+          "ddm-soft": "DDM-full + learned labels", "tracin": "TracInCP (peer)", "trak": "TRAK (peer)"}
 
 
 def score_methods(ctx: Context, names: list[str]) -> dict[str, MethodResult]:

@@ -15,7 +15,7 @@ from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.evaluate import groundtruth_path, load_retrained, read_queries, retrain_jobs, retrain_key, spearman
 from ddm_hpc.methods import MethodResult, cluster_means, spread_to_clusters
 
-METHODS = "random,predict,clustering,ddm,ddm-match,ddm-seq,tracin,trak"
+METHODS = "random,predict,clustering,ddm,ddm-match,ddm-seq,ddm-soft,tracin,trak"
 ARGS = ["--preset", "smoke", "--n-masks", "6", "--noise-seeds", "1", "--methods", METHODS, "--proj-dim", "64",
         "--peer-checkpoints", "2", "--no-progress"]
 
@@ -98,7 +98,7 @@ def test_report_tables_and_plots(evaluated):
 
     text = (evaluated / "report.md").read_text()
     for row in ("Random select", "Predict-based", "Clustering-based", "DDM w/o cluster", "DDM-match",
-                "DDM-full", "TracInCP", "TRAK", "*oracle*", "*noise floor (seed reruns)*", "theta_0"):
+                "DDM-full", "DDM-full + learned labels", "TracInCP", "TRAK", "*oracle*", "*noise floor (seed reruns)*", "theta_0"):
         assert row in text, row
     with h5py.File(evaluated / "evaluation.h5") as f:
         d1 = f["methods/ddm"].attrs["dist1"]
