@@ -179,12 +179,13 @@ class Matcher:
         self.n_groups = len(self.group_ids)
         self.impl = resolve_group_grads(dcfg.group_grads, device)
 
-    def losses(self, images: list[torch.Tensor], labels: torch.Tensor, pair: tuple[int, int],
+    def losses(self, images: list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], pair: tuple[int, int],
                gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """At one trajectory pair: (matching loss [G], |real grad| [G], |syn grad| [G]).
 
-        ``images``: one tensor [ipc, C, H, W] per group; ``gen``: one generator per group;
+        ``images``: one tensor [ipc, C, H, W] per group; ``labels``: int64 [G, ipc] hard labels, or one
+        float tensor [ipc, L] of soft labels per group; ``gen``: one generator per group;
         ``chunk``: groups per block (the first block starts at the first group). If ``backward``,
         accumulates d loss / d images. Norms are over all parameters.
         """
@@ -201,7 +202,8 @@ class Matcher:
                                        self.impl)
             syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
-            syn = per_group_grads(self.model, p_syn, syn_x, labels[g0:g1], ones)
+            lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
+            syn = per_group_grads(self.model, p_syn, syn_x, lab, ones)
             loss = matching_loss(real, syn, sign=self.dcfg.sign, include_1d=self.dcfg.include_1d,
                                  distance=self.dcfg.distance)
             if backward:
@@ -266,7 +268,8 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
         init = math.log(9.0 * max(n_cls - 1, 1))
         logits = [(F.one_hot(hard[g], n_cls).float() * init).requires_grad_(True) for g in range(n_groups)]
         groups_opt.append({"params": logits, "lr": dcfg.lr_label})
-        label_fn = lambda: torch.stack([lg.softmax(-1) for lg in logits])  # noqa: E731
+        # one tensor per group: each block's backward then owns its groups' softmax graphs
+        label_fn = lambda: [lg.softmax(-1) for lg in logits]  # noqa: E731
     else:
         label_fn = lambda: hard  # noqa: E731
     opt = torch.optim.SGD(groups_opt, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
@@ -299,7 +302,7 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
     final_loss, real_norm, syn_norm = evaluate()
     per_group = (torch.stack(history, 1) if history else torch.zeros(n_groups, 0)).numpy().astype(np.float32)
     with torch.no_grad():
-        targets = label_fn().float() if dcfg.syn_labels == "learn" else F.one_hot(hard, n_cls).float()
+        targets = torch.stack(label_fn()) if dcfg.syn_labels == "learn" else F.one_hot(hard, n_cls).float()
     return Synset(matcher.group_ids.clone(), torch.stack([im.detach().cpu() for im in images]), hard.cpu(),
                   targets.cpu(), gclass.clone(), loss_history_of(per_group), per_group, init_loss.astype(np.float32),
                   final_loss.astype(np.float32), real_norm.astype(np.float32), syn_norm.astype(np.float32),

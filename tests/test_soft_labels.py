@@ -69,7 +69,7 @@ def test_finetune_on_one_hot_targets_equals_hard_labels():
 def test_learned_labels_are_distributions_and_reach_the_attribute_stage(tmp_path, mnist_root):
     out = tmp_path / "run"
     args = ["run", "--preset", "smoke", "--data-root", str(mnist_root), "--out", str(out), "--no-progress",
-            "--syn-labels", "learn", "--lr-label", "5", "--search", "flat"]
+            "--syn-labels", "learn", "--lr-label", "5", "--search", "flat", "--group-chunk", "8"]  # 4 blocks
     assert main(args) == 0
     with h5py.File(out / "synsets.h5") as f:
         assert f.attrs["syn_labels"] == "learn"
