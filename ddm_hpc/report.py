@@ -197,8 +197,8 @@ def _class_matrix(values: np.ndarray, labels: np.ndarray, cluster_class: np.ndar
     return out
 
 
-def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, name: str = "ddm") -> Path:
-    """Class x class attribution (the paper's Fig. 3): the method's scores beside exact CE changes."""
+def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, names: tuple[str, ...] = ("ddm",)) -> Path:
+    """Class x class attribution (the paper's Fig. 3): each method's scores beside exact CE changes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,11 +207,12 @@ def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, name: str = "dd
     n_cls = d["base"].shape[1]
     removed = d["removed"]
     exact = _ce_change(d["outputs"], d["base"], d["labels"]).T  # [Q, n_removed]
-    pred = d["methods"][name]["scores"][:, removed]
     cc = cluster_class[removed]
-    mats = [_class_matrix(pred, d["labels"], cc, n_cls), _class_matrix(exact, d["labels"], cc, n_cls)]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, mat, title in zip(axes, mats, (f"{LABELS.get(name, name)} scores", "exact retraining (CE change)")):
+    mats = [_class_matrix(d["methods"][n]["scores"][:, removed], d["labels"], cc, n_cls) for n in names]
+    mats.append(_class_matrix(exact, d["labels"], cc, n_cls))
+    titles = [f"{LABELS.get(n, n)} scores" for n in names] + ["exact retraining (CE change)"]
+    fig, axes = plt.subplots(1, len(mats), figsize=(4.5 * len(mats), 4))
+    for ax, mat, title in zip(axes, mats, titles):
         im = ax.imshow(mat, cmap="viridis")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("class of the removed clusters")
@@ -251,10 +252,11 @@ def write_report(eval_path: str | Path, out: str | Path, plots: bool = True) -> 
         with h5py.File(run_dir / "clusters.h5", "r", locking=False) as f:
             cluster_class = f["clusters/class"][()]
         figs = []
-        for name in [n for n in ("ddm", "trak", "tracin") if n in d["methods"]]:
+        for name in [n for n in ("ddm", "ddm-soft", "trak", "tracin") if n in d["methods"]]:
             figs.append(plot_scatter(d, name, run_dir / f"scatter_{name}.png"))
-        if "ddm" in d["methods"]:
-            figs.append(plot_heatmap(d, cluster_class, run_dir / "heatmap.png"))
+        shown = tuple(n for n in ("ddm", "ddm-soft") if n in d["methods"])
+        if shown:
+            figs.append(plot_heatmap(d, cluster_class, run_dir / "heatmap.png", shown))
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
     notes = [f"- {LABELS.get(n, n)}: {d['methods'][n]['attrs'].get('note', '')}" for n in ORDER if n in d["methods"]]
     lines += ["## How each method scored", "", *notes, ""]
