@@ -295,9 +295,6 @@ METHOD_FUNCTIONS: dict[str, Callable[[Context], MethodResult]] = {
     "tracin": tracin_cluster_scores,
     "trak": trak_cluster_scores,
 }
-LABELS = {"random": "Random select", "predict": "Predict-based", "clustering": "Clustering-based",
-          "ddm-seq": "DDM w/o cluster", "ddm-match": "DDM-match", "ddm": "DDM-full (reverse GM)",
-          "ddm-soft": "DDM-full + learned labels", "tracin": "TracInCP (peer)", "trak": "TRAK (peer)"}
 
 
 def score_methods(ctx: Context, names: list[str]) -> dict[str, MethodResult]:
@@ -313,5 +310,5 @@ def score_methods(ctx: Context, names: list[str]) -> dict[str, MethodResult]:
     return out
 
 
-__all__ = ["MethodResult", "Context", "score_methods", "METHOD_FUNCTIONS", "LABELS", "spread_to_clusters",
+__all__ = ["MethodResult", "Context", "score_methods", "METHOD_FUNCTIONS", "spread_to_clusters",
            "cluster_means"]

@@ -23,10 +23,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ddm_hpc.config import METHODS
+
 log = logging.getLogger(__name__)
 
 METRICS = ("dist1", "dist2", "dist3")
-ORDER = ("random", "predict", "clustering", "ddm-seq", "ddm-match", "ddm", "ddm-soft", "tracin", "trak")
+ORDER = METHODS  # table rows in the order of --methods' choices
 LABELS = {"random": "Random select", "predict": "Predict-based", "clustering": "Clustering-based",
           "ddm-seq": "DDM w/o cluster", "ddm-match": "DDM-match", "ddm": "DDM-full (reverse GM)",
           "ddm-soft": "DDM-full + learned labels", "tracin": "TracInCP (peer)", "trak": "TRAK (peer)"}
