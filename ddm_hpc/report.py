@@ -2,7 +2,8 @@
 
 Everything printed is read from the file (plus the run's train.h5/clusters.h5 attrs for context),
 so the report can be regenerated, and every number recomputed, without retraining anything:
-``python -m ddm_hpc.report RUN/evaluation.h5``.
+``python -m ddm_hpc.report RUN/evaluation.h5``. Runs with other ``--seed``s tabulate as mean ± std
+over seeds: ``python -m ddm_hpc.report --seeds seeds.md RUN_A/evaluation.h5 RUN_B/evaluation.h5``.
 
 Tables:
   * Table 1/2 shape: methods x {Dist1 (x100), Dist2, Dist3, LDS, online s, offline s}, each
@@ -268,7 +269,49 @@ def write_report(eval_path: str | Path, out: str | Path, plots: bool = True) -> 
     return out
 
 
+def seed_table(eval_paths: list[str | Path]) -> list[str]:
+    """Methods x metrics as mean ± std over runs (e.g. the same options with other ``--seed``s).
+
+    Each run contributes its per-query mean; the std is over runs (ddof 1), so it measures how much
+    a conclusion depends on the seed (data subset, init, clusters, queries), which s.e.m. over one
+    run's queries does not.
+    """
+    runs = [read_evaluation(p) for p in eval_paths]
+    if len(runs) < 2:
+        raise ValueError("seed_table needs at least two evaluation.h5 files (runs with different --seed)")
+    names = [m for m in ORDER if all(m in r["methods"] for r in runs)]
+    lines = [f"Mean ± std over {len(runs)} runs: " + ", ".join(str(p) for p in eval_paths), "",
+             "| Method | Dist1 (x100) ↑ | Dist2 ↑ | Dist3 ↑ | LDS ↑ |", "|---|---|---|---|---|"]
+    for name in names:
+        cells = []
+        for m, dg in zip((*METRICS, "lds"), (2, 3, 4, 3)):
+            v = np.array([r["methods"][name]["attrs"][m] for r in runs], dtype=np.float64)
+            cells.append(_fmt(float(v.mean()), float(v.std(ddof=1)), dg))
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ddm_hpc.report", description="regenerate report.md from "
+                                 "evaluation.h5, or tabulate several runs as mean ± std over seeds")
+    ap.add_argument("evaluations", nargs="+", help="RUN/evaluation.h5 file(s)")
+    ap.add_argument("--seeds", metavar="OUT.md", help="write the mean ± std table over the given runs to OUT.md")
+    args = ap.parse_args(argv)
+    for p in args.evaluations:
+        if not Path(p).is_file():
+            sys.exit(f"ddm_hpc.report: error: {p}: no such file; pass RUN/evaluation.h5 of an evaluated run")
+    if args.seeds:
+        out = Path(args.seeds)
+        tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+        tmp.write_text("\n".join(["# DDM evaluation over seeds", "", *seed_table(args.evaluations), ""]))
+        os.replace(tmp, out)
+        print(out)
+        return
+    for p in args.evaluations:
+        print(write_report(p, Path(p).parent / "report.md"))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m ddm_hpc.report RUN/evaluation.h5")
-    print(write_report(sys.argv[1], Path(sys.argv[1]).parent / "report.md"))
+    main()

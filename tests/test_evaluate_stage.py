@@ -206,3 +206,23 @@ def test_bad_evaluate_options_fail_in_one_line(capsys, tmp_path):
     with pytest.raises(ConfigError, match="--gt-seeds"):
         EvaluateConfig(gt_seeds=0)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_mean_and_std_over_seeds(evaluated, mnist_root, tmp_path):
+    from ddm_hpc.report import main as report_main
+
+    other = tmp_path / "seed1"
+    assert main(["evaluate", *ARGS, "--methods", "random,ddm", "--seed", "1", "--data-root", str(mnist_root),
+                 "--out", str(other)]) == 0
+    out = tmp_path / "seeds.md"
+    report_main(["--seeds", str(out), str(evaluated / "evaluation.h5"), str(other / "evaluation.h5")])
+    text = out.read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "Random select" in rows and "DDM-full (reverse GM)" in rows and "TRAK (peer)" not in rows  # common methods
+    vals = []
+    for run in (evaluated, other):
+        with h5py.File(run / "evaluation.h5") as f:
+            vals.append(f["methods/ddm"].attrs["dist1"])
+    assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in rows["DDM-full (reverse GM)"]
+    with pytest.raises(SystemExit):
+        report_main(["--seeds", str(out), str(tmp_path / "missing.h5")])
