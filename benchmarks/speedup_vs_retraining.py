@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 
 from ddm_hpc.config import Config, merge

@@ -36,7 +36,6 @@ a rerun with other methods retrains nothing and an interrupted one redoes only m
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -329,12 +328,19 @@ def located_metrics(scores: torch.Tensor, gt_outputs: torch.Tensor, removed_ids:
     Returns:
         {'dist1': mean L2 change x 100, 'dist2': mean CE to the label, 'dist3': mean 1/(1+L2)}.
     """
+    return {name: float(v.mean()) for name, v in located_values(scores, gt_outputs, removed_ids, base, labels).items()}
+
+
+def located_values(scores: torch.Tensor, gt_outputs: torch.Tensor, removed_ids: Ids, base: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per query, the Eq. 10 metrics of the cluster ``scores`` locate: name -> float64 [Q] (dist1 x 100).
+
+    Same arguments as :func:`located_metrics`, which averages these over the queries.
+    """
     objs = _gt_objectives(gt_outputs, base, labels)
     pick = located_clusters(scores, removed_ids)
     q = torch.arange(len(pick))
-    out = {name: float(v[pick, q].mean()) for name, v in objs.items()}
-    out["dist1"] *= 100.0
-    return out
+    return {name: v[pick, q] * (100.0 if name == "dist1" else 1.0) for name, v in objs.items()}
 
 
 def oracle_metrics(gt_outputs: torch.Tensor, removed_ids: Ids, base: torch.Tensor, labels: torch.Tensor
@@ -344,12 +350,16 @@ def oracle_metrics(gt_outputs: torch.Tensor, removed_ids: Ids, base: torch.Tenso
     For dist3 the max marks the cluster whose removal changes the output *least*, matching how
     the attribute stage reads dist3 scores. Same arguments and keys as :func:`located_metrics`.
     """
+    return {name: float(v.mean()) for name, v in oracle_values(gt_outputs, removed_ids, base, labels).items()}
+
+
+def oracle_values(gt_outputs: torch.Tensor, removed_ids: Ids, base: torch.Tensor, labels: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """Per query, the best Eq. 10 metrics over the left-out clusters: name -> float64 [Q] (dist1 x 100)."""
     if len(_as_long(removed_ids)) != len(gt_outputs):
         raise ValueError(f"{len(_as_long(removed_ids))} removed ids for {len(gt_outputs)} ground-truth outputs")
     objs = _gt_objectives(gt_outputs, base, labels)
-    out = {name: float(v.max(0).values.mean()) for name, v in objs.items()}
-    out["dist1"] *= 100.0
-    return out
+    return {name: v.max(0).values * (100.0 if name == "dist1" else 1.0) for name, v in objs.items()}
 
 
 # ----------------------------------------------------------------------------- storage
@@ -574,16 +584,10 @@ def method_metrics(res, r: Retrained, labels: torch.Tensor) -> dict[str, object]
         {'dist1', 'dist2', 'dist3', 'lds': (mean, sem), 'located': int64 [3, Q] cluster ids,
          'lds_per_query': float64 [Q]}. Dist1 is x100 as in the paper's tables.
     """
-    objs = _gt_objectives(r.gt.outputs, r.gt.base, labels)
-    q = torch.arange(len(labels))
     out: dict[str, object] = {}
-    located = []
     for m in METRICS:
-        pick = located_clusters(res.for_metric(m), r.removed)
-        located.append(r.removed[pick])
-        v = objs[m][pick, q] * (100.0 if m == "dist1" else 1.0)
-        out[m] = _mean_sem(v)
-    out["located"] = torch.stack(located)
+        out[m] = _mean_sem(located_values(res.for_metric(m), r.gt.outputs, r.removed, r.gt.base, labels)[m])
+    out["located"] = torch.stack([r.removed[located_clusters(res.for_metric(m), r.removed)] for m in METRICS])
     if len(r.masks):
         # a removal raises the query's CE by the removed clusters' scores: predict with the removed sum
         pred = predicted_subset_effect(res.scores, ~r.masks)
@@ -601,7 +605,8 @@ def reference_rows(r: Retrained, labels: torch.Tensor) -> dict[str, dict[str, tu
     """Rows the report prints beside the methods: the oracle, the mean over all clusters, the noise floor."""
     objs = _gt_objectives(r.gt.outputs, r.gt.base, labels)
     scale = {"dist1": 100.0, "dist2": 1.0, "dist3": 1.0}
-    rows = {"oracle": {m: _mean_sem(objs[m].max(0).values * scale[m]) for m in METRICS},
+    oracle = oracle_values(r.gt.outputs, r.removed, r.gt.base, labels)
+    rows = {"oracle": {m: _mean_sem(oracle[m]) for m in METRICS},
             "mean over clusters": {m: _mean_sem(objs[m].mean(0) * scale[m]) for m in METRICS}}
     if len(r.gt.noise):
         nz = _gt_objectives(r.gt.noise, r.gt.base, labels)

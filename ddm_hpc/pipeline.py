@@ -124,17 +124,17 @@ def summary(run_dir: str | Path, n_show: int = 10) -> str:
 def _evaluation_table(path: Path) -> list[str]:
     from ddm_hpc.report import LABELS, ORDER
 
-    lines = ["  method                    Dist1x100   Dist2   Dist3     LDS   online s"]
+    lines = ["  method                      Dist1x100   Dist2   Dist3     LDS   online s"]
     with open_read(path) as f:
         for name in [m for m in ORDER if m in f["methods"]]:
             g = f["methods"][name]
             a = g.attrs
-            lines.append(f"  {LABELS[name]:24s} {a['dist1']:9.2f} {a['dist2']:7.3f} {a['dist3']:7.4f} "
+            lines.append(f"  {LABELS[name]:26s} {a['dist1']:9.2f} {a['dist2']:7.3f} {a['dist3']:7.4f} "
                          f"{a['lds']:7.3f} {float(g['seconds'][()]):10.1f}")
         ref = f["reference"].attrs
         for row in ("oracle", "noise floor (seed reruns)"):
             if f"{row}/dist1" in ref:
-                lines.append(f"  {row:24s} {ref[row + '/dist1']:9.2f} {ref[row + '/dist2']:7.3f} "
+                lines.append(f"  {row:26s} {ref[row + '/dist1']:9.2f} {ref[row + '/dist2']:7.3f} "
                              f"{ref[row + '/dist3']:7.4f}")
     return lines
 

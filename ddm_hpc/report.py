@@ -52,21 +52,13 @@ def _ce_change(outputs: np.ndarray, base: np.ndarray, labels: np.ndarray) -> np.
     return ce - (-np.log(np.clip(base[q, labels], 1e-12, None)))[None]
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):  # average ties
-        m = x == v
-        if m.sum() > 1:
-            ranks[m] = ranks[m].mean()
-    return ranks
+def _rho(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two 1-D arrays (``evaluate.spearman``, the LDS's own)."""
+    import torch
 
+    from ddm_hpc.evaluate import spearman
 
-def spearman_np(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _rank(a) - (len(a) + 1) / 2, _rank(b) - (len(b) + 1) / 2
-    den = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+    return float(spearman(torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None])[0])
 
 
 def read_evaluation(path: str | Path) -> dict:
@@ -178,7 +170,7 @@ def plot_scatter(d: dict, name: str, path: Path, n_show: int = 10) -> Path:
     for q in range(n):
         ax = axes[q // cols][q % cols]
         ax.scatter(scores[q], exact[:, q], s=8, alpha=0.7)
-        ax.set_title(f"test[{d['query_index'][q]}] y={d['labels'][q]}  ρ={spearman_np(scores[q], exact[:, q]):+.2f}",
+        ax.set_title(f"test[{d['query_index'][q]}] y={d['labels'][q]}  ρ={_rho(scores[q], exact[:, q]):+.2f}",
                      fontsize=8)
         ax.tick_params(labelsize=6)
     for q in range(n, rows * cols):
