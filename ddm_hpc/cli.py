@@ -1,4 +1,4 @@
-"""Command line: ``ddm-hpc run|train|cluster|distill|attribute|show``.
+"""Command line: ``ddm-hpc run|train|cluster|distill|attribute|evaluate|diagnose|show|status``.
 
 Flags are generated from the config dataclasses (``--field-name``). A value is resolved, last
 wins, from: built-in defaults < the run directory's saved ``config.json`` < ``--preset`` <
@@ -29,6 +29,7 @@ STAGE_HELP = {
     "distill": "learn a synset per cluster/class by reverse gradient matching -> synsets.h5",
     "attribute": "perturb synsets, fine-tune, fit the attribution matrix -> attribution.h5",
     "evaluate": "exact leave-cluster-out retraining, baselines and peers, LDS -> evaluation.h5 + report.md",
+    "diagnose": "useless/noisy data, quick unlearning, synset privacy, transferability, pictures -> diagnostics.md",
 }
 # Sections whose flags each command shows (runtime and seed always).
 COMMAND_SECTIONS = {
@@ -38,6 +39,7 @@ COMMAND_SECTIONS = {
     "distill": ("data", "model", "train", "cluster", "distill"),
     "attribute": ("data", "model", "train", "cluster", "distill", "attribute"),
     "evaluate": ("data", "model", "train", "cluster", "distill", "attribute", "evaluate"),
+    "diagnose": ("data", "model", "train", "cluster", "distill", "attribute", "diagnose"),
 }
 
 
@@ -153,6 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         from ddm_hpc.pipeline import run_stages, summary
 
         timings = {}
+        if ns.command == "diagnose":  # runs missing pipeline stages first, like evaluate
+            import time
+
+            from ddm_hpc.diagnose import run_diagnose
+
+            timings = run_stages(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False)))
+            t0 = time.perf_counter()
+            report = run_diagnose(cfg)
+            timings["diagnose"] = time.perf_counter() - t0
+            print(f"wrote {report}")
+            print("this invocation: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+            return 0
         if ns.command == "evaluate":  # one command: run missing pipeline stages first (--overwrite: evaluate only)
             timings = run_stages(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False)))
         stages = STAGES if ns.command == "run" else (ns.command,)

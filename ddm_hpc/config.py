@@ -270,6 +270,87 @@ class EvaluateConfig:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
 
+DIAGNOSTICS = ("useless", "noisy", "unlearn", "privacy", "transfer", "pictures")
+
+
+def _percent_list(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{flag} must be comma-separated percentages, e.g. '10,20', got {text!r}") from None
+    if not vals or any(not 0.0 < v < 100.0 for v in vals):
+        raise ConfigError(f"--{flag} must list percentages strictly between 0 and 100, got {text!r}")
+    return vals
+
+
+@dataclass
+class DiagnoseConfig:
+    """Model behaviours beyond one prediction (``ddm-hpc diagnose``; the paper's sec. 4 and supp. sec. 9)."""
+
+    tasks: str = field(default=",".join(DIAGNOSTICS), metadata=_help(
+        "comma-separated diagnostics: useless (Table 3), noisy (Table 6), unlearn (Table 4), privacy (Fig. 4/5), "
+        "transfer (Table 7), pictures (Fig. 3 heat map, top-k cluster grids, scatter)"))
+    fractions: str = field(default="1,10,20,50", metadata=_help(
+        "useless: percentages of the training data removed, lowest-ranked first (paper Table 3: 1,10,20,50)"))
+    removal_seeds: int = field(default=3, metadata=_help(
+        "retraining seeds per removal (random removal: also a new random subset per seed); tables show mean +- std"))
+    corruptions: str = field(default="noise,labels", metadata=_help(
+        "noisy: how the corrupted copy is made, comma-separated: noise (additive Gaussian, --noise-level), labels "
+        "(label flipped to another class)"))
+    corrupt_fraction: float = field(default=0.2, metadata=_help(
+        "noisy: fraction of the training images corrupted (paper supp. 9.2: 0.2)"))
+    noise_level: float = field(default=0.1, metadata=_help(
+        "noisy: per-pixel std of the additive noise, in [0, 1] pixel units before normalisation (the paper's "
+        "'perturbation norm of 0.1'; clipped to [0, 1])"))
+    noisy_fractions: str = field(default="10,20,30,40", metadata=_help(
+        "noisy: percentages removed, worst-ranked first (paper Table 6: 10,20,30,40)"))
+    unlearn_clusters: int = field(default=5, metadata=_help(
+        "unlearn: clusters unlearned one at a time and compared with exact retraining without them"))
+    transfer_fractions: str = field(default="10,20,30,40", metadata=_help(
+        "transfer: percentages removed from the teacher's training data before distilling the student (Table 7)"))
+    student_model: str = field(default="mlp", metadata=_help("transfer: the student architecture (registered model)"))
+    student_width: int = field(default=64, metadata=_help("transfer: the student's width (mlp: hidden units)"))
+    kd_alpha: float = field(default=0.5, metadata=_help(
+        "transfer: weight of KL(student, teacher) in the student's loss, Eq. 15 (1 - alpha on CE)"))
+    kd_temperature: float = field(default=4.0, metadata=_help("transfer: softmax temperature of the KL term"))
+    top_k: int = field(default=5, metadata=_help("pictures: responsible clusters shown per query"))
+    n_members: int = field(default=8, metadata=_help("pictures: member images shown per cluster"))
+    n_pictures: int = field(default=4, metadata=_help("pictures: queries drawn as top-k grids"))
+    n_real: int = field(default=500, metadata=_help(
+        "privacy: real training images compared against the synsets and against each other"))
+    mia_epochs: int = field(default=50, metadata=_help(
+        "privacy: epochs of training a fresh model on a synset for the membership-inference test"))
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.task_list() if t not in DIAGNOSTICS]
+        if bad or not self.task_list():
+            raise ConfigError(f"--tasks {self.tasks!r}: unknown {bad or 'empty list'}; choose from {', '.join(DIAGNOSTICS)}")
+        bad = [c for c in self.corruption_list() if c not in ("noise", "labels")]
+        if bad or not self.corruption_list():
+            raise ConfigError(f"--corruptions {self.corruptions!r}: choose noise and/or labels")
+        for name in ("fractions", "noisy_fractions", "transfer_fractions"):
+            _percent_list(getattr(self, name), name.replace("_", "-"))
+        _positive(self, "removal_seeds", "student_width", "top_k", "n_members", "n_pictures", "n_real", "mia_epochs",
+                  "kd_temperature")
+        _positive(self, "unlearn_clusters", strict=False)
+        if not 0.0 < self.corrupt_fraction < 1.0:
+            raise ConfigError(f"--corrupt-fraction must be in (0, 1), got {self.corrupt_fraction}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ConfigError(f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
+        if self.noise_level < 0:
+            raise ConfigError(f"--noise-level must be >= 0, got {self.noise_level}")
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def corruption_list(self) -> list[str]:
+        return [c.strip() for c in self.corruptions.split(",") if c.strip()]
+
+    def percents(self, name: str) -> list[float]:
+        """``fractions``, ``noisy_fractions`` or ``transfer_fractions`` as floats (percent)."""
+        return _percent_list(getattr(self, name), name.replace("_", "-"))
+
+
 @dataclass
 class RuntimeConfig:
     """Where and how to run; not part of any stage key (results do not depend on it)."""
@@ -319,6 +400,7 @@ SECTIONS: dict[str, type] = {
     "distill": DistillConfig,
     "attribute": AttributeConfig,
     "evaluate": EvaluateConfig,
+    "diagnose": DiagnoseConfig,
     "runtime": RuntimeConfig,
 }
 # Sections each stage's result depends on (plus the global seed).
@@ -328,6 +410,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "distill": ("data", "model", "train", "cluster", "distill"),
     "attribute": ("data", "model", "train", "cluster", "distill", "attribute"),
     "evaluate": ("data", "model", "train", "cluster", "distill", "attribute", "evaluate"),
+    "diagnose": ("data", "model", "train", "cluster", "distill", "attribute", "diagnose"),
 }
 
 
@@ -341,6 +424,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -109,13 +109,26 @@ def retrain_without(cfg: Config, bundle: DatasetBundle, assignment: Ids, removed
     if len(_as_long(assignment)) != len(bundle.y_train):
         raise ConfigError(f"cluster assignment has {len(_as_long(assignment))} rows but the training set has "
                           f"{len(bundle.y_train)}: cluster and train with the same --n-train")
-    keep = keep_mask(assignment, removed)
+    return retrain_keep(cfg, bundle, keep_mask(assignment, removed), seed_offset, device)
+
+
+def retrain_keep(cfg: Config, bundle: DatasetBundle, keep: torch.Tensor, seed_offset: int = 0,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Retrain exactly from theta_0 on the training rows where ``keep`` (bool [N]) is True.
+
+    Same init, schedule and per-epoch order as the full run (seed ``cfg.seed + seed_offset``), the
+    dropped rows left out of that order. Returns float32 [P] theta_tau on CPU.
+    """
+    if len(keep) != len(bundle.y_train):
+        raise ConfigError(f"keep mask has {len(keep)} rows but the training set has {len(bundle.y_train)}")
+    if not bool(keep.any()):
+        raise ConfigError("removing these rows leaves no training data: remove fewer")
     seed = cfg.seed + seed_offset
     model = build_target(cfg, bundle, seed=seed)
     # Record only theta_0 and theta_tau and skip test accuracy: neither changes the training.
     tcfg = dataclasses.replace(cfg.train, save_every=cfg.train.epochs)
     traj = train_trajectory(model, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], tcfg,
-                            seed, torch.device(device), keep=keep, show_progress=False)
+                            seed, torch.device(device), keep=keep.bool(), show_progress=False)
     return traj.params[-1]
 
 

@@ -45,7 +45,7 @@ def _secs(s: float) -> str:
     return f"{s:.1f}" if s >= 0.1 else f"{s:.3f}"
 
 
-def _ce_change(outputs: np.ndarray, base: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def ce_change(outputs: np.ndarray, base: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Exact change of the query's cross-entropy when each cluster is removed: [n_removed, Q]."""
     q = np.arange(len(labels))
     ce = -np.log(np.clip(outputs[:, q, labels], 1e-12, None))
@@ -162,7 +162,7 @@ def plot_scatter(d: dict, name: str, path: Path, n_show: int = 10) -> Path:
 
     m = d["methods"][name]
     scores = m["scores"][:, d["removed"]]
-    exact = _ce_change(d["outputs"], d["base"], d["labels"])  # [n_removed, Q]
+    exact = ce_change(d["outputs"], d["base"], d["labels"])  # [n_removed, Q]
     n = min(n_show, len(d["labels"]))
     cols = min(5, n)
     rows = math.ceil(n / cols)
@@ -178,10 +178,10 @@ def plot_scatter(d: dict, name: str, path: Path, n_show: int = 10) -> Path:
     fig.supxlabel(f"{LABELS.get(name, name)} score of the cluster", fontsize=9)
     fig.supylabel("exact change of the query's CE when removed", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _class_matrix(values: np.ndarray, labels: np.ndarray, cluster_class: np.ndarray, n_cls: int) -> np.ndarray:
+def class_by_class(values: np.ndarray, labels: np.ndarray, cluster_class: np.ndarray, n_cls: int) -> np.ndarray:
     """[L, L]: row = query label, column = cluster class, mean over queries of the summed values."""
     out = np.full((n_cls, n_cls), np.nan)
     for c in range(n_cls):
@@ -201,10 +201,10 @@ def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, names: tuple[st
 
     n_cls = d["base"].shape[1]
     removed = d["removed"]
-    exact = _ce_change(d["outputs"], d["base"], d["labels"]).T  # [Q, n_removed]
+    exact = ce_change(d["outputs"], d["base"], d["labels"]).T  # [Q, n_removed]
     cc = cluster_class[removed]
-    mats = [_class_matrix(d["methods"][n]["scores"][:, removed], d["labels"], cc, n_cls) for n in names]
-    mats.append(_class_matrix(exact, d["labels"], cc, n_cls))
+    mats = [class_by_class(d["methods"][n]["scores"][:, removed], d["labels"], cc, n_cls) for n in names]
+    mats.append(class_by_class(exact, d["labels"], cc, n_cls))
     titles = [f"{LABELS.get(n, n)} scores" for n in names] + ["exact retraining (CE change)"]
     fig, axes = plt.subplots(1, len(mats), figsize=(4.5 * len(mats), 4))
     for ax, mat, title in zip(axes, mats, titles):
@@ -216,10 +216,10 @@ def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, names: tuple[st
         ax.set_yticks(range(n_cls))
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")

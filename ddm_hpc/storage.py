@@ -36,7 +36,8 @@ ARTIFACTS = {
     "evaluate": "evaluation.h5",
 }
 UPSTREAM = {"train": (), "cluster": ("train",), "distill": ("train", "cluster"),
-            "attribute": ("train", "cluster", "distill"), "evaluate": ("train", "cluster", "distill", "attribute")}
+            "attribute": ("train", "cluster", "distill"), "evaluate": ("train", "cluster", "distill", "attribute"),
+            "diagnose": ("train", "cluster", "distill", "attribute")}  # RUN/diagnose/*.h5, not one artifact
 
 
 def artifact_path(run_dir: str | Path, stage: str) -> Path:
