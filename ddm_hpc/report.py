@@ -208,15 +208,30 @@ def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, names: tuple[st
     titles = [f"{LABELS.get(n, n)} scores" for n in names] + ["exact retraining (CE change)"]
     fig, axes = plt.subplots(1, len(mats), figsize=(4.5 * len(mats), 4))
     for ax, mat, title in zip(axes, mats, titles):
-        im = ax.imshow(mat, cmap="viridis")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("class of the removed clusters")
-        ax.set_ylabel("query label")
-        ax.set_xticks(range(n_cls))
-        ax.set_yticks(range(n_cls))
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        draw_class_matrix(fig, ax, mat, title, "class of the removed clusters")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def draw_class_matrix(fig, ax, mat: np.ndarray, title: str, xlabel: str = "class of the clusters",
+                      annotate: bool = False) -> None:
+    """One class x class heat map on ``ax`` (rows: query label), with a colour bar; ``annotate`` writes the values."""
+    n = mat.shape[0]
+    im = ax.imshow(mat, cmap="viridis")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("query label")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    if annotate:
+        finite = mat[np.isfinite(mat)]
+        mid = float(finite.mean()) if finite.size else 0.0
+        for i in range(n):
+            for j in range(n):
+                if math.isfinite(mat[i, j]):
+                    ax.text(j, i, f"{mat[i, j]:.2g}", ha="center", va="center", fontsize=5,
+                            color="black" if mat[i, j] > mid else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046)
 
 
 def save_figure(fig, path: Path) -> Path:

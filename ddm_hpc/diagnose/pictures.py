@@ -32,7 +32,8 @@ from ddm_hpc.data import DatasetBundle, denormalize
 from ddm_hpc.diagnose import DiagnoseContext, Section
 from ddm_hpc.diagnose.images import image_grid, write_png
 from ddm_hpc.errors import StageError
-from ddm_hpc.report import LABELS, ce_change, class_by_class, plot_heatmap, plot_scatter, read_evaluation, save_figure
+from ddm_hpc.report import (LABELS, ce_change, class_by_class, draw_class_matrix, plot_heatmap, plot_scatter,
+                            read_evaluation, save_figure)
 from ddm_hpc.storage import artifact_path
 
 log = logging.getLogger(__name__)
@@ -220,23 +221,8 @@ def plot_class_matrix(mat: np.ndarray, title: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = mat.shape[0]
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    im = ax.imshow(mat, cmap="viridis")
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("class of the clusters")
-    ax.set_ylabel("query label")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    if n <= 12:
-        finite = mat[np.isfinite(mat)]
-        mid = float(finite.mean()) if finite.size else 0.0
-        for i in range(n):
-            for j in range(n):
-                if math.isfinite(mat[i, j]):
-                    ax.text(j, i, f"{mat[i, j]:.2g}", ha="center", va="center", fontsize=5,
-                            color="black" if mat[i, j] > mid else "white")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    draw_class_matrix(fig, ax, mat, title, annotate=mat.shape[0] <= 12)
     fig.tight_layout()
     return save_figure(fig, path)
 

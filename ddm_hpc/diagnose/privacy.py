@@ -110,13 +110,17 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int 
         raise ConfigError(f"ssim needs two [N, C, H, W] tensors of one shape, got {tuple(x.shape)} and "
                           f"{tuple(y.shape)}")
     x, y = x.detach().double(), y.detach().double()
-    g = gaussian_window(_window_for(x.shape, window), sigma).to(x.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = _filter(x, g), _filter(y, g)
-    var_x = _filter(x * x, g) - mu_x * mu_x
-    var_y = _filter(y * y, g) - mu_y * mu_y
+    g, c1, c2, (mu_x, var_x), (mu_y, var_y) = _local_stats(x, y, data_range, window, sigma)
     cov = _filter(x * y, g) - mu_x * mu_y
     return _ssim_from_stats(mu_x, mu_y, var_x, var_y, cov, c1, c2)
+
+
+def _local_stats(a: torch.Tensor, b: torch.Tensor, data_range: float, window: int, sigma: float):
+    """(window, C1, C2, (mean, variance) of a, (mean, variance) of b) under the Gaussian window."""
+    g = gaussian_window(_window_for(a.shape, window), sigma).to(a.device)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = _filter(a, g), _filter(b, g)
+    return g, c1, c2, (mu_a, _filter(a * a, g) - mu_a * mu_a), (mu_b, _filter(b * b, g) - mu_b * mu_b)
 
 
 def ssim_matrix(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
@@ -137,10 +141,7 @@ def ssim_matrix(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, windo
         raise ConfigError(f"ssim_matrix needs [A, C, H, W] and [B, C, H, W] images of one size, got "
                           f"{tuple(a.shape)} and {tuple(b.shape)}")
     a, b = a.detach().double(), b.detach().double()
-    g = gaussian_window(_window_for(a.shape, window), sigma).to(a.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = _filter(a, g), _filter(b, g)
-    var_a, var_b = _filter(a * a, g) - mu_a * mu_a, _filter(b * b, g) - mu_b * mu_b
+    g, c1, c2, (mu_a, var_a), (mu_b, var_b) = _local_stats(a, b, data_range, window, sigma)
     per_row = max(1, len(b) * int(np.prod(a.shape[1:])))
     chunk = chunk or max(1, (4 << 20) // per_row)
     out = torch.empty(len(a), len(b), dtype=torch.float64, device=a.device)
