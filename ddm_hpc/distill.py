@@ -76,17 +76,32 @@ class Synset:
     size: np.ndarray  # int64 [G] training rows in each group
 
 
-def group_members(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of each group: (members int64 [G, max_size] padded with 0, sizes int64 [G])."""
+def group_members(groups: torch.Tensor, n_groups: int, ids: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of groups ``ids`` (default all): (members int64 [len(ids), width] padded with 0, sizes int64 [len(ids)]).
+
+    ``width`` is the largest group of *all* ``n_groups`` (so a group's random draws do not depend on
+    which other groups share its shard), but only the rows of ``ids`` are gathered: memory grows with
+    the shard, not with K.
+    """
     sizes = torch.bincount(groups, minlength=n_groups)
     if (sizes == 0).any():
         raise ConfigError(f"group {int((sizes == 0).nonzero()[0])} has no training rows: re-run the cluster stage")
-    order = torch.argsort(groups, stable=True)
-    starts = torch.cumsum(sizes, 0) - sizes
-    col = torch.arange(int(sizes.max()))
-    valid = col[None, :] < sizes[:, None]
-    pos = (starts[:, None] + col[None, :]).clamp(max=len(groups) - 1)
-    return torch.where(valid, order[pos], torch.zeros_like(pos)), sizes
+    ids = torch.arange(n_groups) if ids is None else ids.long()
+    width = int(sizes.max())
+    mine = torch.isin(groups, ids)
+    rows = torch.nonzero(mine)[:, 0]
+    slot = torch.full((n_groups,), -1, dtype=torch.long)
+    slot[ids] = torch.arange(len(ids))
+    g = slot[groups[rows]]  # [n_rows] position of each row's group in ids
+    order = torch.argsort(g, stable=True)
+    rows, g = rows[order], g[order]
+    sub_sizes = sizes[ids]
+    starts = torch.cumsum(sub_sizes, 0) - sub_sizes
+    col = torch.arange(len(rows)) - starts[g]
+    members = torch.zeros(len(ids), width, dtype=torch.long)
+    members[g, col] = rows
+    return members, sub_sizes
 
 
 def sample_real(members: torch.Tensor, sizes: torch.Tensor, batch: int,
@@ -172,10 +187,11 @@ class Matcher:
                  groups: torch.Tensor, n_groups: int, dcfg: DistillConfig, device: torch.device,
                  group_ids: torch.Tensor | None = None):
         self.model, self.reader, self.dcfg, self.device = model, reader, dcfg, device
-        self.x, self.y = x.to(device), y.to(device)
-        members, sizes = group_members(groups, n_groups)  # over all groups: the padding width is global
+        # The real images stay where they are (host memory for large sets); each block's sampled rows are
+        # gathered there and moved to the device, so device memory holds a block, not the dataset.
+        self.x, self.y = x, y
         self.group_ids = torch.arange(n_groups) if group_ids is None else group_ids
-        self.members, self.sizes = members[self.group_ids], sizes[self.group_ids]
+        self.members, self.sizes = group_members(groups, n_groups, self.group_ids)  # this shard's groups only
         self.n_groups = len(self.group_ids)
         self.impl = resolve_group_grads(dcfg.group_grads, device)
 
@@ -196,10 +212,10 @@ class Matcher:
         out, real_norm, syn_norm = [], [], []
         for g0 in range(0, self.n_groups, chunk):
             g1 = min(g0 + chunk, self.n_groups)
-            r = rows[g0:g1].to(self.device)
+            r = rows[g0:g1].to(self.x.device)
             with torch.no_grad():
-                real = per_group_grads(self.model, p_real, self.x[r], self.y[r], w[g0:g1].to(self.device),
-                                       self.impl)
+                real = per_group_grads(self.model, p_real, self.x[r].to(self.device), self.y[r].to(self.device),
+                                       w[g0:g1].to(self.device), self.impl)
             syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]

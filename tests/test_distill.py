@@ -119,6 +119,20 @@ def test_group_members_and_sampling():
         assert all(groups[i] == k for i in picked)
 
 
+def test_group_members_of_a_shard_hold_only_its_groups():
+    """K = 10 000 groups: a shard's table is [shard, width] (width global), equal to the rows of the full table."""
+    g = torch.Generator().manual_seed(0)
+    groups = torch.cat([torch.arange(10_000), torch.randint(0, 10_000, (40_000,), generator=g)])
+    full, sizes = group_members(groups, 10_000)
+    ids = torch.arange(4_096, 4_128)
+    members, sub = group_members(groups, 10_000, ids)
+    assert members.shape == (32, full.shape[1]) and torch.equal(sub, sizes[ids])
+    for i, k in enumerate(ids.tolist()):  # the same rows in the same order as the full table's
+        assert torch.equal(members[i, :sub[i]], full[k, :sizes[k]])
+        assert torch.equal(members[i, :sub[i]], torch.nonzero(groups == k)[:, 0])
+    assert (members[:, sub.max():] == 0).all()
+
+
 def test_group_with_no_rows_is_an_error():
     with pytest.raises(ValueError, match="no training rows"):
         group_members(torch.tensor([0, 0, 2]), 3)
