@@ -142,6 +142,17 @@ def val_removal_probs(cfg: Config, bundle: DatasetBundle) -> ValRemoval:
     return ValRemoval(probs[:, ev.n_q:], ev.base[ev.n_q:], ev.eval_y[ev.n_q:], ev.eval_x[ev.n_q:].cpu())
 
 
+def eq14_scores(cfg: Config, bundle: DatasetBundle) -> np.ndarray:
+    """float64 [K]: Eq. 14 per cluster. With leave-one-out perturbations the attribute stage's flat fit is
+    exact, so its ``objectives/global/scores`` are read; otherwise the fine-tunes are run here."""
+    path = artifact_path(cfg.runtime.out, "attribute")
+    if cfg.attribute.perturbation == "loo" and cfg.attribute.n_val > 0:
+        with open_read(path) as f:
+            if "objectives/global/scores" in f:
+                return f["objectives/global/scores"][0].astype(np.float64)
+    return val_removal_probs(cfg, bundle).eq14()
+
+
 def ce_sum(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Eq. 14: sum over the images of Dist2 = -log p(true label); probs [..., V, L] -> [...]."""
     p = probs.gather(-1, labels.expand(*probs.shape[:-1]).unsqueeze(-1))[..., 0]
@@ -440,8 +451,9 @@ def useless_section(dc: DiagnoseContext) -> Section:
     percents = dg.percents("fractions")
     n = len(bundle.y_train)
     assignment = assignment_of(run_dir)
-    val = val_removal_probs(cfg, bundle)
-    eq14 = val.eq14()
+    eq14 = eq14_scores(cfg, bundle)
+    with open_read(artifact_path(run_dir, "attribute")) as f:
+        n_val = len(f["val_index"])
     loss = training_loss(cfg, bundle, run_dir, dc.device)
     y = bundle.y_train.numpy()
     orders = {"random": random_orders(n, dg.removal_seeds, cfg.seed), "loss": sample_order(loss),
@@ -456,14 +468,14 @@ def useless_section(dc: DiagnoseContext) -> Section:
     soft_dir = run_dir / "variants" / "ddm-soft"  # made by `ddm-hpc evaluate --methods ...,ddm-soft`
     if artifact_path(soft_dir, "distill").is_file():
         scfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, out=str(soft_dir)))
-        arrays["ddm-soft_cluster_scores"] = soft = val_removal_probs(scfg, bundle).eq14()
+        arrays["ddm-soft_cluster_scores"] = soft = eq14_scores(scfg, bundle)
         orders["ddm-soft"] = cluster_order(soft, assignment, cfg.seed)
         orders["ddm-soft-bal"] = class_balanced(orders["ddm-soft"], y)
     plan = build_plan(orders, percents, n, dg.removal_seeds)
     res = run_plan(cfg, bundle, "useless", plan)
     rows = list(orders)
     lines = [f"Clusters ranked by DDM's Eq. 14 objective (the change of the summed validation cross-entropy, "
-             f"{len(val.labels)} validation images, when the cluster's synset is unlearned); the lowest-ranked (whose "
+             f"{n_val} validation images, when the cluster's synset is unlearned); the lowest-ranked (whose "
              f"removal lowers the validation loss most) are removed first, then the model is retrained exactly. "
              f"Test accuracy (%) on {len(bundle.y_test)} test images, mean ± std over {dg.removal_seeds} retraining "
              f"seeds (random removal: a new subset per seed). Paper Table 3 (MNIST): DDM 96.2/95.9/85.4/79.3 vs "
@@ -475,7 +487,7 @@ def useless_section(dc: DiagnoseContext) -> Section:
              f"- {len(plan.seed)} retrainings, {res['seconds'].mean():.1f} s each."]
     arrays.update(plan_arrays(plan, res))
     return Section("useless", "Useless / harmful data (paper Table 3)", lines, [], arrays,
-                   {"n_val": len(val.labels), "seeds": dg.removal_seeds})
+                   {"n_val": n_val, "seeds": dg.removal_seeds})
 
 
 # ----------------------------------------------------------------------------- Table 6: noisy data
@@ -558,7 +570,7 @@ def noisy_section(dc: DiagnoseContext) -> Section:
         vdir = Path(vcfg.runtime.out)
         n = len(vb.y_train)
         assignment = assignment_of(vdir)
-        eq14 = val_removal_probs(vcfg, vb).eq14()
+        eq14 = eq14_scores(vcfg, vb)
         loss = training_loss(vcfg, vb, vdir, dc.device)
         orders = {"random": random_orders(n, dg.removal_seeds, vcfg.seed), "loss": sample_order(loss),
                   "ddm": cluster_order(eq14, assignment, vcfg.seed)}
