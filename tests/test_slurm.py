@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -100,6 +101,19 @@ def test_pipeline_on_slurm_equals_local(slurm_cluster, tmp_path, mnist_root):
     assert any(logs.glob("distill/*/*_log.out")), "submitit's per-task logs are kept under RUN/logs"
     status = _cli(["status", str(tmp_path / "slurm")], REPO)
     assert status.returncode == 0 and "attribution.h5   complete" in status.stdout
+
+    # diagnose: its exact retrainings as a SLURM array (pickled task, data loaded in the task) == local
+    diag = ["diagnose", "--tasks", "unlearn", "--unlearn-clusters", "2", "--no-progress"]
+    local = _cli([*diag, "--out", str(tmp_path / "local")], REPO)
+    assert local.returncode == 0, local.stderr[-3000:]
+    slurm = _cli([*diag, "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--profile",
+                  str(REPO / "slurm" / "local-test.yaml")], REPO)
+    assert slurm.returncode == 0, slurm.stderr[-4000:]
+    assert "diagnose-unlearn" in slurm.stderr and "as SLURM array" in slurm.stderr
+    with h5py.File(tmp_path / "local" / "diagnose" / "unlearn.h5") as a, \
+            h5py.File(tmp_path / "slurm" / "diagnose" / "unlearn.h5") as b:
+        for key in ("clusters", "single/3/test", "single/3/forget", "single/1/to_exact"):
+            np.testing.assert_array_equal(a[key][()], b[key][()])
 
 
 def test_failed_array_task_reported_with_log_and_rerun_completes(slurm_cluster, tmp_path, monkeypatch):
