@@ -5,8 +5,10 @@ module. They are written batch by batch, in class order, to a scratch feature fi
 (``ddm_hpc.features``) and k-means reads them back one class at a time, so the stage never
 holds all N x D features. k-means runs per class with FAISS (on GPU when faiss has GPU support
 and CUDA is present, one ``StandardGpuResources`` for all classes), seeded. Cluster ids are
-class-major: clusters of class l are contiguous. :func:`kmeans_global_file` is one k-means
-over all classes (library and benchmark option; the stage keeps K = L x C class-pure clusters).
+class-major: clusters of class l are contiguous. ``--cluster-method global`` is one k-means over all
+classes (:func:`kmeans_global_file`, K = L x C) instead: a cluster may then mix classes; it belongs to
+its majority class (the label of its synthetic images and the class the hierarchical search files it
+under), empty clusters are dropped and the rest renumbered class-major (:func:`class_major`).
 
 Artifact ``clusters.h5``:
   clusters/assignment int64 [N_train]  cluster id of each training row
@@ -238,6 +240,28 @@ def kmeans_global_file(ff: FeatureFile, k: int, seed: int = 0, niter: int = 25, 
     return assignment, counts.argmax(1).astype(np.int64), centroids
 
 
+def class_major(assignment: np.ndarray, cluster_class: np.ndarray, centroids: np.ndarray, num_classes: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Renumber global clusters class-major (by majority class, then old id) and drop empty ones.
+
+    Returns (assignment int64 [N], cluster_class int64 [K'], centroids float32 [K', D]) with K' <= K.
+
+    Raises:
+        ConfigError: a class is the majority of no cluster (the hierarchical search needs one per class).
+    """
+    sizes = np.bincount(assignment, minlength=len(cluster_class))
+    kept = np.flatnonzero(sizes > 0)
+    kept = kept[np.lexsort((kept, cluster_class[kept]))]
+    new_id = np.full(len(cluster_class), -1, dtype=np.int64)
+    new_id[kept] = np.arange(len(kept))
+    cls = cluster_class[kept].astype(np.int64)
+    missing = sorted(set(range(num_classes)) - set(cls.tolist()))
+    if missing:
+        raise ConfigError(f"global k-means left class(es) {missing} without a cluster of their own majority: raise "
+                          "--clusters-per-class or use --cluster-method kmeans (per class)")
+    return new_id[assignment], cls, centroids[kept]
+
+
 def kmeans_objective(ff_or_features: FeatureFile | np.ndarray, assignment: np.ndarray, centroids: np.ndarray,
                      rows: np.ndarray | None = None) -> float:
     """Sum of squared distances of each row to its assigned centroid, accumulated in float64 per chunk.
@@ -291,9 +315,14 @@ def run_cluster(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
                          batch_size=1024, penultimate=penultimate, show_progress=cfg.runtime.progress)
         with FeatureFile(feature_path) as ff:
             feature_dim = ff.dim
-            assignment, cls_of, cents = cluster_feature_file(
-                ff, cc.clusters_per_class, cc.cluster_method, cfg.seed, cc.kmeans_iters, cc.small_class, use_gpu,
-                cfg.runtime.progress)
+            if cc.cluster_method == "global":  # one k-means over all classes: K = L x C clusters may mix classes
+                assignment, cls_of, cents = class_major(*kmeans_global_file(
+                    ff, cc.clusters_per_class * ff.num_classes, cfg.seed, cc.kmeans_iters, use_gpu,
+                    show_progress=cfg.runtime.progress), ff.num_classes)
+            else:
+                assignment, cls_of, cents = cluster_feature_file(
+                    ff, cc.clusters_per_class, cc.cluster_method, cfg.seed, cc.kmeans_iters, cc.small_class, use_gpu,
+                    cfg.runtime.progress)
     finally:
         feature_path.unlink(missing_ok=True)
     sizes = np.bincount(assignment, minlength=len(cls_of))

@@ -96,7 +96,9 @@ class TrainConfig:
 class ClusterConfig:
     clusters_per_class: int = field(default=10, metadata=_help("C: k-means clusters per class, K = L x C (paper: 10)"))
     cluster_method: str = field(default="kmeans", metadata=_help(
-        "kmeans (FAISS, per class) or sequential (split each class by index order: 'DDM w/o cluster')"))
+        "kmeans (FAISS, per class), global (one FAISS k-means over all classes, K = L x C clusters that may mix "
+        "classes, each filed under its majority class; empty ones dropped), or sequential (split each class by "
+        "index order: 'DDM w/o cluster')"))
     features: str = field(default="penultimate", metadata=_help(
         "feature extractor: penultimate (trained target's input to its last Linear), pixels, or "
         "module:function returning an nn.Module"))
@@ -106,7 +108,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "clusters_per_class", "kmeans_iters")
-        _choice(self, "cluster_method", ("kmeans", "sequential"))
+        _choice(self, "cluster_method", ("kmeans", "global", "sequential"))
         _choice(self, "small_class", ("error", "reduce"))
 
 

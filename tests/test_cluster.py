@@ -60,3 +60,40 @@ def test_sequential_and_fill_empty():
     assign = np.array([0, 0, 0, 0])
     fixed = fill_empty(feats, assign, np.array([[0.0], [5.0]], dtype=np.float32), 2)
     assert fixed.tolist() == [0, 0, 0, 1]
+
+
+def test_class_major_renumbers_drops_empty_and_requires_every_class():
+    from ddm_hpc.cluster import class_major
+
+    assignment = np.array([3, 0, 3, 2, 0, 4, 4])  # cluster 1 is empty
+    cluster_class = np.array([1, 1, 0, 1, 0])  # majority classes of clusters 0..4
+    cents = np.arange(10, dtype=np.float32).reshape(5, 2)
+    a, cls, c = class_major(assignment, cluster_class, cents, 2)
+    # kept clusters in (class, old id) order: 2 (class 0), 4 (0), 0 (1), 3 (1); cluster 1 dropped
+    assert cls.tolist() == [0, 0, 1, 1]
+    assert a.tolist() == [3, 2, 3, 0, 2, 1, 1]
+    np.testing.assert_array_equal(c, cents[[2, 4, 0, 3]])
+    with pytest.raises(ConfigError, match="class\\(es\\) \\[2\\]"):
+        class_major(np.array([0, 1]), np.array([0, 1]), cents[:2], 3)
+
+
+def test_global_clusters_through_the_pipeline(tmp_path, mnist_root):
+    """--cluster-method global: one k-means over all classes; clusters.h5 stays class-major by majority class
+    and the later stages run on it."""
+    import h5py
+
+    from ddm_hpc.cli import main
+
+    out = tmp_path / "g"
+    assert main(["run", "--preset", "smoke", "--cluster-method", "global", "--distill-steps", "2",
+                 "--data-root", str(mnist_root), "--out", str(out), "--no-progress"]) == 0
+    with h5py.File(out / "clusters.h5") as f, h5py.File(out / "train.h5") as t:
+        a, cls, size = f["clusters/assignment"][()], f["clusters/class"][()], f["clusters/size"][()]
+        y = t["data/train_label"][()]
+    assert (np.diff(cls) >= 0).all() and set(cls.tolist()) == set(range(10))  # class-major, every class
+    assert (size > 0).all() and size.sum() == len(y) and np.array_equal(np.bincount(a, minlength=len(cls)), size)
+    for k in range(len(cls)):  # each cluster filed under its majority class
+        assert np.bincount(y[a == k], minlength=10).argmax() == cls[k]
+    assert any(len(set(y[a == k].tolist())) > 1 for k in range(len(cls)))  # global clusters may mix classes
+    with h5py.File(out / "attribution.h5") as f:
+        assert f["scores"].shape[1] == len(cls)
