@@ -524,7 +524,8 @@ def _channels_last(x: torch.Tensor) -> np.ndarray:
 def noisy_run(dc: DiagnoseContext, kind: str) -> tuple[Config, DatasetBundle, np.ndarray]:
     """Write the corrupted copy as an ``.npz`` and run the whole pipeline on it in ``RUN/diagnose/noisy-<kind>-<hash>``.
 
-    The folder name hashes the corruption settings, so other settings never reuse a stale run.
+    The folder name hashes the corruption settings and the pipeline's options, so other settings never
+    meet a stale run (they get their own folder).
     Returns (the variant's config, its bundle, corrupted bool [N]).
     """
     from ddm_hpc.pipeline import run_stages
@@ -532,7 +533,7 @@ def noisy_run(dc: DiagnoseContext, kind: str) -> tuple[Config, DatasetBundle, np
 
     dg, cfg = dc.cfg.diagnose, dc.cfg
     settings = {"kind": kind, "fraction": dg.corrupt_fraction, "level": dg.noise_level if kind == "noise" else 0,
-                "seed": cfg.seed, "data": dataclasses.asdict(cfg.data)}
+                "pipeline": cfg.stage_key("attribute")}  # every option of the pipeline (data and seed included)
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     out = dc.out_dir / f"noisy-{kind}-{tag}"
     out.mkdir(parents=True, exist_ok=True)
