@@ -320,6 +320,7 @@ def test_unlearn_section_numbers(diagnosed):
         assert sec.attrs["table4/theta_0"] == pytest.approx(float(f["trajectory/test_accuracy"][0]))
     rows = sec.arrays["single/rows"].astype(str).tolist()
     exact = rows.index("exact retraining without the cluster")
+    assert len(rows) == 5 and "fine-tune on a batch of the remaining data" in rows
     np.testing.assert_array_equal(sec.arrays[f"single/{exact}/to_exact"], 0.0)
     with h5py.File(out / "diagnose" / "unlearn-retrained.h5") as f:
         np.testing.assert_allclose(sec.arrays[f"single/{exact}/test"], f["accuracy"][()])
@@ -358,3 +359,17 @@ def test_bad_input_one_line_errors(tmp_path, capsys, diagnosed):
     no_val = dataclasses.replace(cfg, attribute=dataclasses.replace(cfg.attribute, n_val=0))
     with pytest.raises(ConfigError, match="--n-val"):
         val_removal_probs(no_val, load_data(cfg))
+
+
+def test_unlearning_baseline_specs():
+    from ddm_hpc.diagnose.unlearn import ascent_spec, remaining_spec
+
+    assignment = np.array([0, 1, 0, 2, 1, 0, 2, 2])
+    ga = ascent_spec(assignment, np.array([0, 2]))
+    assert ga.rows.tolist() == [[0, 2, 5], [3, 6, 7]]
+    np.testing.assert_allclose(ga.weights.numpy(), 1 / 3)
+    ft = remaining_spec(assignment, np.array([0, 1]), batch=4, seed=0)
+    for i, c in enumerate((0, 1)):
+        picked = ft.rows[i][ft.weights[i] > 0].numpy()
+        assert len(picked) == 4 and len(set(picked.tolist())) == 4 and (assignment[picked] != c).all()
+        assert float(ft.weights[i].sum()) == pytest.approx(1.0)

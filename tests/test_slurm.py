@@ -112,7 +112,10 @@ def test_pipeline_on_slurm_equals_local(slurm_cluster, tmp_path, mnist_root):
     assert "diagnose-unlearn" in slurm.stderr and "as SLURM array" in slurm.stderr
     with h5py.File(tmp_path / "local" / "diagnose" / "unlearn.h5") as a, \
             h5py.File(tmp_path / "slurm" / "diagnose" / "unlearn.h5") as b:
-        for key in ("clusters", "single/3/test", "single/3/forget", "single/1/to_exact"):
+        keys = ["clusters"]
+        a["single"].visit(lambda k: keys.append(f"single/{k}") if isinstance(a["single"][k], h5py.Dataset) else None)
+        assert len(keys) > 10
+        for key in keys:  # exact retrainings (SLURM array) and the in-process unlearning against them
             np.testing.assert_array_equal(a[key][()], b[key][()])
 
 
