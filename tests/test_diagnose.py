@@ -373,3 +373,9 @@ def test_unlearning_baseline_specs():
         picked = ft.rows[i][ft.weights[i] > 0].numpy()
         assert len(picked) == 4 and len(set(picked.tolist())) == 4 and (assignment[picked] != c).all()
         assert float(ft.weights[i].sum()) == pytest.approx(1.0)
+    from ddm_hpc.diagnose.unlearn import compact
+
+    x, y = torch.arange(8.0)[:, None] * 10, torch.arange(8) % 3
+    spec, cx, cy = compact(ga, x, y)
+    assert len(cx) == 6  # rows 0, 2, 3, 5, 6, 7
+    assert torch.equal(cx[spec.rows], x[ga.rows]) and torch.equal(cy[spec.rows], y[ga.rows])

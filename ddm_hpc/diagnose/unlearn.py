@@ -53,6 +53,13 @@ def remaining_spec(assignment: np.ndarray, clusters: np.ndarray, batch: int, see
     return _mean_spec(out)
 
 
+def compact(spec: FinetuneSpec, x: torch.Tensor, y: torch.Tensor
+            ) -> tuple[FinetuneSpec, torch.Tensor, torch.Tensor]:
+    """Only the rows ``spec`` uses, re-indexed: fine-tuning then moves those to the device, not the training set."""
+    used, inverse = torch.unique(spec.rows, return_inverse=True)
+    return FinetuneSpec(inverse.reshape(spec.rows.shape), spec.weights), x[used], y[used]
+
+
 def _mean_spec(members: list[np.ndarray]) -> FinetuneSpec:
     width = max(len(m) for m in members)
     rows = torch.zeros(len(members), width, dtype=torch.long)
@@ -99,11 +106,12 @@ def unlearn_section(dc: DiagnoseContext) -> Section:
     ddm = finetune_many(model, theta, level.images.flatten(0, 1), level.flat_targets(),
                         removal_spec(pert, level.images.shape[1], w), steps, lr, level.unlearn_direction, eval_x,
                         len(clusters), device, "unlearn (DDM synsets)", cfg.runtime.progress)
-    ga = finetune_many(model, theta, bundle.x_train, bundle.y_train, ascent_spec(assignment, clusters), steps, lr,
-                       -1.0, eval_x, len(clusters), device, "unlearn (ascent on real)", cfg.runtime.progress)
-    ft = finetune_many(model, theta, bundle.x_train, bundle.y_train,
-                       remaining_spec(assignment, clusters, tc.batch_size, cfg.seed), steps, lr, 1.0, eval_x,
-                       len(clusters), device, "unlearn (fine-tune on the rest)", cfg.runtime.progress)
+    spec, x, y = compact(ascent_spec(assignment, clusters), bundle.x_train, bundle.y_train)
+    ga = finetune_many(model, theta, x, y, spec, steps, lr, -1.0, eval_x, len(clusters), device,
+                       "unlearn (ascent on real)", cfg.runtime.progress)
+    spec, x, y = compact(remaining_spec(assignment, clusters, tc.batch_size, cfg.seed), bundle.x_train, bundle.y_train)
+    ft = finetune_many(model, theta, x, y, spec, steps, lr, 1.0, eval_x, len(clusters), device,
+                       "unlearn (fine-tune on the rest)", cfg.runtime.progress)
     base_test = predict(model, bundle.x_test, device).softmax(-1)
     base_pred = predict(model, bundle.x_train, device).argmax(1).numpy()
     labels, y_test = bundle.y_train.numpy(), bundle.y_test.numpy()
