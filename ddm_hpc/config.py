@@ -365,6 +365,10 @@ class RuntimeConfig:
     overwrite: bool = field(default=False, metadata=_help(
         "recompute the requested stages even where an artifact exists (required when it was made with another config)"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
+    data_cache: str = field(default="memory", metadata=_help(
+        "memory: every process loads the dataset into its own memory; mmap: the first load writes the normalised "
+        "arrays to RUN/.data/<key>/*.npy and every later one (stages, --workers processes, SLURM tasks) maps them, "
+        "so processes share the page cache instead of each holding a copy"))
     shards: int = field(default=1, metadata=_help(
         "tasks per sharded stage (distill: groups, attribute: perturbation blocks); each writes its own HDF5 shard "
         "under RUN/shards and the merged artifact is the same for any value"))
@@ -388,6 +392,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _choice(self, "executor", ("local", "debug", "slurm"))
+        _choice(self, "data_cache", ("memory", "mmap"))
         if self.shards < 1:
             raise ConfigError(f"--shards must be >= 1, got {self.shards}")
         if self.workers < 0:

@@ -199,6 +199,43 @@ def load_dataset(dataset: str, data_root: str | Path = "../shared/data", n_train
     return bundle
 
 
+MAPPED = ("x_train", "y_train", "x_test", "y_test", "train_index", "test_index")
+
+
+def mapped_dataset(dataset: str, data_root: str | Path, cache_root: str | Path, n_train: int | None = None,
+                   n_test: int | None = None, seed: int = 0) -> DatasetBundle:
+    """:func:`load_dataset`, memory-mapped from a cache of ``.npy`` files under ``cache_root/<key>/``.
+
+    The first call loads the dataset (into memory, once), writes its normalised arrays there (each
+    through a temp file, ``meta.json`` last) and maps them; later calls (other stages, worker
+    processes, SLURM tasks) only map them, so the processes share the OS page cache and none holds a
+    private copy. The key hashes every argument; the arrays are copy-on-write maps (never written).
+    """
+    import hashlib
+    import json
+    import os
+
+    args = {"dataset": str(dataset), "data_root": str(data_root), "n_train": n_train, "n_test": n_test, "seed": seed}
+    folder = Path(cache_root) / hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        bundle = load_dataset(dataset, data_root, n_train=n_train, n_test=n_test, seed=seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in MAPPED:
+            tmp = folder / f".{name}.tmp.{os.getpid()}.npy"
+            np.save(tmp, getattr(bundle, name).numpy())
+            os.replace(tmp, folder / f"{name}.npy")
+        tmp = folder / f".meta.tmp.{os.getpid()}"
+        tmp.write_text(json.dumps({**args, "name": bundle.name, "num_classes": bundle.num_classes,
+                                   "mean": list(bundle.mean), "std": list(bundle.std)}))
+        os.replace(tmp, meta)
+        logger.info("data cache: wrote %s (memory-mapped by later loads)", folder)
+    info = json.loads(meta.read_text())
+    arrays = {name: torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c")) for name in MAPPED}
+    return DatasetBundle(name=info["name"], num_classes=info["num_classes"], mean=tuple(info["mean"]),
+                         std=tuple(info["std"]), **arrays)
+
+
 def _channel_views(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
     """Mean and std as ``[C, 1, 1]`` tensors matching x's dtype and device."""
     if x.dim() < 3 or not len(mean) == len(std) == x.shape[-3]:

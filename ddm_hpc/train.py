@@ -46,7 +46,13 @@ class Trajectory:
 
 
 def load_data(cfg: Config) -> DatasetBundle:
+    """The run's dataset: loaded into memory, or memory-mapped from the run's cache (``--data-cache mmap``)."""
     d = cfg.data
+    if cfg.runtime.data_cache == "mmap":
+        from ddm_hpc.data import mapped_dataset
+
+        return mapped_dataset(d.dataset, d.data_root, Path(cfg.runtime.out) / ".data", n_train=d.n_train or None,
+                              n_test=d.n_test or None, seed=cfg.seed)
     return load_dataset(d.dataset, d.data_root, n_train=d.n_train or None, n_test=d.n_test or None, seed=cfg.seed)
 
 

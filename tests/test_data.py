@@ -244,3 +244,42 @@ def test_bad_sizes_raise_config_error(mnist_root: Path) -> None:
     assert "n_test" in _assert_one_line(err)
     with pytest.raises(ConfigError):
         load_dataset("mnist", data_root=mnist_root, test_fraction=1.0)
+
+
+def test_mapped_dataset_equals_loaded_and_maps_later_loads(tmp_path, mnist_root, monkeypatch):
+    import ddm_hpc.data as data
+    from ddm_hpc.data import load_dataset, mapped_dataset
+
+    ref = load_dataset("mnist", mnist_root, n_train=300, n_test=100, seed=3)
+    first = mapped_dataset("mnist", mnist_root, tmp_path, n_train=300, n_test=100, seed=3)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("a cached dataset was loaded again"))
+    second = mapped_dataset("mnist", mnist_root, tmp_path, n_train=300, n_test=100, seed=3)
+    for b in (first, second):
+        for name in ("x_train", "y_train", "x_test", "y_test", "train_index", "test_index"):
+            assert torch.equal(getattr(b, name), getattr(ref, name)), name
+        assert (b.name, b.num_classes, b.mean, b.std) == (ref.name, ref.num_classes, ref.mean, ref.std)
+    # a map of the cache file, not a private copy: the tensor's memory lies in a mapping of x_train.npy
+    ptr = second.x_train.data_ptr()
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= ptr < hi:
+            mapped.append(line.split()[-1])
+    assert mapped and mapped[0].endswith("x_train.npy")
+    assert len(list(tmp_path.iterdir())) == 1  # one folder per argument set
+    with pytest.raises(pytest.fail.Exception):
+        mapped_dataset("mnist", mnist_root, tmp_path, n_train=200, n_test=100, seed=3)  # other args: new key
+
+
+def test_pipeline_with_mapped_data_is_identical(tmp_path, mnist_root):
+    import h5py
+
+    from ddm_hpc.cli import main
+
+    args = ["--preset", "smoke", "--distill-steps", "2", "--data-root", str(mnist_root), "--no-progress"]
+    assert main(["run", *args, "--out", str(tmp_path / "mem")]) == 0
+    assert main(["run", *args, "--data-cache", "mmap", "--out", str(tmp_path / "map")]) == 0
+    assert (tmp_path / "map" / ".data").is_dir()
+    for name, key in (("train.h5", "trajectory/params"), ("synsets.h5", "cluster/images"), ("attribution.h5", "scores")):
+        with h5py.File(tmp_path / "mem" / name) as a, h5py.File(tmp_path / "map" / name) as b:
+            assert np.array_equal(a[key][()], b[key][()], equal_nan=True), name
