@@ -85,10 +85,19 @@ def test_build_plan_layout():
         assert np.array_equal(np.nonzero(~plan.keep[j])[0], [0, 1])
     r50 = [j for j, m in enumerate(plan.method) if m == "random" and plan.percent[j] == 50.0]
     assert (~plan.keep[r50]).sum(1).tolist() == [5, 5] and not np.array_equal(plan.keep[r50[0]], plan.keep[r50[1]])
-    assert plan.key() != build_plan(orders, [20.0, 40.0], 10, seeds=2).key()
+    other = build_plan(orders, [20.0, 40.0], 10, seeds=2)
+    assert plan.job_keys()[:4] == other.job_keys()[:4] and plan.job_keys()[4:6] != other.job_keys()[4:6]
     keys = plan.job_keys()
     assert keys[0] == keys[0] and len(set(keys)) == len(keys)  # full-data seeds 0 and 1 differ by seed
     assert Plan(plan.keep, plan.seed, plan.method, plan.percent, student=True).job_keys()[0] != keys[0]
+    # the retraining's own options are part of every key: other epochs or student options miss the cache
+    from ddm_hpc.diagnose.removal import retrain_salt
+
+    cfg = Config()
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs + 1))
+    kd = dataclasses.replace(cfg, diagnose=dataclasses.replace(cfg.diagnose, kd_alpha=0.9))
+    assert plan.job_keys(retrain_salt(cfg, False)) != plan.job_keys(retrain_salt(longer, False))
+    assert retrain_salt(cfg, False) == retrain_salt(kd, False) and retrain_salt(cfg, True) != retrain_salt(kd, True)
 
 
 def _bundle(n: int = 40, classes: int = 4) -> DatasetBundle:
@@ -272,6 +281,11 @@ def test_rerun_retrains_only_new_jobs(diagnosed, monkeypatch):
     assert len(calls) == 1 and res["accuracy"][0] == a["accuracy"][0]
     with h5py.File(out / "diagnose" / "useless-retrained.h5") as f:
         assert len(f["job_key"]) == len(set(f["job_key"][()].tolist())) == len(set(plan.job_keys())) + 1
+    # another training schedule: nothing cached applies
+    calls.clear()
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs + 1))
+    run_plan(longer, bundle, "useless", both.subset([1]))
+    assert len(calls) == 1
 
 
 def test_noisy_precision_recall_against_corrupted_indices(diagnosed):

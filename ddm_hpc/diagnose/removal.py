@@ -237,18 +237,16 @@ class Plan:
     student: bool = False  # also distil a student from each retrained model (Eq. 15)
     outputs: bool = False  # also return test softmax and training-set predictions of each model
 
-    def job_keys(self) -> list[bytes]:
-        """Per job, a hash of what its result depends on (kept rows, seed, what is measured)."""
-        flags = f"{self.student}{self.outputs}".encode()
+    def job_keys(self, salt: str = "") -> list[bytes]:
+        """Per job, a hash of what its result depends on: kept rows, seed, what is measured, and ``salt`` (the
+        options of the retraining itself: :func:`retrain_salt`)."""
+        flags = f"{self.student}{self.outputs}{salt}".encode()
         return [hashlib.sha256(np.packbits(k).tobytes() + int(s).to_bytes(8, "little", signed=True) + flags)
                 .hexdigest()[:16].encode() for k, s in zip(self.keep, self.seed)]
 
     def subset(self, rows: list[int]) -> Plan:
         return Plan(self.keep[rows], self.seed[rows], [self.method[j] for j in rows], self.percent[rows], self.student,
                     self.outputs)
-
-    def key(self) -> str:
-        return hashlib.sha256(b"".join(self.job_keys())).hexdigest()[:16]
 
 
 def plan_task(cfg: Config, shard: int, n_shards: int, plan: str = "", bundle: DatasetBundle | None = None
@@ -326,11 +324,19 @@ def _read_cache(path: Path, key: str = "job_key") -> dict[str, np.ndarray]:
         return {k: f[k][()] for k in f} if key in f else {}
 
 
+def retrain_salt(cfg: Config, student: bool) -> str:
+    """What every retraining of a plan depends on besides its rows and seed: the train stage's options (data,
+    model, schedule, seed), and for a student plan the student's options."""
+    dg = cfg.diagnose
+    extra = [dg.student_model, dg.student_width, dg.kd_alpha, dg.kd_temperature] if student else []
+    return json.dumps([cfg.stage_key("train"), extra])
+
+
 def run_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: Plan) -> dict[str, np.ndarray]:
     """Every job of ``plan`` retrained exactly; returns its results in plan order.
 
-    Results are cached per job in ``RUN/diagnose/<name>-retrained.h5`` (keyed by kept rows, seed and what
-    is measured), so a rerun, or a plan with other percentages or rankings, retrains only new jobs. The
+    Results are cached per job in ``RUN/diagnose/<name>-retrained.h5`` (keyed by kept rows, seed, what is
+    measured and the retraining's options), so a rerun, or a plan with other percentages or rankings, retrains only new jobs. The
     new jobs run through the job layer, one shard each (local processes or a SLURM array, resumable).
     """
     from ddm_hpc.launch import run_sharded
@@ -340,7 +346,7 @@ def run_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: Plan) -> dict[
     cache_path = d / f"{name}-retrained.h5"
     cache = _read_cache(cache_path)
     have = {k: i for i, k in enumerate(cache.get("job_key", []))}
-    keys = plan.job_keys()
+    keys = plan.job_keys(retrain_salt(cfg, plan.student))
     missing, seen = [], set(have)
     for j, k in enumerate(keys):  # each new job once, even if the plan lists it twice
         if k not in seen:
@@ -352,13 +358,14 @@ def run_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: Plan) -> dict[
         with atomic_h5(pending) as f:
             f.create_dataset("keep", data=todo.keep)
             f.create_dataset("seed", data=todo.seed)
-            f.attrs.update(key=todo.key(), student=todo.student, outputs=todo.outputs)
+            pending_key = hashlib.sha256(b"".join(keys[j] for j in missing)).hexdigest()[:16]
+            f.attrs.update(key=pending_key, student=todo.student, outputs=todo.outputs)
         log.info("diagnose %s: %d exact retrainings (%d of %d cached)", name, len(missing), len(keys) - len(missing),
                  len(keys))
         one_each = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, shards=len(missing)))
         res_path = run_sharded(f"diagnose-{name}", one_each, functools.partial(plan_task, plan=str(pending.resolve())),
                                len(missing), functools.partial(merge_plan, plan=str(pending.resolve())), stage="train",
-                               key_extra=todo.key(), context={"bundle": bundle})
+                               key_extra=pending_key, context={"bundle": bundle})
         new = _read_cache(Path(res_path), "accuracy")
         new["job_key"] = np.asarray([keys[j] for j in missing], dtype="S16")
         new["keep_bits"] = np.packbits(todo.keep, axis=1)
