@@ -31,7 +31,7 @@ from ddm_hpc.config import Config, TrainConfig
 from ddm_hpc.data import DatasetBundle, load_dataset
 from ddm_hpc.models import build_model, check_functional
 from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read, write_provenance
-from ddm_hpc.utils import generator, progress, resolve_device
+from ddm_hpc.utils import generator, memory_budget_bytes, progress, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(y)
 
 
+def resident_on(x: torch.Tensor, device: torch.device) -> bool:
+    """Whether training copies ``x`` to ``device`` once: it is there already, or it fits a quarter of the free
+    memory. Otherwise it stays where it is (host memory or a memory map) and each minibatch is gathered
+    there and moved."""
+    return x.device == device or x.numel() * x.element_size() <= memory_budget_bytes(device)
+
+
 def train_trajectory(
     model: nn.Module,
     x: torch.Tensor,
@@ -111,7 +118,7 @@ def train_trajectory(
     model.to(device).train()
     table = ParamTable.from_module(model)
     opt = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-    x_dev, y_dev = x.to(device), y.to(device)
+    x_dev, y_dev = (x.to(device), y.to(device)) if resident_on(x, device) else (x, y)
     keep_cpu = None if keep is None else keep.bool().cpu()
     rows = [table.flatten(dict(model.named_parameters()))]
     epochs, accs, losses = [0], [accuracy(model, x_test, y_test)], [float("nan")]
@@ -122,8 +129,8 @@ def train_trajectory(
             order = order[keep_cpu[order]]
         total, count = 0.0, 0
         for i in range(0, len(order), tcfg.batch_size):
-            idx = order[i:i + tcfg.batch_size].to(device)
-            loss = F.cross_entropy(model(x_dev[idx]), y_dev[idx])
+            idx = order[i:i + tcfg.batch_size].to(x_dev.device)
+            loss = F.cross_entropy(model(x_dev[idx].to(device)), y_dev[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -67,3 +67,22 @@ def test_keep_mask_preserves_the_full_runs_order():
     dropped = torch.ones(96, dtype=torch.bool)
     dropped[:10] = False
     assert not torch.equal(_train(keep=dropped).params[-1], _train().params[-1])
+
+
+def test_dataset_too_large_for_the_device_stays_put_and_trains_the_same(monkeypatch):
+    """A training set over the device budget is not copied: minibatches are gathered where it lives, moved,
+    and the trajectory is the same bit for bit."""
+    import ddm_hpc.train as train
+
+    keep = torch.ones(96, dtype=torch.bool)
+    keep[::5] = False
+    resident = _train(keep=keep)
+    moved = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(train, "resident_on", lambda x, device: False)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(tuple(self.shape)) or real_to(self, *a, **k))
+    streamed = _train(keep=keep)
+    assert torch.equal(resident.params, streamed.params)
+    assert (96, 1, 8, 8) not in moved and (16, 1, 8, 8) in moved  # batches moved, never the whole set
+    monkeypatch.undo()
+    assert train.resident_on(torch.zeros(3), torch.device("cpu"))  # already there
