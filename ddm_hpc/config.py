@@ -306,6 +306,9 @@ class DiagnoseConfig:
         "'perturbation norm of 0.1'; clipped to [0, 1])"))
     noisy_fractions: str = field(default="10,20,30,40", metadata=_help(
         "noisy: percentages removed, worst-ranked first (paper Table 6: 10,20,30,40)"))
+    learned_labels: bool = field(default=True, metadata=_help(
+        "useless/noisy: also rank with learned-label synsets (--syn-labels learn), distilled in RUN/variants/ddm-soft "
+        "(the corrupted run's own for noisy) if missing: the check of the hard-label sign failure"))
     unlearn_clusters: int = field(default=5, metadata=_help(
         "unlearn: clusters unlearned one at a time and compared with exact retraining without them"))
     transfer_fractions: str = field(default="10,20,30,40", metadata=_help(

@@ -85,18 +85,23 @@ class DiagnoseContext:
         return d
 
 
-def ddm_match_run(dc: DiagnoseContext) -> Path:
-    """``RUN/variants/ddm-match``: forward-GM synsets on this run's train.h5/clusters.h5, distilled if missing
-    (the same variant ``ddm-hpc evaluate --methods ...,ddm-match`` makes, so either reuses the other's)."""
+def variant(cfg: Config, bundle: DatasetBundle, device: torch.device, name: str, distill: dict,
+            stages: tuple[str, ...]) -> Path:
+    """``RUN/variants/<name>``: this run's train.h5/clusters.h5 with other ``distill`` options (flat search,
+    cluster level), the same variants ``ddm-hpc evaluate`` makes, so either reuses the other's."""
     from ddm_hpc.cluster import read_clusters
     from ddm_hpc.config import merge
     from ddm_hpc.methods import VARIANT_ATTRIBUTE, Context, variant_run
 
-    assignment, cluster_class = read_clusters(dc.run_dir)
-    ctx = Context(dc.cfg, dc.bundle, torch.zeros(0, dtype=torch.long), torch.from_numpy(assignment).long(),
-                  torch.from_numpy(cluster_class).long(), dc.device)
-    over = merge(VARIANT_ATTRIBUTE, {"distill": {"method": "ddm-match"}})
-    return variant_run(ctx, "ddm-match", over, ("train", "cluster"), ("distill",))
+    assignment, cluster_class = read_clusters(cfg.runtime.out)
+    ctx = Context(cfg, bundle, torch.zeros(0, dtype=torch.long), torch.from_numpy(assignment).long(),
+                  torch.from_numpy(cluster_class).long(), device)
+    return variant_run(ctx, name, merge(VARIANT_ATTRIBUTE, {"distill": distill}), ("train", "cluster"), stages)
+
+
+def ddm_match_run(dc: DiagnoseContext) -> Path:
+    """``RUN/variants/ddm-match``: forward-GM synsets on this run's clusters, distilled if missing."""
+    return variant(dc.cfg, dc.bundle, dc.device, "ddm-match", {"method": "ddm-match"}, ("distill",))
 
 
 def diagnostic_function(name: str) -> Callable[[DiagnoseContext], Section]:

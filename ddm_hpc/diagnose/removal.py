@@ -7,8 +7,10 @@ the cut is split in a seeded order so every method removes exactly the same numb
           stage (``val_index``): each cluster's synset is unlearned alone (leave-one-out fine-tunes
           of theta_tau, as the attribute stage does) and the objective is re-measured.
           useless/noisy: Eq. 14, sum over the validation images of Dist2 (cross-entropy to the true
-          label); a cluster whose removal *lowers* it most is removed first. useless also ranks with
-          the learned-label synsets (``ddm-soft``) when ``RUN/variants/ddm-soft`` exists (evaluate made it).
+          label); a cluster whose removal *lowers* it most is removed first.
+  ddm-soft the same with learned-label synsets (``--learned-labels``, default on; distilled in the
+          run's ``variants/ddm-soft``, which ``ddm-hpc evaluate`` shares): the check of the hard-label
+          sign failure (useless, noisy).
           transfer: sum over the validation images of KL(teacher || student), the distillation loss
           of Eq. 15 for a student trained from the full teacher; clusters whose removal lowers it
           most (the teacher moves toward what the student can follow) are removed first.
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddm_hpc.config import Config, merge
+from ddm_hpc.pipeline import load_saved_config
 from ddm_hpc.data import DatasetBundle, denormalize
 from ddm_hpc.diagnose import DiagnoseContext, Section
 from ddm_hpc.errors import ConfigError, StageError
@@ -151,6 +154,18 @@ def eq14_scores(cfg: Config, bundle: DatasetBundle) -> np.ndarray:
             if "objectives/global/scores" in f:
                 return f["objectives/global/scores"][0].astype(np.float64)
     return val_removal_probs(cfg, bundle).eq14()
+
+
+def soft_label_scores(cfg: Config, bundle: DatasetBundle, device: torch.device) -> np.ndarray | None:
+    """Eq. 14 per cluster with learned-label synsets: ``RUN/variants/ddm-soft`` (the variant ``ddm-hpc evaluate``
+    makes: this run's train.h5/clusters.h5, distilled with ``--syn-labels learn``), made here if missing.
+    None when ``--no-learned-labels`` or the run's own synsets already have learned labels."""
+    if not cfg.diagnose.learned_labels or cfg.distill.syn_labels == "learn":
+        return None
+    from ddm_hpc.diagnose import variant
+
+    out = variant(cfg, bundle, device, "ddm-soft", {"syn_labels": "learn"}, ("distill", "attribute"))
+    return eq14_scores(Config.from_dict(merge(load_saved_config(out), {"runtime": {"out": str(out)}})), bundle)
 
 
 def ce_sum(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -472,10 +487,9 @@ def useless_section(dc: DiagnoseContext) -> Section:
                                                               .numpy(), assignment, cfg.seed + s), y)
                                  for s in range(dg.removal_seeds)]
     arrays: dict[str, np.ndarray] = {"ddm_cluster_scores": eq14, "training_loss": loss}
-    soft_dir = run_dir / "variants" / "ddm-soft"  # made by `ddm-hpc evaluate --methods ...,ddm-soft`
-    if artifact_path(soft_dir, "distill").is_file():
-        scfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, out=str(soft_dir)))
-        arrays["ddm-soft_cluster_scores"] = soft = eq14_scores(scfg, bundle)
+    soft = soft_label_scores(cfg, bundle, dc.device)
+    if soft is not None:
+        arrays["ddm-soft_cluster_scores"] = soft
         orders["ddm-soft"] = cluster_order(soft, assignment, cfg.seed)
         orders["ddm-soft-bal"] = class_balanced(orders["ddm-soft"], y)
     plan = build_plan(orders, percents, n, dg.removal_seeds)
@@ -498,6 +512,24 @@ def useless_section(dc: DiagnoseContext) -> Section:
 
 
 # ----------------------------------------------------------------------------- Table 6: noisy data
+def sign_check(name: str, scores: np.ndarray, share: np.ndarray, assignment: np.ndarray, corrupted: np.ndarray,
+               percents: list[float], seed: int) -> str:
+    """One generated line: does the ranking put corrupted clusters first (no retraining needed)?"""
+    from ddm_hpc.evaluate import spearman
+
+    k = len(scores)
+    rho = float(spearman(torch.from_numpy(scores)[:, None], torch.from_numpy(share)[:, None])[0])
+    top = np.argsort(scores)[:max(1, int(np.ceil(k * 0.1)))]
+    flipped = cluster_order(-scores, assignment, seed)
+    n = len(assignment)
+    pr = [precision_recall(keep_first(flipped, n_removed(p, n)), corrupted) for p in percents]
+    return (f"- Sign check, {LABELS[name]} (no retraining): Spearman between a cluster's score and its corrupted "
+            f"share {rho:+.2f} (negative = corrupted clusters ranked harmful, as they should be); the 10 % of clusters "
+            f"ranked most harmful hold {share[top].mean():.0%} corrupted rows; the reversed ranking would remove "
+            "corrupted rows with precision/recall "
+            + ", ".join(f"{pp * 100:.1f}/{rr * 100:.1f} % at {p:g}%" for (pp, rr), p in zip(pr, percents)) + ".")
+
+
 def corrupt(bundle: DatasetBundle, kind: str, fraction: float, level: float, seed: int
             ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """A corrupted copy of the training set in [0, 1] pixel space.
@@ -583,6 +615,13 @@ def noisy_section(dc: DiagnoseContext) -> Section:
         orders = {"random": random_orders(n, dg.removal_seeds, vcfg.seed), "loss": sample_order(loss),
                   "ddm": cluster_order(eq14, assignment, vcfg.seed)}
         orders["ddm-bal"] = class_balanced(orders["ddm"], vb.y_train.numpy())
+        rankings = {"ddm": eq14}
+        soft = soft_label_scores(vcfg, vb, dc.device)
+        if soft is not None:
+            rankings["ddm-soft"] = soft
+            orders["ddm-soft"] = cluster_order(soft, assignment, vcfg.seed)
+            orders["ddm-soft-bal"] = class_balanced(orders["ddm-soft"], vb.y_train.numpy())
+            arrays[f"{kind}/ddm-soft_cluster_scores"] = soft
         plan = build_plan(orders, percents, n, dg.removal_seeds)
         res = run_plan(vcfg, vb, "noisy", plan)
         pr = np.array([precision_recall(k, corrupted) for k in plan.keep])  # [J, 2]
@@ -603,21 +642,14 @@ def noisy_section(dc: DiagnoseContext) -> Section:
                 sel = (method == name) & (plan.percent == p)
                 cells.append(f"{pr[sel, 0].mean() * 100:.1f} / {pr[sel, 1].mean() * 100:.1f}")
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
-        top = np.argsort(eq14)[:max(1, int(np.ceil(k * 0.1)))]
-        from ddm_hpc.evaluate import spearman
-
-        rho = float(spearman(torch.from_numpy(eq14)[:, None], torch.from_numpy(share)[:, None])[0])
-        flipped = cluster_order(-eq14, assignment, vcfg.seed)  # diagnostic only: no retraining needed
-        pr_flip = [precision_recall(keep_first(flipped, n_removed(p, n)), corrupted) for p in percents]
         lines += ["", *[line for r in list(orders)[1:] for line in compare_lines(plan, res["accuracy"], percents, r, kind)],
-                  f"- Corrupted share per cluster: max {share.max():.0%}, mean {share.mean():.0%}; the 10 % of clusters "
-                  f"DDM ranks most harmful hold {share[top].mean():.0%} corrupted rows on average.",
-                  f"- Sign check (no retraining): Spearman between a cluster's Eq. 14 score and its corrupted share is "
-                  f"{rho:+.2f} (negative = DDM ranks corrupted clusters harmful, as it should). The reversed ranking "
-                  "(highest Eq. 14 first) would remove corrupted rows with precision/recall "
-                  + ", ".join(f"{pp * 100:.1f}/{rr * 100:.1f} % at {p:g}%" for (pp, rr), p in zip(pr_flip, percents))
-                  + ".", ""]
-        arrays[f"{kind}/reversed_precision_recall"] = np.asarray(pr_flip)
+                  f"- Corrupted share per cluster: max {share.max():.0%}, mean {share.mean():.0%}."]
+        for name, sc in rankings.items():
+            lines.append(sign_check(name, sc, share, assignment, corrupted, percents, vcfg.seed))
+            flipped = cluster_order(-sc, assignment, vcfg.seed)  # diagnostic only: no retraining needed
+            arrays[f"{kind}/{name}_reversed_precision_recall"] = np.asarray(
+                [precision_recall(keep_first(flipped, n_removed(p, n)), corrupted) for p in percents])
+        lines.append("")
         arrays.update(plan_arrays(plan, res, f"{kind}/"))
         arrays.update({f"{kind}/precision": pr[:, 0], f"{kind}/recall": pr[:, 1], f"{kind}/corrupted": corrupted,
                        f"{kind}/ddm_cluster_scores": eq14, f"{kind}/training_loss": loss,
