@@ -155,23 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         from ddm_hpc.pipeline import run_stages, summary
 
         timings = {}
-        if ns.command == "diagnose":  # runs missing pipeline stages first, like evaluate
+        if ns.command in ("evaluate", "diagnose"):  # run missing pipeline stages first (--overwrite: not those)
+            timings = run_stages(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False)))
+        if ns.command == "diagnose":
             import time
 
             from ddm_hpc.diagnose import run_diagnose
 
-            timings = run_stages(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False)))
             t0 = time.perf_counter()
-            report = run_diagnose(cfg)
+            print(f"wrote {run_diagnose(cfg)}")
             timings["diagnose"] = time.perf_counter() - t0
-            print(f"wrote {report}")
-            print("this invocation: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-            return 0
-        if ns.command == "evaluate":  # one command: run missing pipeline stages first (--overwrite: evaluate only)
-            timings = run_stages(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False)))
-        stages = STAGES if ns.command == "run" else (ns.command,)
-        timings.update(run_stages(cfg, stages))
-        print(summary(cfg.runtime.out))
+        else:
+            stages = STAGES if ns.command == "run" else (ns.command,)
+            timings.update(run_stages(cfg, stages))
+            print(summary(cfg.runtime.out))
         if timings:
             print("this invocation: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         return 0

@@ -269,7 +269,7 @@ class EvaluateConfig:
             raise ConfigError(f"--alpha must be in (0, 1), got {self.alpha}")
 
     def method_list(self) -> list[str]:
-        return [m.strip() for m in self.methods.split(",") if m.strip()]
+        return _csv(self.methods)
 
 
 DIAGNOSTICS = ("useless", "noisy", "unlearn", "privacy", "transfer", "pictures")
@@ -346,10 +346,10 @@ class DiagnoseConfig:
             raise ConfigError(f"--noise-level must be >= 0, got {self.noise_level}")
 
     def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return _csv(self.tasks)
 
     def corruption_list(self) -> list[str]:
-        return [c.strip() for c in self.corruptions.split(",") if c.strip()]
+        return _csv(self.corruptions)
 
     def percents(self, name: str) -> list[float]:
         """``fractions``, ``noisy_fractions`` or ``transfer_fractions`` as floats (percent)."""
@@ -527,6 +527,11 @@ def eval_preset() -> dict[str, Any]:
 
 
 PRESETS = {"default": dict, "paper": paper_preset, "smoke": smoke_preset, "eval": eval_preset}
+
+
+def _csv(text: str) -> list[str]:
+    """Comma-separated names, stripped, empty ones dropped."""
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _positive(obj: Any, *names: str, strict: bool = True) -> None:

@@ -9,7 +9,10 @@ Nothing is ever downloaded. Example::
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -211,10 +214,6 @@ def mapped_dataset(dataset: str, data_root: str | Path, cache_root: str | Path, 
     processes, SLURM tasks) only map them, so the processes share the OS page cache and none holds a
     private copy. The key hashes every argument; the arrays are copy-on-write maps (never written).
     """
-    import hashlib
-    import json
-    import os
-
     args = {"dataset": str(dataset), "data_root": str(data_root), "n_train": n_train, "n_test": n_test, "seed": seed}
     folder = Path(cache_root) / hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
     meta = folder / "meta.json"

@@ -576,9 +576,12 @@ def noisy_run(dc: DiagnoseContext, kind: str) -> tuple[Config, DatasetBundle, np
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     out = dc.out_dir / f"noisy-{kind}-{tag}"
     out.mkdir(parents=True, exist_ok=True)
-    x, y, corrupted = corrupt(dc.bundle, kind, dg.corrupt_fraction, dg.noise_level, cfg.seed)
     data = out / "data.npz"
-    if not data.is_file():
+    if data.is_file():  # made by an earlier run with these settings (the folder name hashes them)
+        with np.load(data) as f:
+            corrupted = f["corrupted"]
+    else:
+        x, y, corrupted = corrupt(dc.bundle, kind, dg.corrupt_fraction, dg.noise_level, cfg.seed)
         tmp = out / ".data.tmp.npz"
         x_test = denormalize(dc.bundle.x_test, dc.bundle.mean, dc.bundle.std).clamp(0, 1)
         np.savez(tmp, x=_channels_last(x), y=y.numpy(), x_test=_channels_last(x_test), y_test=dc.bundle.y_test.numpy(),
