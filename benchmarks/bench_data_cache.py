@@ -1,13 +1,19 @@
-"""Host memory of worker processes that load the dataset: ``--data-cache memory`` against ``mmap``.
+"""Host memory and read speed of the dataset: ``--data-cache memory`` against ``mmap`` (the streamed cache).
 
-Each of ``--procs`` processes loads the run's dataset the way a stage, a ``--workers`` process or a
-SLURM task does (``ddm_hpc.train.load_data``), touches every training image (one pass, as an epoch
-does) and reports its proportional set size (PSS: shared pages divided among the processes that map
-them, from /proc/self/smaps_rollup, Linux only). The benchmark prints the summed PSS for both modes
-and their ratio, measured in one run.
+Three measurements, each mode in fresh processes, in one run:
+
+1. First load: peak private memory (RSS less file-backed pages) and time of ``ddm_hpc.train.load_data``
+   in a fresh process. ``memory`` loads and normalises everything; ``mmap`` streams the source into
+   the run's cache (raw uint8 images) chunk by chunk.
+2. One shuffled epoch of minibatches (``x_train[rows]``, batch 256), as training reads them when the
+   set is not resident on the device: images/s and peak private memory.
+3. ``--procs`` processes each load the data the way a stage, a ``--workers`` process or a SLURM task
+   does, touch every training image, and report their proportional set size (PSS: shared pages
+   divided among the processes that map them, /proc/self/smaps_rollup, Linux only); summed.
 
     python benchmarks/bench_data_cache.py                 # full local MNIST subset (17 435 images), 4 processes
     python benchmarks/bench_data_cache.py --n-train 2000 --procs 2
+    python benchmarks/bench_data_cache.py --synthetic 200000 --size 32   # an RGB HDF5 file written first
 """
 from __future__ import annotations
 
@@ -43,6 +49,67 @@ def _worker(cfg_dict: dict, ready, go, out) -> None:
     go.wait()
 
 
+def _first_load(cfg_dict: dict, out) -> None:
+    import torch
+
+    from ddm_hpc.config import Config
+    from ddm_hpc.features import PeakRSS
+    from ddm_hpc.train import load_data
+
+    torch.set_num_threads(1)
+    torch.zeros(4, 3, 2, 2).double().square_().sum((0, 2, 3))  # first-use allocations before the baseline
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        load_data(Config.from_dict(cfg_dict))
+    out.put((mem.private_delta / 2**20, time.perf_counter() - t0))
+
+
+def _epoch(cfg_dict: dict, out) -> None:
+    import torch
+
+    from ddm_hpc.config import Config
+    from ddm_hpc.features import PeakRSS
+    from ddm_hpc.train import load_data
+
+    torch.set_num_threads(1)
+    bundle = load_data(Config.from_dict(cfg_dict))
+    order = torch.randperm(len(bundle.y_train), generator=torch.Generator().manual_seed(0))
+    bundle.x_train[order[:256]].sum()  # warm up
+    total = 0.0
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        for a in range(0, len(order), 256):
+            total += float(bundle.x_train[order[a:a + 256]].sum())
+    out.put((len(order) / (time.perf_counter() - t0), mem.private_delta / 2**20))
+
+
+def in_fresh_process(target, cfg_dict: dict) -> tuple:
+    """``target(cfg_dict, queue)`` run in a spawned interpreter; what it put on the queue."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(cfg_dict, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def synthetic_h5(path: Path, n: int, size: int, seed: int = 0) -> Path:
+    """An ImageNet-shaped file, scaled: ``x`` uint8 [n, size, size, 3] with 100 classes, plus a 1000-row test split."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        x = f.create_dataset("x", (n, size, size, 3), dtype=np.uint8, chunks=(256, size, size, 3))
+        for a in range(0, n, 8192):
+            x[a:a + 8192] = rng.integers(0, 256, (min(8192, n - a), size, size, 3), dtype=np.uint8)
+        f["y"] = np.arange(n) % 100
+        f["x_test"] = rng.integers(0, 256, (1000, size, size, 3), dtype=np.uint8)
+        f["y_test"] = np.arange(1000) % 100
+    return path
+
+
 def measure(cfg_dict: dict, procs: int) -> tuple[float, float]:
     """(summed PSS growth in MB over ``procs`` processes, seconds)."""
     ctx = mp.get_context("spawn")
@@ -66,22 +133,43 @@ def main() -> None:
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--n-train", type=int, default=0, help="0 = every training image of the source")
     ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--synthetic", type=int, default=0, help="N > 0: write an RGB HDF5 file of N images and use it")
+    ap.add_argument("--size", type=int, default=32, help="image side of --synthetic")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"data": {"data_root": args.data_root, "n_train": args.n_train, "n_test": 1000},
+        dataset = "mnist"
+        if args.synthetic:
+            t0 = time.perf_counter()
+            dataset = str(synthetic_h5(Path(tmp) / "synthetic.h5", args.synthetic, args.size))
+            print(f"wrote {dataset}: {Path(dataset).stat().st_size / 2**20:.0f} MB in {time.perf_counter() - t0:.1f} s")
+        cfg = {"data": {"dataset": dataset, "data_root": args.data_root, "n_train": args.n_train, "n_test": 1000},
                "runtime": {"out": tmp, "progress": False}}
+        mapped = {**cfg, "runtime": {**cfg["runtime"], "data_cache": "mmap"}}
+        first = {"memory": in_fresh_process(_first_load, cfg), "mmap": in_fresh_process(_first_load, mapped)}
+        epoch = {"memory": in_fresh_process(_epoch, cfg), "mmap": in_fresh_process(_epoch, mapped)}
         from ddm_hpc.config import Config
         from ddm_hpc.train import load_data
 
-        mapped = {**cfg, "runtime": {**cfg["runtime"], "data_cache": "mmap"}}
-        b = load_data(Config.from_dict(mapped))  # writes the cache once, as the first stage does
+        b = load_data(Config.from_dict(mapped))
+        n, shape = len(b.y_train), tuple(b.x_train.shape[1:])
+        raw = (b.x_train.raw.nbytes + b.x_test.raw.nbytes) / 2**20
         size = (b.x_train.numel() + b.x_test.numel()) * 4 / 2**20
         del b
         mem, t_mem = measure(cfg, args.procs)
         mm, t_mm = measure(mapped, args.procs)
-    print(f"{args.procs} processes, dataset {size:.1f} MB (float32, normalised)")
-    print(f"  --data-cache memory: summed PSS {mem:8.1f} MB ({t_mem:.1f} s)")
-    print(f"  --data-cache mmap:   summed PSS {mm:8.1f} MB ({t_mm:.1f} s)")
+    print(f"dataset {dataset}: {n} training images {shape} + 1000 test; cache {raw:.1f} MB (uint8), "
+          f"normalised float32 {size:.1f} MB")
+    print("first load, fresh process (peak private memory):")
+    for mode, (mb, sec) in first.items():
+        print(f"  --data-cache {mode:6s}  {mb:8.1f} MB = {mb / size:5.2f} x the float32 set  ({sec:.1f} s)")
+    print(f"  memory / mmap: {first['memory'][0] / max(first['mmap'][0], 1e-9):.2f}x")
+    print("one shuffled epoch of 256-image minibatches, x_train[rows] (1 thread):")
+    for mode, (rate, mb) in epoch.items():
+        print(f"  --data-cache {mode:6s}  {rate:10.0f} images/s  peak private +{mb:.1f} MB")
+    print(f"  mmap / memory speed: {epoch['mmap'][0] / epoch['memory'][0]:.2f}x")
+    print(f"{args.procs} processes each holding the data (summed PSS):")
+    print(f"  --data-cache memory: {mem:8.1f} MB ({t_mem:.1f} s)")
+    print(f"  --data-cache mmap:   {mm:8.1f} MB ({t_mm:.1f} s)")
     print(f"  memory / mmap: {mem / max(mm, 1e-9):.2f}x")
 
 

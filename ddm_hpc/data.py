@@ -17,7 +17,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -105,7 +105,11 @@ class DatasetBundle:
 
 @dataclass
 class _Source:
-    """Labels and source indices of both splits, plus a loader of images by source index."""
+    """Labels and source indices of both splits, plus a loader of raw images by source index.
+
+    ``load(i, j)`` reads only the rows asked for (increasing indices into each split) and returns
+    them as the source stores them: uint8 (or float in [0, 1]) ``[n, H, W]`` or ``[n, H, W, C]``.
+    """
 
     y_train: torch.Tensor
     y_test: torch.Tensor
@@ -113,6 +117,7 @@ class _Source:
     test_index: torch.Tensor
     num_classes: int
     load: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    where: str
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -172,26 +177,11 @@ def load_dataset(dataset: str, data_root: str | Path = "../shared/data", n_train
         DataError: the data is missing, unreadable or malformed, or the name is unknown.
         ConfigError: a size or fraction is out of range.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction={test_fraction} must be strictly between 0 and 1; pass e.g. 0.2")
-    root = Path(data_root)
-    key = dataset.lower().replace("-", "").replace("_", "")
-    if key in _TORCHVISION:
-        name, source = key, _torchvision_source(key, root)
-    else:
-        name, path = dataset, _resolve_path(dataset, root)
-        if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
-            source = _array_source(path, seed, test_fraction)
-        elif path.is_dir():
-            source = _folder_source(path, seed, test_fraction)
-        else:
-            raise DataError(f"unknown dataset {dataset!r}: not one of {', '.join(available_datasets())} "
-                            f"and not an existing file or folder (also tried under {root}); pass one of "
-                            f"those names, {_FORMS}")
+    name, source = _open_source(dataset, Path(data_root), seed, test_fraction)
     train_rows = _stratified_subset(source.y_train, n_train, seed, "n_train")
     test_rows = _stratified_subset(source.y_test, n_test, seed, "n_test")
     train_index, test_index = source.train_index[train_rows], source.test_index[test_rows]
-    x_train, x_test = source.load(train_index, test_index)
+    x_train, x_test = (_checked_unit(raw, source.where) for raw in source.load(train_index, test_index))
     mean, std = (source.mean, source.std) if source.mean is not None else _channel_stats(x_train)
     bundle = DatasetBundle(
         name=name, x_train=normalize(x_train, mean, std), x_test=normalize(x_test, mean, std),
@@ -202,37 +192,253 @@ def load_dataset(dataset: str, data_root: str | Path = "../shared/data", n_train
     return bundle
 
 
-MAPPED = ("x_train", "y_train", "x_test", "y_test", "train_index", "test_index")
+def _open_source(dataset: str, root: Path, seed: int, test_fraction: float) -> tuple[str, _Source]:
+    """The dataset's name and source (labels read, images not yet)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction={test_fraction} must be strictly between 0 and 1; pass e.g. 0.2")
+    key = dataset.lower().replace("-", "").replace("_", "")
+    if key in _TORCHVISION:
+        return key, _torchvision_source(key, root)
+    path = _resolve_path(dataset, root)
+    if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
+        return dataset, _array_source(path, seed, test_fraction)
+    if path.is_dir():
+        return dataset, _folder_source(path, seed, test_fraction)
+    raise DataError(f"unknown dataset {dataset!r}: not one of {', '.join(available_datasets())} "
+                    f"and not an existing file or folder (also tried under {root}); pass one of "
+                    f"those names, {_FORMS}")
+
+
+def _checked_unit(raw: torch.Tensor, where: str) -> torch.Tensor:
+    """:func:`_to_unit` of raw source images, warning once if float images leave [0, 1]."""
+    if raw.dtype != torch.uint8 and raw.numel() and (raw.min() < 0 or raw.max() > 1):
+        logger.warning("%s: float images span [%g, %g], not [0, 1]; using them as is", where, raw.min(), raw.max())
+    return _to_unit(raw)
+
+
+CACHE_FORMAT = 2  # raw channels-last images, normalised when read
+CHUNK_BYTES = 256 << 20  # float32 bytes per chunk read while a cache is written or materialised
+_SMALL = ("y_train", "y_test", "train_index", "test_index")
+
+
+def chunk_rows(image_shape: tuple[int, ...]) -> int:
+    """Rows per chunk: a multiple of 1024 (so channel statistics add up in the same pieces) holding
+    about :data:`CHUNK_BYTES` of float32 images, at least 1024."""
+    per_row = 4 * int(np.prod(image_shape))
+    return max(1, CHUNK_BYTES // (per_row * 1024)) * 1024
+
+
+class MappedImages:
+    """Normalised float32 images ``[N, C, H, W]`` read on demand from a memory-mapped ``.npy``.
+
+    The file holds the raw images channels-last, ``[N, H, W, C]`` uint8 (or float32 in [0, 1]),
+    a quarter of the normalised size for uint8. Indexing with an int, a slice, or an index or
+    bool tensor/array reads only those rows and returns ``normalize(_to_unit(raw))`` of them:
+    the same bits as indexing the in-memory tensor, since both steps are elementwise. Pages are
+    shared between processes through the OS page cache; nothing else is kept.
+
+    ``len``, ``shape``, ``dtype``, ``device``, ``numel`` and ``element_size`` describe the
+    normalised tensor, so code written for a tensor that only indexes it works unchanged;
+    :meth:`to` (and :func:`dense`) materialise every row, for code that needs the whole tensor.
+    """
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | Path, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.path = Path(path)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._raw: np.ndarray | None = None
+        self._pid = -1
+        n, h, w, c = self.raw.shape
+        self.shape = torch.Size((n, c, h, w))
+
+    @property
+    def raw(self) -> np.ndarray:
+        """The read-only map of the file (reopened in a forked process)."""
+        if self._raw is None or self._pid != os.getpid():
+            self._raw, self._pid = np.load(self.path, mmap_mode="r"), os.getpid()
+        return self._raw
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_raw": None, "_pid": -1}  # workers map the file, never pickle its pages
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"MappedImages({str(self.path)!r}, shape={tuple(self.shape)}, raw {self.raw.dtype})"
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return 4
+
+    def dim(self) -> int:
+        return 4
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getitem__(self, idx: int | slice | torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(idx, (int, np.integer)):
+            return self[np.array([int(idx)])][0]
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        if not isinstance(idx, slice):
+            idx = np.asarray(idx)
+            if idx.ndim != 1 and idx.dtype != np.bool_:  # an index array of any shape: rows read flat, then shaped
+                return self[idx.reshape(-1)].reshape(*idx.shape, *self.shape[1:])
+        return normalize(_to_unit(torch.from_numpy(np.array(self.raw[idx]))), self.mean, self.std)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
+        """Every row, normalised, as one tensor on ``device`` (filled :func:`chunk_rows` rows at a time)."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        step = chunk_rows(self.shape[1:])
+        for a in range(0, len(self), step):
+            out[a:a + step] = self[a:a + step].to(device, non_blocking=non_blocking)
+        return out
+
+
+def dense(x: torch.Tensor | MappedImages) -> torch.Tensor:
+    """``x`` as an ordinary host tensor (a :class:`MappedImages` is read whole), for code that needs one."""
+    return x.to("cpu") if isinstance(x, MappedImages) else x
 
 
 def mapped_dataset(dataset: str, data_root: str | Path, cache_root: str | Path, n_train: int | None = None,
-                   n_test: int | None = None, seed: int = 0) -> DatasetBundle:
-    """:func:`load_dataset`, memory-mapped from a cache of ``.npy`` files under ``cache_root/<key>/``.
+                   n_test: int | None = None, seed: int = 0, test_fraction: float = 0.2,
+                   show_progress: bool = False) -> DatasetBundle:
+    """:func:`load_dataset` streamed through a cache under ``cache_root/<key>/``; images are :class:`MappedImages`.
 
-    The first call loads the dataset (into memory, once), writes its normalised arrays there (each
-    through a temp file, ``meta.json`` last) and maps them; later calls (other stages, worker
-    processes, SLURM tasks) only map them, so the processes share the OS page cache and none holds a
-    private copy. The key hashes every argument; the arrays are copy-on-write maps (never written).
+    The first call reads the source :func:`chunk_rows` rows at a time (HDF5 hyperslabs, memory
+    maps, image files) and writes the selected rows' raw images to ``x_train.npy`` / ``x_test.npy``
+    (uint8 stays uint8), the labels and indices, and the mean/std, which for files and folders is
+    accumulated chunk by chunk exactly as :func:`load_dataset` computes it. Each file goes through
+    a temp file and ``meta.json`` comes last, so a cache is complete or absent. No call ever holds
+    the dataset: later calls (other stages, ``--workers`` processes, SLURM tasks) map the files and
+    share the OS page cache. The bundle's tensors equal :func:`load_dataset`'s bit for bit. The key
+    hashes every argument and the cache format.
     """
-    args = {"dataset": str(dataset), "data_root": str(data_root), "n_train": n_train, "n_test": n_test, "seed": seed}
+    args = {"dataset": str(dataset), "data_root": str(data_root), "n_train": n_train, "n_test": n_test, "seed": seed,
+            "test_fraction": test_fraction, "format": CACHE_FORMAT}
     folder = Path(cache_root) / hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
     meta = folder / "meta.json"
     if not meta.is_file():
-        bundle = load_dataset(dataset, data_root, n_train=n_train, n_test=n_test, seed=seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in MAPPED:
-            tmp = folder / f".{name}.tmp.{os.getpid()}.npy"
-            np.save(tmp, getattr(bundle, name).numpy())
-            os.replace(tmp, folder / f"{name}.npy")
-        tmp = folder / f".meta.tmp.{os.getpid()}"
-        tmp.write_text(json.dumps({**args, "name": bundle.name, "num_classes": bundle.num_classes,
-                                   "mean": list(bundle.mean), "std": list(bundle.std)}))
-        os.replace(tmp, meta)
-        logger.info("data cache: wrote %s (memory-mapped by later loads)", folder)
+        _write_cache(folder, args, show_progress)
     info = json.loads(meta.read_text())
-    arrays = {name: torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c")) for name in MAPPED}
-    return DatasetBundle(name=info["name"], num_classes=info["num_classes"], mean=tuple(info["mean"]),
-                         std=tuple(info["std"]), **arrays)
+    mean, std = tuple(info["mean"]), tuple(info["std"])
+    small = {name: torch.from_numpy(np.load(folder / f"{name}.npy")) for name in _SMALL}
+    return DatasetBundle(name=info["name"], num_classes=info["num_classes"], mean=mean, std=std,
+                         x_train=MappedImages(folder / "x_train.npy", mean, std),
+                         x_test=MappedImages(folder / "x_test.npy", mean, std), **small)
+
+
+def _write_cache(folder: Path, args: dict, show_progress: bool) -> None:
+    """Write the cache of :func:`mapped_dataset` from the source, chunk by chunk."""
+    name, source = _open_source(args["dataset"], Path(args["data_root"]), args["seed"], args["test_fraction"])
+    train_rows = _stratified_subset(source.y_train, args["n_train"], args["seed"], "n_train")
+    test_rows = _stratified_subset(source.y_test, args["n_test"], args["seed"], "n_test")
+    small = {"y_train": source.y_train[train_rows], "y_test": source.y_test[test_rows],
+             "train_index": source.train_index[train_rows], "test_index": source.test_index[test_rows]}
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f".tmp.{os.getpid()}"
+    stats = None if source.mean is not None else _ChannelStats()
+    files = {key: folder / f"{key}{tag}.npy" for key in ("x_train", "x_test", *small)}
+    try:
+        channels = {split: _write_images(files[f"x_{split}"], source, small[f"{split}_index"], which,
+                                         stats if which == 0 else None, show_progress)
+                    for split, which in (("train", 0), ("test", 1))}
+        if sorted(channels.values()) == [1, 3]:  # a folder whose colour images are all in the other split
+            grey = min(channels, key=channels.get)
+            h, w = np.load(files[f"x_{grey}"], mmap_mode="r").shape[1:3]
+            _widen(files[f"x_{grey}"], (len(small[f"{grey}_index"]), h, w, 3), len(small[f"{grey}_index"]),
+                   stats if grey == "train" else None).close()
+        mean, std = (source.mean, source.std) if stats is None else stats.result()
+        for key, value in small.items():
+            np.save(files[key], value.numpy())
+        for key, tmp in files.items():
+            os.replace(tmp, folder / f"{key}.npy")
+        tmp = folder / f"meta{tag}.json"
+        tmp.write_text(json.dumps({**args, "name": name, "num_classes": source.num_classes,
+                                   "mean": list(mean), "std": list(std)}))
+        os.replace(tmp, folder / "meta.json")
+    finally:
+        for tmp in folder.glob(f"*{tag}*"):  # what an interrupted write left
+            tmp.unlink()
+    logger.info("data cache: wrote %s (memory-mapped by every load)", folder)
+
+
+def _write_images(path: Path, source: _Source, index: torch.Tensor, which: int, stats: _ChannelStats | None,
+                  show_progress: bool) -> int:
+    """Raw images of ``index`` in split ``which`` (0 train, 1 test), channels-last, to a ``.npy`` at ``path``;
+    returns their channel count."""
+    from ddm_hpc.utils import progress
+
+    if len(index) == 0:
+        raise DataError(f"{source.where}: a split selected no rows; pass a larger n_train/n_test")
+    none = torch.zeros(0, dtype=torch.int64)
+
+    def read(rows: torch.Tensor) -> torch.Tensor:
+        return source.load(rows, none)[0] if which == 0 else source.load(none, rows)[1]
+
+    fh, shape, dtype = None, None, None
+    step = chunk_rows(read(index[:1]).shape[1:])
+    try:
+        for a in progress(range(0, len(index), step), f"data cache ({'train' if which == 0 else 'test'})",
+                          show_progress):
+            raw = read(index[a:a + step])
+            raw = raw.unsqueeze(-1) if raw.dim() == 3 else raw
+            if fh is None:
+                shape, dtype = (len(index), *raw.shape[1:]), (np.uint8 if raw.dtype == torch.uint8 else np.float32)
+                fh = _open_npy(path, shape, dtype)
+            if raw.shape[-1] == 1 and shape[-1] == 3:  # a grayscale-only chunk of a colour folder
+                raw = raw.expand(*raw.shape[:-1], 3)
+            elif raw.shape[-1] == 3 and shape[-1] == 1:  # the folder's first colour image: widen what was written
+                fh.close()
+                shape = (*shape[:-1], 3)
+                fh = _widen(path, shape, a, stats)
+            if tuple(raw.shape[1:]) != shape[1:]:
+                raise DataError(f"{source.where}: images at rows {a}..{a + len(raw) - 1} have shape "
+                                f"{tuple(raw.shape[1:])} but earlier ones {shape[1:]}; all images of a dataset must "
+                                "share one size (resize them first)")
+            unit = _checked_unit(raw, source.where)
+            fh.write(np.ascontiguousarray(raw.numpy(), dtype=dtype).tobytes())
+            if stats is not None:
+                stats.add(unit)
+    finally:
+        if fh is not None:
+            fh.close()
+    return shape[-1]
+
+
+def _open_npy(path: Path, shape: tuple[int, ...], dtype: type) -> BinaryIO:
+    """A ``.npy`` file of ``shape``/``dtype`` opened after its header: the rows are appended in order,
+    written sequentially rather than through a map (so writing never holds the pages in this process)."""
+    fh = open(path, "wb")
+    np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                              "fortran_order": False, "shape": shape})
+    return fh
+
+
+def _widen(path: Path, shape: tuple[int, ...], written: int, stats: _ChannelStats | None) -> BinaryIO:
+    """Rewrite the first ``written`` single-channel rows of ``path`` as RGB (grayscale repeated), as
+    :func:`_load_images` does for a folder that mixes both; returns the file open for the next rows."""
+    with open(path, "rb") as f:  # the file is shorter than its header says: map only the rows written
+        np.lib.format.read_magic(f)
+        _, _, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+    old = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(written, *shape[1:-1], 1))
+    wide_path = path.with_name(path.name + ".rgb")
+    fh = _open_npy(wide_path, shape, dtype)
+    step = chunk_rows(shape[1:])
+    for a in range(0, written, step):
+        fh.write(np.repeat(np.asarray(old[a:min(a + step, written)]), 3, axis=-1).tobytes())
+    del old
+    os.replace(wide_path, path)
+    if stats is not None and stats.total is not None:  # each channel of a repeated grey image has the grey sums
+        stats.total, stats.squares = stats.total.repeat(3), stats.squares.repeat(3)
+    return fh
 
 
 def _channel_views(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
@@ -276,24 +482,56 @@ def _stratified_split(y: torch.Tensor, test_fraction: float, seed: int, where: P
     return torch.sort(perm[~is_test]).values, torch.sort(perm[is_test]).values
 
 
+class _ChannelStats:
+    """Per-channel sums of images in [0, 1], accumulated in float64 over 1024-row pieces.
+
+    Feeding the same rows in the same order gives the same bits whether they arrive at once or
+    in chunks whose sizes are multiples of 1024, so a cache built chunk by chunk normalises
+    exactly like :func:`load_dataset`.
+    """
+
+    ROWS = 1024
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add float ``[n, C, H, W]`` images."""
+        if self.total is None:
+            self.total = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.squares = torch.zeros_like(self.total)
+        for chunk in x.split(self.ROWS):  # bounded float64 copies
+            c = chunk.double()
+            self.total += c.sum((0, 2, 3))
+            self.squares += c.square_().sum((0, 2, 3))  # in place: one float64 copy at a time
+        self.count += x.shape[0] * x.shape[2] * x.shape[3]
+
+    def result(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel, std floored at 1e-6."""
+        mean = self.total / self.count
+        std = (self.squares / self.count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+        return tuple(mean.tolist()), tuple(std.tolist())
+
+
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (floored at 1e-6) of float ``[N, C, H, W]``, accumulated in float64."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for chunk in x.split(1024):  # bounded float64 copies, even for large folders
-        c = chunk.double()
-        total += c.sum((0, 2, 3))
-        squares += (c * c).sum((0, 2, 3))
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-    return tuple(mean.tolist()), tuple(std.tolist())
+    stats = _ChannelStats()
+    stats.add(x)
+    return stats.result()
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 / 255; float -> float32 (assumed in [0, 1]); ``[N,H,W(,C)]`` -> ``[N,C,H,W]``."""
+    """uint8 -> float32 / 255; float -> float32 (assumed in [0, 1]); ``[N,H,W(,C)]`` -> contiguous ``[N,C,H,W]``.
+
+    The strides are always the standard ones (a single channel too, which ``contiguous`` would leave
+    channels-last): convolutions choose kernels by strides, so every source gives the same bits.
+    """
+    if x.dim() == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    return (x.float().div_(255) if x.dtype == torch.uint8 else x.float()).contiguous()
 
 
 def _torchvision_source(key: str, root: Path) -> _Source:
@@ -317,7 +555,7 @@ def _torchvision_source(key: str, root: Path) -> _Source:
     labels = [torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64) for ds in (train, test)]
     return _Source(y_train=labels[0], y_test=labels[1], train_index=torch.arange(len(labels[0])),
                    test_index=torch.arange(len(labels[1])), num_classes=len(train.classes),
-                   load=lambda i, j: (_to_unit(images[0][i]), _to_unit(images[1][j])),
+                   load=lambda i, j: (images[0][i], images[1][j]), where=str(folder),
                    mean=spec.mean, std=spec.std)
 
 
@@ -334,22 +572,42 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The x/y/x_test/y_test arrays present in a .npz or HDF5 file."""
+def _open_arrays(path: Path) -> dict[str, object]:
+    """The x/y/x_test/y_test arrays present in a .npz or HDF5 file, opened without reading the images.
+
+    HDF5 datasets stay on disk (the file stays open while they are referenced); members of an
+    uncompressed ``.npz`` are memory-mapped; a compressed ``.npz`` member has to be read whole.
+    """
     keys = ("x", "y", "x_test", "y_test")
     try:
         if path.suffix.lower() == ".npz":
+            from ddm_hpc.stream import npz_memmap
+
+            with zipfile.ZipFile(path) as zf:
+                stored = {n[:-4] for n in zf.namelist() if n.endswith(".npy")
+                          and zf.getinfo(n).compress_type == zipfile.ZIP_STORED}
             with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in keys if k in f.files}
+                return {k: npz_memmap(path, k) if k in stored else f[k] for k in keys if k in f.files}
         import h5py
 
-        with h5py.File(path, "r") as f:
-            return {k: f[k][()] for k in keys if isinstance(f.get(k), h5py.Dataset)}
+        f = h5py.File(path, "r", locking=False)
+        return {k: f[k] for k in keys if isinstance(f.get(k), h5py.Dataset)}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise DataError(f"could not read {path}: {_one_line(err)}; pass a valid {path.suffix} file") from err
 
 
-def _array(arrays: dict[str, np.ndarray], key: str, path: Path) -> np.ndarray:
+def _take(array: object, rows: torch.Tensor) -> torch.Tensor:
+    """``array[rows]`` for increasing ``rows``: one read per contiguous run (HDF5 datasets and memory maps)."""
+    from ddm_hpc.stream import _runs
+
+    runs = _runs(rows.numpy())
+    if not runs:
+        return torch.from_numpy(np.empty((0, *array.shape[1:]), dtype=array.dtype))
+    parts = [np.asarray(array[a:b]) for a, b in runs]
+    return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.array(parts[0]))
+
+
+def _array(arrays: dict[str, object], key: str, path: Path) -> object:
     """arrays[key], or a DataError naming the file, the key and what was found."""
     if key not in arrays:
         raise DataError(f"{path} has no {key!r} array (found: {', '.join(arrays) or 'none'}); store images as "
@@ -357,22 +615,20 @@ def _array(arrays: dict[str, np.ndarray], key: str, path: Path) -> np.ndarray:
     return arrays[key]
 
 
-def _check_images(arrays: dict[str, np.ndarray], key: str, path: Path) -> torch.Tensor:
-    """Validate an image array (uint8 or float, ``[N,H,W]`` or ``[N,H,W,C]`` with C <= 4)."""
+def _check_images(arrays: dict[str, object], key: str, path: Path) -> object:
+    """Validate an image array's shape and dtype (uint8 or float, ``[N,H,W]`` or ``[N,H,W,C]`` with C <= 4)."""
     x = _array(arrays, key, path)
-    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] > 4):
+    if len(x.shape) not in (3, 4) or (len(x.shape) == 4 and x.shape[-1] > 4):
         raise DataError(f"{path}: {key!r} has shape {x.shape}; expected [N,H,W] or channels-last [N,H,W,C] "
                         "with C <= 4 (transpose [N,C,H,W] arrays with x.transpose(0, 2, 3, 1))")
     if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: {key!r} has dtype {x.dtype}; store uint8 in 0..255 or float in [0, 1]")
-    if x.dtype != np.uint8 and x.size and (x.min() < 0 or x.max() > 1):
-        logger.warning("%s: float %r spans [%g, %g], not [0, 1]; using it as is", path, key, x.min(), x.max())
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return x
 
 
 def _check_labels(arrays: dict[str, np.ndarray], key: str, n: int, path: Path) -> torch.Tensor:
     """Validate a 1-D integer label array of length n."""
-    y = _array(arrays, key, path)
+    y = np.asarray(_array(arrays, key, path))
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: {key!r} has shape {y.shape} and dtype {y.dtype}; expected integer labels [N]")
     if len(y) != n:
@@ -384,7 +640,7 @@ def _check_labels(arrays: dict[str, np.ndarray], key: str, n: int, path: Path) -
 
 def _array_source(path: Path, seed: int, test_fraction: float) -> _Source:
     """Images and labels from a .npz/.h5 file, split per class if it has no x_test/y_test."""
-    arrays = _read_arrays(path)
+    arrays = _open_arrays(path)
     x = _check_images(arrays, "x", path)
     y = _check_labels(arrays, "y", len(x), path)
     if len(y) == 0:
@@ -393,7 +649,7 @@ def _array_source(path: Path, seed: int, test_fraction: float) -> _Source:
     if "x_test" in arrays or "y_test" in arrays:
         x_test = _check_images(arrays, "x_test", path)
         y_test = _check_labels(arrays, "y_test", len(x_test), path)
-        if x_test.shape[1:] != x.shape[1:]:
+        if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
             raise DataError(f"{path}: 'x_test' images have shape {tuple(x_test.shape[1:])} but 'x' images "
                             f"{tuple(x.shape[1:])}; store both splits at the same size")
         train_index, test_index = torch.arange(len(y)), torch.arange(len(y_test))
@@ -405,7 +661,7 @@ def _array_source(path: Path, seed: int, test_fraction: float) -> _Source:
                         f"0..{num_classes - 1}; use the same class ids in both splits")
     return _Source(y_train=y[train_index], y_test=y_test[test_index], train_index=train_index,
                    test_index=test_index, num_classes=num_classes,
-                   load=lambda i, j: (_to_unit(x[i]), _to_unit(x_test[j])))
+                   load=lambda i, j: (_take(x, i), _take(x_test, j)), where=str(path))
 
 
 def _check_contiguous(y: torch.Tensor, where: Path, key: str) -> int:
@@ -480,10 +736,10 @@ def _folder_source(root: Path, seed: int, test_fraction: float) -> _Source:
 
     def load(i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = _load_images([train_files[k] for k in i.tolist()] + [test_files[k] for k in j.tolist()])
-        return _to_unit(images[: len(i)]), _to_unit(images[len(i):])
+        return images[: len(i)], images[len(i):]
 
     return _Source(y_train=y[train_index], y_test=y_test[test_index], train_index=train_index,
-                   test_index=test_index, num_classes=len(classes), load=load)
+                   test_index=test_index, num_classes=len(classes), load=load, where=str(root))
 
 
 def _load_images(files: list[Path]) -> torch.Tensor:

@@ -214,11 +214,15 @@ class FeatureFile:
         self.close()
 
 
-def _rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+def _rss_bytes(private: bool = False) -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable). ``private``: without
+    file-backed and shared pages (page cache of memory-mapped files, which the OS can drop and other
+    processes share), i.e. the process's own memory."""
     try:
         with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = fh.read().split()
+        pages = int(fields[1]) - (int(fields[2]) if private else 0)
+        return pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -232,6 +236,8 @@ class PeakRSS:
 
     Attributes:
         baseline: RSS bytes at entry. peak: highest sampled RSS bytes. delta: peak - baseline.
+        private_delta: the same for private memory only (RSS less file-backed and shared pages, so
+            pages of a memory-mapped file that were read do not count).
         maxrss_delta: ru_maxrss at exit - baseline (>= the true peak increase; an overestimate when
             the process peaked higher before the block).
     """
@@ -239,6 +245,7 @@ class PeakRSS:
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
         self.baseline = self.peak = 0
+        self.private_baseline = self.private_peak = 0
         self.maxrss_delta = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -246,10 +253,12 @@ class PeakRSS:
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, _rss_bytes())
+            self.private_peak = max(self.private_peak, _rss_bytes(private=True))
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakRSS:
         self.baseline = self.peak = _rss_bytes()
+        self.private_baseline = self.private_peak = _rss_bytes(private=True)
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -260,8 +269,13 @@ class PeakRSS:
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
+        self.private_peak = max(self.private_peak, _rss_bytes(private=True))
         self.maxrss_delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
 
     @property
     def delta(self) -> int:
         return self.peak - self.baseline
+
+    @property
+    def private_delta(self) -> int:
+        return self.private_peak - self.private_baseline

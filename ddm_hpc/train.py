@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddm_hpc.config import Config, TrainConfig
-from ddm_hpc.data import DatasetBundle, load_dataset
+from ddm_hpc.data import DatasetBundle, MappedImages, load_dataset
 from ddm_hpc.models import build_model, check_functional
 from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read, write_provenance
 from ddm_hpc.utils import generator, memory_budget_bytes, progress, resolve_device
@@ -46,13 +46,14 @@ class Trajectory:
 
 
 def load_data(cfg: Config) -> DatasetBundle:
-    """The run's dataset: loaded into memory, or memory-mapped from the run's cache (``--data-cache mmap``)."""
+    """The run's dataset: loaded into memory, or streamed into the run's cache and memory-mapped from it
+    (``--data-cache mmap``)."""
     d = cfg.data
     if cfg.runtime.data_cache == "mmap":
         from ddm_hpc.data import mapped_dataset
 
         return mapped_dataset(d.dataset, d.data_root, Path(cfg.runtime.out) / ".data", n_train=d.n_train or None,
-                              n_test=d.n_test or None, seed=cfg.seed)
+                              n_test=d.n_test or None, seed=cfg.seed, show_progress=cfg.runtime.progress)
     return load_dataset(d.dataset, d.data_root, n_train=d.n_train or None, n_test=d.n_test or None, seed=cfg.seed)
 
 
@@ -85,11 +86,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(y)
 
 
-def resident_on(x: torch.Tensor, device: torch.device) -> bool:
+def resident_on(x: torch.Tensor | MappedImages, device: torch.device) -> bool:
     """Whether training copies ``x`` to ``device`` once: it is there already, or it fits a quarter of the free
     memory. Otherwise it stays where it is (host memory or a memory map) and each minibatch is gathered
-    there and moved."""
-    return x.device == device or x.numel() * x.element_size() <= memory_budget_bytes(device)
+    there and moved. Mapped images are never copied whole into host memory: on the CPU every minibatch
+    is read from the map."""
+    fits = x.numel() * x.element_size() <= memory_budget_bytes(device)
+    if isinstance(x, MappedImages):
+        return device.type != "cpu" and fits
+    return x.device == device or fits
 
 
 def train_trajectory(

@@ -252,30 +252,41 @@ def test_mapped_dataset_equals_loaded_and_maps_later_loads(tmp_path, mnist_root,
 
     ref = load_dataset("mnist", mnist_root, n_train=300, n_test=100, seed=3)
     first = mapped_dataset("mnist", mnist_root, tmp_path, n_train=300, n_test=100, seed=3)
-    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("a cached dataset was loaded again"))
+    monkeypatch.setattr(data, "_open_source", lambda *a, **k: pytest.fail("a cached dataset was read again"))
     second = mapped_dataset("mnist", mnist_root, tmp_path, n_train=300, n_test=100, seed=3)
+    rows = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:77]
+    mask = torch.rand(300, generator=torch.Generator().manual_seed(1)) < 0.3
     for b in (first, second):
-        for name in ("x_train", "y_train", "x_test", "y_test", "train_index", "test_index"):
+        assert isinstance(b.x_train, data.MappedImages) and b.x_train.shape == ref.x_train.shape
+        for name in ("x_train", "x_test"):  # read whole, by rows, by mask, by slice, by int: the same bits
+            x, r = getattr(b, name), getattr(ref, name)
+            assert torch.equal(data.dense(x), r), name
+            assert x[rows[:5] % len(r)].stride() == r[rows[:5] % len(r)].stride(), name  # convolutions pick kernels by strides
+            assert torch.equal(x[rows[rows < len(r)]], r[rows[rows < len(r)]]), name
+            assert torch.equal(x[mask[:len(r)]], r[mask[:len(r)]]) and torch.equal(x[5:60:7], r[5:60:7]), name
+            assert torch.equal(x[-1], r[-1]) and torch.equal(x[np.int64(3)], r[3]), name
+            assert torch.equal(x[rows[:12].view(3, 4) % len(r)], r[rows[:12].view(3, 4) % len(r)]), name
+        for name in ("y_train", "y_test", "train_index", "test_index"):
             assert torch.equal(getattr(b, name), getattr(ref, name)), name
         assert (b.name, b.num_classes, b.mean, b.std) == (ref.name, ref.num_classes, ref.mean, ref.std)
-    # a map of the cache file, not a private copy: the tensor's memory lies in a mapping of x_train.npy
-    ptr = second.x_train.data_ptr()
-    mapped = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-        if lo <= ptr < hi:
-            mapped.append(line.split()[-1])
-    assert mapped and mapped[0].endswith("x_train.npy")
+    # a map of the raw uint8 images (a quarter of the normalised size), not a private copy
+    assert isinstance(second.x_train.raw, np.memmap) and second.x_train.raw.dtype == np.uint8
+    assert Path(second.x_train.raw.filename).name == "x_train.npy"
+    assert Path(second.x_train.raw.filename).stat().st_size <= ref.x_train.numel() + 4096
     assert len(list(tmp_path.iterdir())) == 1  # one folder per argument set
+    assert not list(tmp_path.glob("*/*.tmp*"))  # no temp files left
     with pytest.raises(pytest.fail.Exception):
         mapped_dataset("mnist", mnist_root, tmp_path, n_train=200, n_test=100, seed=3)  # other args: new key
 
 
-def test_pipeline_with_mapped_data_is_identical(tmp_path, mnist_root):
+def test_pipeline_with_mapped_data_is_identical(tmp_path, mnist_root, monkeypatch):
     import h5py
 
     from ddm_hpc.cli import main
+    from ddm_hpc.data import MappedImages
 
+    # on the CPU no stage reads the mapped set whole: training, features, distillation take rows
+    monkeypatch.setattr(MappedImages, "to", lambda *a, **k: pytest.fail("the mapped images were read whole"))
     args = ["--preset", "smoke", "--distill-steps", "2", "--data-root", str(mnist_root), "--no-progress"]
     assert main(["run", *args, "--out", str(tmp_path / "mem")]) == 0
     assert main(["run", *args, "--data-cache", "mmap", "--out", str(tmp_path / "map")]) == 0

@@ -47,7 +47,7 @@ from torch import nn
 
 from ddm_hpc.config import Config, merge
 from ddm_hpc.pipeline import load_saved_config
-from ddm_hpc.data import DatasetBundle, denormalize
+from ddm_hpc.data import DatasetBundle, dense, denormalize
 from ddm_hpc.diagnose import DiagnoseContext, Section
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.storage import artifact_path, atomic_h5, open_read
@@ -544,7 +544,7 @@ def corrupt(bundle: DatasetBundle, kind: str, fraction: float, level: float, see
     n = len(bundle.y_train)
     gen = generator(seed, 97, {"noise": 1, "labels": 2}[kind])
     rows = torch.randperm(n, generator=gen)[:int(round(fraction * n))]
-    x = denormalize(bundle.x_train, bundle.mean, bundle.std).clamp(0, 1)
+    x = denormalize(dense(bundle.x_train), bundle.mean, bundle.std).clamp(0, 1)
     y = bundle.y_train.clone()
     if kind == "noise":
         x[rows] = (x[rows] + level * torch.randn(x[rows].shape, generator=gen)).clamp(0, 1)
@@ -583,7 +583,7 @@ def noisy_run(dc: DiagnoseContext, kind: str) -> tuple[Config, DatasetBundle, np
     else:
         x, y, corrupted = corrupt(dc.bundle, kind, dg.corrupt_fraction, dg.noise_level, cfg.seed)
         tmp = out / ".data.tmp.npz"
-        x_test = denormalize(dc.bundle.x_test, dc.bundle.mean, dc.bundle.std).clamp(0, 1)
+        x_test = denormalize(dense(dc.bundle.x_test), dc.bundle.mean, dc.bundle.std).clamp(0, 1)
         np.savez(tmp, x=_channels_last(x), y=y.numpy(), x_test=_channels_last(x_test), y_test=dc.bundle.y_test.numpy(),
                  corrupted=corrupted)
         tmp.replace(data)

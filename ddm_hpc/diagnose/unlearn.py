@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ddm_hpc.attribute import FinetuneSpec, finetune_many, group_weights, removal_spec
+from ddm_hpc.data import dense
 from ddm_hpc.diagnose import DiagnoseContext, Section, ddm_match_run
 from ddm_hpc.diagnose.removal import Plan, assignment_of, predict, run_plan, trained_model
 from ddm_hpc.distill import read_synsets
@@ -101,7 +102,7 @@ def unlearn_section(dc: DiagnoseContext) -> Section:
     pert = torch.ones(len(clusters), k, dtype=torch.uint8)
     pert[torch.arange(len(clusters)), torch.from_numpy(clusters)] = 0
     w = group_weights(level, ac.finetune_scale, tc.lr, tc.momentum, tc.batch_size, lr)
-    eval_x = torch.cat([bundle.x_test, bundle.x_train])
+    eval_x = torch.cat([dense(bundle.x_test), dense(bundle.x_train)])
     m_test = len(bundle.y_test)
     ddm = finetune_many(model, theta, level.images.flatten(0, 1), level.flat_targets(),
                         removal_spec(pert, level.images.shape[1], w), steps, lr, level.unlearn_direction, eval_x,
