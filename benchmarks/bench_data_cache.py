@@ -8,7 +8,7 @@ Three measurements, each mode in fresh processes, in one run:
 2. One shuffled epoch of minibatches (``x_train[rows]``, batch 256), as training reads them when the
    set is not resident on the device: images/s and peak private memory.
 3. ``--procs`` processes each load the data the way a stage, a ``--workers`` process or a SLURM task
-   does, touch every training image, and report their proportional set size (PSS: shared pages
+   does, touch every training image (one shuffled epoch of the run's batch size), and report their proportional set size (PSS: shared pages
    divided among the processes that map them, /proc/self/smaps_rollup, Linux only); summed.
 
     python benchmarks/bench_data_cache.py                 # full local MNIST subset (17 435 images), 4 processes
@@ -39,10 +39,12 @@ def _worker(cfg_dict: dict, ready, go, out) -> None:
 
     torch.set_num_threads(1)
     base = _pss_mb()
-    bundle = load_data(Config.from_dict(cfg_dict))
+    cfg = Config.from_dict(cfg_dict)
+    bundle = load_data(cfg)
     total = 0.0
-    for i in range(0, len(bundle.y_train), 4096):  # touch every image once, as an epoch does
-        total += float(bundle.x_train[i:i + 4096].sum())
+    order = torch.randperm(len(bundle.y_train), generator=torch.Generator().manual_seed(0))
+    for i in range(0, len(order), cfg.train.batch_size):  # touch every image once, as an epoch does
+        total += float(bundle.x_train[order[i:i + cfg.train.batch_size]].sum())
     ready.set()
     go.wait()  # every process holds its data now: PSS divides the shared pages among all of them
     out.put((_pss_mb() - base, total))
@@ -55,6 +57,9 @@ def _first_load(cfg_dict: dict, out) -> None:
     from ddm_hpc.config import Config
     from ddm_hpc.features import PeakRSS
     from ddm_hpc.train import load_data
+
+    import h5py  # noqa: F401  (imports before the baseline: only the loading counts)
+    import torchvision  # noqa: F401
 
     torch.set_num_threads(1)
     torch.zeros(4, 3, 2, 2).double().square_().sum((0, 2, 3))  # first-use allocations before the baseline

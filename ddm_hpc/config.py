@@ -369,9 +369,14 @@ class RuntimeConfig:
         "recompute the requested stages even where an artifact exists (required when it was made with another config)"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
     data_cache: str = field(default="memory", metadata=_help(
-        "memory: every process loads the dataset into its own memory; mmap: the first load writes the normalised "
-        "arrays to RUN/.data/<key>/*.npy and every later one (stages, --workers processes, SLURM tasks) maps them, "
-        "so processes share the page cache instead of each holding a copy"))
+        "memory: every process loads the dataset into its own memory; mmap: the first load streams the source "
+        "chunk by chunk into raw (uint8) arrays under RUN/.data/<key>/ and every load (stages, --workers processes, "
+        "SLURM tasks) maps them and normalises the rows it reads, so no process holds the dataset and processes "
+        "share the page cache (results are bit-identical)"))
+    loader_workers: int = field(default=0, metadata=_help(
+        "processes that read training minibatches when the training set is not copied to the device whole "
+        "(--data-cache mmap on CPU, or a set larger than a quarter of free GPU memory); 0 = read them in the "
+        "training process (same results either way)"))
     shards: int = field(default=1, metadata=_help(
         "tasks per sharded stage (distill: groups, attribute: perturbation blocks); each writes its own HDF5 shard "
         "under RUN/shards and the merged artifact is the same for any value"))
@@ -398,6 +403,8 @@ class RuntimeConfig:
         _choice(self, "data_cache", ("memory", "mmap"))
         if self.shards < 1:
             raise ConfigError(f"--shards must be >= 1, got {self.shards}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be >= 0 (0 = read minibatches in-process), got {self.loader_workers}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0 (0 = one per core), got {self.workers}")
 

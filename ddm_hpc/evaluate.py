@@ -128,7 +128,8 @@ def retrain_keep(cfg: Config, bundle: DatasetBundle, keep: torch.Tensor, seed_of
     # Record only theta_0 and theta_tau and skip test accuracy: neither changes the training.
     tcfg = dataclasses.replace(cfg.train, save_every=cfg.train.epochs)
     traj = train_trajectory(model, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], tcfg,
-                            seed, torch.device(device), keep=keep.bool(), show_progress=False)
+                            seed, torch.device(device), keep=keep.bool(), show_progress=False,
+                            loader_workers=cfg.runtime.loader_workers)
     return traj.params[-1]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,43 @@ def resident_on(x: torch.Tensor | MappedImages, device: torch.device) -> bool:
     return x.device == device or fits
 
 
+class _Rows(torch.utils.data.Dataset):
+    """``(x[rows], y[rows])`` per batch of rows, for a DataLoader whose workers gather minibatches."""
+
+    def __init__(self, x: torch.Tensor | MappedImages, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitems__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(rows, dtype=torch.int64)
+        return self.x[idx], self.y[idx]
+
+
+def minibatches(x: torch.Tensor | MappedImages, y: torch.Tensor, batches: list[torch.Tensor], device: torch.device,
+                workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x[b], y[b])`` on ``device`` for each index tensor ``b`` of ``batches``, in order.
+
+    With ``workers`` > 0 a DataLoader's worker processes gather them (a mapped dataset is mapped
+    again in each worker, never copied; on a GPU the batches come in pinned memory), so reading
+    and normalising the next batches overlaps the training step.
+    """
+    if workers == 0:
+        for idx in batches:
+            idx = idx.to(x.device)
+            yield x[idx].to(device), y[idx].to(device)
+        return
+    from torch.utils.data import DataLoader
+
+    from ddm_hpc.stream import _first
+
+    loader = DataLoader(_Rows(x, y.cpu()), batch_sampler=[b.tolist() for b in batches], collate_fn=_first,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+
 def train_trajectory(
     model: nn.Module,
     x: torch.Tensor,
@@ -108,6 +146,7 @@ def train_trajectory(
     device: torch.device,
     keep: torch.Tensor | None = None,
     show_progress: bool = True,
+    loader_workers: int = 0,
 ) -> Trajectory:
     """SGD from the model's current parameters (theta_0); record every ``save_every`` epochs.
 
@@ -119,11 +158,14 @@ def train_trajectory(
         seed: seeds the per-epoch data order (``epoch_order``).
         device: where to train.
         keep: optional bool [N]; False rows are dropped from the full run's data order.
+        loader_workers: when ``x`` is not copied to ``device`` whole (:func:`resident_on`), processes that
+            gather the minibatches (same batches, same order, same values); 0 = this process.
     """
     model.to(device).train()
     table = ParamTable.from_module(model)
     opt = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-    x_dev, y_dev = (x.to(device), y.to(device)) if resident_on(x, device) else (x, y)
+    resident = resident_on(x, device)
+    x_dev, y_dev = (x.to(device), y.to(device)) if resident else (x, y)
     keep_cpu = None if keep is None else keep.bool().cpu()
     rows = [table.flatten(dict(model.named_parameters()))]
     epochs, accs, losses = [0], [accuracy(model, x_test, y_test)], [float("nan")]
@@ -133,14 +175,14 @@ def train_trajectory(
         if keep_cpu is not None:
             order = order[keep_cpu[order]]
         total, count = 0.0, 0
-        for i in range(0, len(order), tcfg.batch_size):
-            idx = order[i:i + tcfg.batch_size].to(x_dev.device)
-            loss = F.cross_entropy(model(x_dev[idx].to(device)), y_dev[idx].to(device))
+        batches = list(order.split(tcfg.batch_size))
+        for xb, yb in minibatches(x_dev, y_dev, batches, device, 0 if resident else loader_workers):
+            loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += loss.item() * len(yb)
+            count += len(yb)
         if not math.isfinite(total):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {total}): lower --lr")
         if epoch % tcfg.save_every == 0 or epoch == tcfg.epochs:
@@ -163,7 +205,8 @@ def run_train(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
              cfg.model.model, bundle.name, len(bundle.y_train), len(bundle.y_test),
              sum(p.numel() for p in model.parameters()), cfg.train.epochs, device)
     traj = train_trajectory(model, bundle.x_train, bundle.y_train, bundle.x_test, bundle.y_test, cfg.train,
-                            cfg.seed, device, show_progress=cfg.runtime.progress)
+                            cfg.seed, device, show_progress=cfg.runtime.progress,
+                            loader_workers=cfg.runtime.loader_workers)
     path = artifact_path(cfg.runtime.out, "train")
     with atomic_h5(path) as f:
         g = f.create_group("trajectory")

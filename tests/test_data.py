@@ -289,7 +289,7 @@ def test_pipeline_with_mapped_data_is_identical(tmp_path, mnist_root, monkeypatc
     monkeypatch.setattr(MappedImages, "to", lambda *a, **k: pytest.fail("the mapped images were read whole"))
     args = ["--preset", "smoke", "--distill-steps", "2", "--data-root", str(mnist_root), "--no-progress"]
     assert main(["run", *args, "--out", str(tmp_path / "mem")]) == 0
-    assert main(["run", *args, "--data-cache", "mmap", "--out", str(tmp_path / "map")]) == 0
+    assert main(["run", *args, "--data-cache", "mmap", "--loader-workers", "2", "--out", str(tmp_path / "map")]) == 0
     assert (tmp_path / "map" / ".data").is_dir()
     for name, key in (("train.h5", "trajectory/params"), ("synsets.h5", "cluster/images"), ("attribution.h5", "scores")):
         with h5py.File(tmp_path / "mem" / name) as a, h5py.File(tmp_path / "map" / name) as b:

@@ -86,3 +86,37 @@ def test_dataset_too_large_for_the_device_stays_put_and_trains_the_same(monkeypa
     assert (96, 1, 8, 8) not in moved and (16, 1, 8, 8) in moved  # batches moved, never the whole set
     monkeypatch.undo()
     assert train.resident_on(torch.zeros(3), torch.device("cpu"))  # already there
+
+
+def test_mapped_images_and_loader_workers_train_the_same(tmp_path):
+    """Training from the streamed cache, in-process or with 2 worker processes gathering the minibatches,
+    follows the in-memory trajectory bit for bit (with a keep mask); the mapped set is never made resident
+    on the CPU."""
+    import h5py
+    import numpy as np
+
+    import ddm_hpc.train as train
+    from ddm_hpc.data import load_dataset, mapped_dataset
+
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = rng.integers(0, 120, (120, 8, 8), dtype=np.uint8)
+    x[:, :2] += (40 * y).astype(np.uint8)[:, None, None]
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, y
+    ref = load_dataset(str(tmp_path / "d.h5"), seed=0)
+    mapped = mapped_dataset(str(tmp_path / "d.h5"), tmp_path, tmp_path / "cache", seed=0)
+    assert not train.resident_on(mapped.x_train, torch.device("cpu"))
+    keep = torch.ones(len(ref.y_train), dtype=torch.bool)
+    keep[::4] = False
+
+    def run(b, workers):
+        torch.manual_seed(0)
+        model = build_model("convnet", 1, 3, (8, 8), width=4, depth=2)
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, save_every=1)
+        return train_trajectory(model, b.x_train, b.y_train, b.x_test, b.y_test, cfg, 0, torch.device("cpu"),
+                                keep=keep, show_progress=False, loader_workers=workers).params
+
+    in_memory = run(ref, 0)
+    assert torch.equal(run(mapped, 0), in_memory)
+    assert torch.equal(run(mapped, 2), in_memory)
