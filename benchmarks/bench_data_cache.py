@@ -14,6 +14,10 @@ Three measurements, each mode in fresh processes, in one run:
     python benchmarks/bench_data_cache.py                 # full local MNIST subset (17 435 images), 4 processes
     python benchmarks/bench_data_cache.py --n-train 2000 --procs 2
     python benchmarks/bench_data_cache.py --synthetic 200000 --size 32   # an RGB HDF5 file written first
+    python benchmarks/bench_data_cache.py --synthetic 20000 --size 64 --format folder   # <class>/*.jpg files
+
+With ``--format folder`` it also times decoding the first 2048 files with one thread against one
+per core (``ddm_hpc.data.DECODE_THREADS``; the default uses threads on machines with 4+ cores only).
 """
 from __future__ import annotations
 
@@ -115,6 +119,40 @@ def synthetic_h5(path: Path, n: int, size: int, seed: int = 0) -> Path:
     return path
 
 
+def synthetic_folder(root: Path, n: int, size: int, seed: int = 0) -> Path:
+    """``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (100 classes, 1000 validation images), smooth
+    random images (JPEG-compressible, like photos, unlike noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", 1000)):
+        for i in range(count):
+            folder = root / split / f"c{i % 100:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((size, size), Image.BILINEAR).save(folder / f"{i:07d}.jpg", quality=90)
+    return root
+
+
+def decode_speed(root: Path, n: int = 2048) -> tuple[float, float, int]:
+    """(images/s with 1 thread, images/s with one thread per core, cores) decoding the first n training files."""
+    import os
+
+    import ddm_hpc.data as data
+
+    files = sorted((root / "train").rglob("*.jpg"))[:n]
+    threads, default = os.cpu_count() or 1, data.DECODE_THREADS
+    rates = []
+    for k in (1, threads):
+        data.DECODE_THREADS = k
+        t0 = time.perf_counter()
+        data._load_images(files)
+        rates.append(len(files) / (time.perf_counter() - t0))
+    data.DECODE_THREADS = default
+    return rates[0], rates[1], threads
+
+
 def measure(cfg_dict: dict, procs: int) -> tuple[float, float]:
     """(summed PSS growth in MB over ``procs`` processes, seconds)."""
     ctx = mp.get_context("spawn")
@@ -140,13 +178,24 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--synthetic", type=int, default=0, help="N > 0: write an RGB HDF5 file of N images and use it")
     ap.add_argument("--size", type=int, default=32, help="image side of --synthetic")
+    ap.add_argument("--format", choices=("h5", "folder"), default="h5", help="what --synthetic writes")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dataset = "mnist"
         if args.synthetic:
             t0 = time.perf_counter()
-            dataset = str(synthetic_h5(Path(tmp) / "synthetic.h5", args.synthetic, args.size))
-            print(f"wrote {dataset}: {Path(dataset).stat().st_size / 2**20:.0f} MB in {time.perf_counter() - t0:.1f} s")
+            if args.format == "h5":
+                path = synthetic_h5(Path(tmp) / "synthetic.h5", args.synthetic, args.size)
+                size_mb = path.stat().st_size / 2**20
+            else:
+                path = synthetic_folder(Path(tmp) / "synthetic", args.synthetic, args.size)
+                size_mb = sum(f.stat().st_size for f in path.rglob("*.jpg")) / 2**20
+            dataset = str(path)
+            print(f"wrote {dataset}: {size_mb:.0f} MB in {time.perf_counter() - t0:.1f} s")
+            if args.format == "folder":
+                one, many, threads = decode_speed(path)
+                print(f"decoding 2048 files: 1 thread {one:.0f} images/s, {threads} threads {many:.0f} images/s "
+                      f"({many / one:.2f}x)")
         cfg = {"data": {"dataset": dataset, "data_root": args.data_root, "n_train": args.n_train, "n_test": 1000},
                "runtime": {"out": tmp, "progress": False}}
         mapped = {**cfg, "runtime": {**cfg["runtime"], "data_cache": "mmap"}}

@@ -98,8 +98,18 @@ def resident_on(x: torch.Tensor | MappedImages, device: torch.device) -> bool:
     return x.device == device or fits
 
 
+def _fetch(x: torch.Tensor | MappedImages, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` where it lives: a tensor's rows, or a mapped set's raw (uint8) rows."""
+    return x.rows(idx) if isinstance(x, MappedImages) else x[idx.to(x.device)]
+
+
+def _finish(x: torch.Tensor | MappedImages, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Fetched rows as normalised images on ``device`` (a mapped set's are converted there)."""
+    return x.normalise(rows, device) if isinstance(x, MappedImages) else rows.to(device, non_blocking=True)
+
+
 class _Rows(torch.utils.data.Dataset):
-    """``(x[rows], y[rows])`` per batch of rows, for a DataLoader whose workers gather minibatches."""
+    """``(_fetch(x, rows), y[rows])`` per batch of rows, for a DataLoader whose workers gather minibatches."""
 
     def __init__(self, x: torch.Tensor | MappedImages, y: torch.Tensor) -> None:
         self.x, self.y = x, y
@@ -109,21 +119,21 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitems__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor(rows, dtype=torch.int64)
-        return self.x[idx], self.y[idx]
+        return _fetch(self.x, idx), self.y[idx]
 
 
 def minibatches(x: torch.Tensor | MappedImages, y: torch.Tensor, batches: list[torch.Tensor], device: torch.device,
                 workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x[b], y[b])`` on ``device`` for each index tensor ``b`` of ``batches``, in order.
 
-    With ``workers`` > 0 a DataLoader's worker processes gather them (a mapped dataset is mapped
-    again in each worker, never copied; on a GPU the batches come in pinned memory), so reading
-    and normalising the next batches overlaps the training step.
+    A mapped set's rows are read raw (uint8) and converted on ``device``: a GPU receives a quarter
+    of the bytes and does the conversion. With ``workers`` > 0 a DataLoader's worker processes read
+    the rows (a mapped set is mapped again in each worker, never copied; on a GPU the batches come
+    in pinned memory), so reading the next batches overlaps the training step.
     """
     if workers == 0:
         for idx in batches:
-            idx = idx.to(x.device)
-            yield x[idx].to(device), y[idx].to(device)
+            yield _finish(x, _fetch(x, idx), device), y[idx.to(y.device)].to(device)
         return
     from torch.utils.data import DataLoader
 
@@ -132,7 +142,7 @@ def minibatches(x: torch.Tensor | MappedImages, y: torch.Tensor, batches: list[t
     loader = DataLoader(_Rows(x, y.cpu()), batch_sampler=[b.tolist() for b in batches], collate_fn=_first,
                         num_workers=workers, pin_memory=device.type == "cuda")
     for xb, yb in loader:
-        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        yield _finish(x, xb, device), yb.to(device, non_blocking=True)
 
 
 def train_trajectory(
