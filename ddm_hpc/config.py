@@ -29,7 +29,8 @@ def _help(text: str) -> dict[str, str]:
 @dataclass
 class DataConfig:
     dataset: str = field(default="mnist", metadata=_help(
-        "mnist, fashionmnist, cifar10, cifar100, or a path to an .npz/.h5 array file or an image folder"))
+        "mnist, fashionmnist, cifar10, cifar100, or a path to an .npz/.h5 array file, a folder of .npz chunks or an "
+        "image folder"))
     data_root: str = field(default="../shared/data", metadata=_help(
         "folder holding the torchvision dataset folders (MNIST/raw, cifar-10-batches-py, ...)"))
     n_train: int | None = field(default=2000, metadata=_help(

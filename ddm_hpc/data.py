@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npz", ".h5", ".hdf5")
 _FORMS = ("a .npz/.h5/.hdf5 file with 'x' [N,H,W(,C)] and 'y' [N] (optionally 'x_test'/'y_test'), "
-          "or an image folder (TinyImageNet train/+val/val_annotations.txt, train/<class>/ with "
+          "a folder of .npz chunks each with 'x' and 'y', or an image folder (TinyImageNet train/+val/val_annotations.txt, train/<class>/ with "
           "val/<class>/ or test/<class>/, or <class>/ subfolders)")
 
 
@@ -202,6 +202,8 @@ def _open_source(dataset: str, root: Path, seed: int, test_fraction: float) -> t
     path = _resolve_path(dataset, root)
     if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
         return dataset, _array_source(path, seed, test_fraction)
+    if path.is_dir() and any(path.glob("*.npz")):
+        return dataset, _chunks_source(path, seed, test_fraction)
     if path.is_dir():
         return dataset, _folder_source(path, seed, test_fraction)
     raise DataError(f"unknown dataset {dataset!r}: not one of {', '.join(available_datasets())} "
@@ -679,6 +681,30 @@ def _array_source(path: Path, seed: int, test_fraction: float) -> _Source:
     return _Source(y_train=y[train_index], y_test=y_test[test_index], train_index=train_index,
                    test_index=test_index, num_classes=num_classes,
                    load=lambda i, j: (_take(x, i), _take(x_test, j)), where=str(path))
+
+
+def _chunks_source(folder: Path, seed: int, test_fraction: float) -> _Source:
+    """A folder of ``.npz`` chunks (sorted by name, each with ``x`` and ``y``), split per class here.
+
+    Only the labels are read up front; images are read one chunk file at a time
+    (:class:`ddm_hpc.stream.NpzChunkStream`).
+    """
+    from ddm_hpc.stream import NpzChunkStream
+
+    chunks = NpzChunkStream(folder)
+    first = chunks.read_raw([0])
+    if first.ndim not in (3, 4) or (first.ndim == 4 and first.shape[-1] > 4):
+        raise DataError(f"{chunks.files[0]}: 'x' has shape {first.shape}; expected [N,H,W] or channels-last "
+                        "[N,H,W,C] with C <= 4")
+    y = torch.from_numpy(chunks.labels)
+    train_index, test_index = _stratified_split(y, test_fraction, seed, folder)
+
+    def load(i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.from_numpy(chunks.read_raw(k.numpy())) if len(k) else
+                     torch.from_numpy(np.empty((0, *first.shape[1:]), dtype=first.dtype)) for k in (i, j))
+
+    return _Source(y_train=y[train_index], y_test=y[test_index], train_index=train_index, test_index=test_index,
+                   num_classes=chunks.num_classes, load=load, where=str(folder))
 
 
 def _check_contiguous(y: torch.Tensor, where: Path, key: str) -> int:

@@ -62,6 +62,10 @@ class StreamDataset(Dataset):
         """Raw images of sorted unique ``rows``: uint8 or float ``[B, H, W(, C)]``."""
         raise NotImplementedError
 
+    def read_raw(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images of sorted unique ``rows`` as stored: uint8 or float ``[B, H, W(, C)]``."""
+        return self._read(np.asarray(rows, dtype=np.int64))
+
     def read_unit(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Images of ``rows`` (any order, repeats allowed) in [0, 1]: float32 ``[B, C, H, W]``."""
         rows = np.asarray(rows, dtype=np.int64)

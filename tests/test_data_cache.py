@@ -207,3 +207,23 @@ def test_threaded_decoding_equals_sequential_and_names_a_bad_file(tmp_path, monk
     files[70].write_bytes(b"broken")
     with pytest.raises(DataError, match="070.png"):
         data._load_images(files)
+
+
+def test_folder_of_npz_chunks_equals_one_file(tmp_path, monkeypatch):
+    """Three chunk files of uneven size load like the same rows in one .npz (same split, same bits),
+    in memory and through the cache (100-row cache chunks, so cache chunks straddle chunk files)."""
+    monkeypatch.setattr(data, "STATS_BYTES", 8 * 48 * 50)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4 * 48 * 100)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (430, 4, 4, 3), dtype=np.uint8)
+    y = rng.integers(0, 5, 430)
+    (tmp_path / "chunks").mkdir()
+    for name, (a, b) in zip(("part-0.npz", "part-1.npz", "part-2.npz"), ((0, 170), (170, 201), (201, 430))):
+        np.savez_compressed(tmp_path / "chunks" / name, x=x[a:b], y=y[a:b])
+    np.savez(tmp_path / "one.npz", x=x, y=y)
+    ref = load_dataset(str(tmp_path / "one.npz"), seed=2)
+    got = load_dataset(str(tmp_path / "chunks"), seed=2)
+    for name in ("x_train", "x_test", *FIELDS):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert (got.mean, got.std) == (ref.mean, ref.std)
+    _assert_same(mapped_dataset(str(tmp_path / "chunks"), tmp_path, tmp_path / "cache", seed=2), ref)
