@@ -212,7 +212,7 @@ def _open_source(dataset: str, root: Path, seed: int, test_fraction: float) -> t
 
 
 def _checked_unit(raw: torch.Tensor, where: str) -> torch.Tensor:
-    """:func:`_to_unit` of raw source images, warning once if float images leave [0, 1]."""
+    """:func:`_to_unit` of raw source images, with a warning if float images leave [0, 1]."""
     if raw.dtype != torch.uint8 and raw.numel() and (raw.min() < 0 or raw.max() > 1):
         logger.warning("%s: float images span [%g, %g], not [0, 1]; using them as is", where, raw.min(), raw.max())
     return _to_unit(raw)
@@ -423,10 +423,11 @@ def _write_images(path: Path, source: _Source, index: torch.Tensor, which: int, 
                 raise DataError(f"{source.where}: images at rows {a}..{a + len(raw) - 1} have shape "
                                 f"{tuple(raw.shape[1:])} but earlier ones {shape[1:]}; all images of a dataset must "
                                 "share one size (resize them first)")
-            unit = _checked_unit(raw, source.where)
             np.ascontiguousarray(raw.numpy(), dtype=dtype).tofile(fh)  # no copy for contiguous uint8
-            if stats is not None:
-                stats.add(unit)
+            if stats is not None or raw.dtype != torch.uint8:  # float images are range-checked
+                unit = _checked_unit(raw, source.where)
+                if stats is not None:
+                    stats.add(unit)
     finally:
         if fh is not None:
             fh.close()

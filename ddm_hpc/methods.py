@@ -187,17 +187,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def variant_run(ctx: Context, name: str, overrides: dict, shared: tuple[str, ...], stages: tuple[str, ...]) -> Path:
+def variant_run(ctx: Context, name: str, overrides: dict, shared: tuple[str, ...], stages: tuple[str, ...],
+                sources: dict[str, Path] | None = None) -> Path:
     """Run ``stages`` of a variant of this run in ``RUN/variants/<name>`` (resumable).
 
-    The variant shares this run's ``shared`` artifacts (hard links, so the same uids) and differs by
-    ``overrides`` (a nested config dict). Up-to-date variant artifacts are reused.
+    The variant shares the ``shared`` artifacts (hard links, so the same uids) of this run, or of the
+    run directory ``sources[stage]`` (e.g. another variant's synsets), and differs by ``overrides``
+    (a nested config dict). Up-to-date variant artifacts are reused.
     """
     from ddm_hpc.pipeline import run_stages
 
     out = ctx.run_dir / "variants" / name
     for stage in shared:
-        _link_or_copy(artifact_path(ctx.run_dir, stage), artifact_path(out, stage))
+        _link_or_copy(artifact_path((sources or {}).get(stage, ctx.run_dir), stage), artifact_path(out, stage))
     d = merge(ctx.cfg.to_dict(), overrides)
     d["runtime"]["out"] = str(out)
     d["runtime"]["overwrite"] = False

@@ -88,11 +88,13 @@ def test_cache_widens_a_folder_whose_first_colour_image_comes_late(tmp_path, mon
         _png(tmp_path / "d" / "train" / "a" / f"{k}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
     for k in range(3):
         _png(tmp_path / "d" / "train" / "b" / f"{k}.png", rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    for k in range(2):  # a grey-only chunk after the widening: repeated to RGB as it is written
+        _png(tmp_path / "d" / "train" / "c" / f"{k}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
     _png(tmp_path / "d" / "test" / "a" / "0.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
     _png(tmp_path / "d" / "test" / "b" / "0.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
     ref = load_dataset(str(tmp_path / "d"))
     got = mapped_dataset(str(tmp_path / "d"), tmp_path, tmp_path / "cache")
-    assert ref.image_shape == (3, 4, 4) and got.x_train.raw.shape == (8, 4, 4, 3)
+    assert ref.image_shape == (3, 4, 4) and got.x_train.raw.shape == (10, 4, 4, 3)
     assert got.x_test.raw.shape == (2, 4, 4, 3)  # the test folder is all grey: RGB all the same, as load_dataset
     _assert_same(got, ref)
 

@@ -225,3 +225,29 @@ def test_mean_and_std_over_seeds(evaluated, mnist_root, tmp_path):
     assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in rows["DDM-full (reverse GM)"]
     with pytest.raises(SystemExit):
         report_main(["--seeds", str(out), str(tmp_path / "missing.h5")])
+
+
+def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
+    """What benchmarks/finetune_sweep.py relies on: a variant that takes ``ddm-soft``'s synsets (linked, not
+    distilled again) and reruns only attribute with the same options reproduces ``ddm-soft``'s scores;
+    other fine-tune steps change them."""
+    from ddm_hpc.config import merge
+    from ddm_hpc.methods import VARIANT_ATTRIBUTE, Context, read_ddm_scores, variant_run
+    from ddm_hpc.storage import artifact_path, read_attrs
+    from ddm_hpc.train import load_data
+
+    cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
+                            "runtime": {"out": str(evaluated), "progress": False}})
+    bundle = load_data(cfg)
+    with h5py.File(evaluated / "clusters.h5") as f:
+        assignment, cls = (torch.from_numpy(f[k][()]).long() for k in ("clusters/assignment", "clusters/class"))
+    ctx = Context(cfg, bundle, torch.from_numpy(read_queries(evaluated)["query_position"]).long(), assignment, cls,
+                  torch.device("cpu"))
+    soft = evaluated / "variants" / "ddm-soft"
+    ref = read_ddm_scores(soft, "").scores
+    for steps, same in ((0, True), (1, False)):
+        over = merge(VARIANT_ATTRIBUTE, {"distill": {"syn_labels": "learn"}, "attribute": {"finetune_steps": steps}})
+        out = variant_run(ctx, f"t-steps{steps}", over, ("train", "cluster", "distill"), ("attribute",),
+                          sources={"distill": soft})
+        assert read_attrs(artifact_path(out, "distill"))["uid"] == read_attrs(artifact_path(soft, "distill"))["uid"]
+        assert torch.equal(read_ddm_scores(out, "").scores, ref) == same, steps
