@@ -22,14 +22,10 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from ddm_hpc.config import Config, merge
-from ddm_hpc.evaluate import load_retrained, method_metrics, read_queries
-from ddm_hpc.methods import VARIANT_ATTRIBUTE, Context, read_ddm_scores, variant_run
-from ddm_hpc.storage import artifact_path, open_read
-from ddm_hpc.train import load_data
-from ddm_hpc.utils import resolve_device
+from ddm_hpc.evaluate import load_retrained, method_metrics, run_context
+from ddm_hpc.methods import VARIANT_ATTRIBUTE, read_ddm_scores, variant_run
 
 
 def main() -> None:
@@ -45,17 +41,9 @@ def main() -> None:
     run = Path(args.run_dir)
     cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
                             "runtime": {"out": str(run), "progress": False, "overwrite": False}})
-    bundle = load_data(cfg)
-    device = resolve_device(cfg.runtime.device)
-    queries = read_queries(run)
-    query_pos = torch.from_numpy(queries["query_position"]).long()
-    labels = torch.from_numpy(queries["query_label"]).long()
-    with open_read(artifact_path(run, "cluster")) as f:
-        assignment = torch.from_numpy(f["clusters/assignment"][()]).long()
-        cluster_class = torch.from_numpy(f["clusters/class"][()]).long()
-    retrained = load_retrained(cfg, len(cluster_class), query_pos)
-    ctx = Context(cfg, bundle, query_pos, assignment, cluster_class, device)
-    print(f"run {run}: {len(query_pos)} queries, K = {len(cluster_class)}, {len(retrained.masks)} LDS subsets, "
+    ctx, labels = run_context(cfg)
+    retrained = load_retrained(cfg, ctx.k, ctx.query_pos)
+    print(f"run {run}: {len(labels)} queries, K = {ctx.k}, {len(retrained.masks)} LDS subsets, "
           f"tau = {cfg.train.epochs // cfg.train.save_every}")
     print(f"{'labels':6s} {'ipc':>3s} {'scale':8s} {'T':>3s}  {'Dist1 x100':>14s}  {'LDS':>16s}  attribute s")
     for lab in args.labels:

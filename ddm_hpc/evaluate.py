@@ -651,6 +651,23 @@ def unlearn_all_accuracy(cfg: Config, bundle: DatasetBundle, run_dir: Path, devi
     return float((probs[0].argmax(1) == bundle.y_test).float().mean())
 
 
+def run_context(cfg: Config, bundle: DatasetBundle | None = None):
+    """(:class:`~ddm_hpc.methods.Context`, query labels int64 [Q]) of the run in ``cfg.runtime.out``: its
+    data (loaded unless given), the attribute stage's queries and the clusters."""
+    from ddm_hpc.methods import Context
+    from ddm_hpc.train import load_data
+
+    run_dir = Path(cfg.runtime.out)
+    bundle = bundle or load_data(cfg)
+    queries = read_queries(run_dir)
+    with open_read(artifact_path(run_dir, "cluster")) as f:
+        assignment = torch.from_numpy(f["clusters/assignment"][()]).long()
+        cluster_class = torch.from_numpy(f["clusters/class"][()]).long()
+    ctx = Context(cfg, bundle, torch.from_numpy(queries["query_position"]).long(), assignment, cluster_class,
+                  resolve_device(cfg.runtime.device))
+    return ctx, torch.from_numpy(queries["query_label"]).long()
+
+
 # ----------------------------------------------------------------------------- the stage
 @sharded
 def run_evaluate(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
@@ -658,21 +675,14 @@ def run_evaluate(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
 
     The retrainings run on the configured executor (SLURM arrays included); scoring the methods,
     their variant runs and the report run in this process."""
-    from ddm_hpc.methods import Context, score_methods
+    from ddm_hpc.methods import score_methods
     from ddm_hpc.report import write_report
-    from ddm_hpc.train import load_data
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.runtime.out)
-    bundle = bundle or load_data(cfg)
-    device = resolve_device(cfg.runtime.device)
+    ctx, labels = run_context(cfg, bundle)
+    bundle, device, query_pos, k = ctx.bundle, ctx.device, ctx.query_pos, ctx.k
     queries = read_queries(run_dir)
-    query_pos = torch.from_numpy(queries["query_position"]).long()
-    labels = torch.from_numpy(queries["query_label"]).long()
-    with open_read(artifact_path(run_dir, "cluster")) as f:
-        assignment = torch.from_numpy(f["clusters/assignment"][()]).long()
-        cluster_class = torch.from_numpy(f["clusters/class"][()]).long()
-    k = len(cluster_class)
     n_jobs = len(retrain_jobs(cfg, k))
     log.info("evaluate: %d exact retrainings (K=%d leave-one-out x %d seeds, %d noise seeds, %d LDS subsets), "
              "%d queries", n_jobs, len(removed_clusters(cfg, k)), cfg.evaluate.gt_seeds, cfg.evaluate.noise_seeds,
@@ -685,7 +695,6 @@ def run_evaluate(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
         log.warning("evaluate: the full-data retraining differs from theta_tau by %.2g in softmax: training is not "
                     "deterministic on this device, so ground truth carries that noise too", drift)
 
-    ctx = Context(cfg, bundle, query_pos, assignment, cluster_class, device)
     results = score_methods(ctx, cfg.evaluate.method_list())
     metrics = {name: method_metrics(res, retrained, labels) for name, res in results.items()}
     refs = reference_rows(retrained, labels)

@@ -232,17 +232,15 @@ def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
     distilled again) and reruns only attribute with the same options reproduces ``ddm-soft``'s scores;
     other fine-tune steps change them."""
     from ddm_hpc.config import merge
-    from ddm_hpc.methods import VARIANT_ATTRIBUTE, Context, read_ddm_scores, variant_run
+    from ddm_hpc.evaluate import run_context
+    from ddm_hpc.methods import VARIANT_ATTRIBUTE, read_ddm_scores, variant_run
     from ddm_hpc.storage import artifact_path, read_attrs
-    from ddm_hpc.train import load_data
 
     cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
                             "runtime": {"out": str(evaluated), "progress": False}})
-    bundle = load_data(cfg)
+    ctx, labels = run_context(cfg)
     with h5py.File(evaluated / "clusters.h5") as f:
-        assignment, cls = (torch.from_numpy(f[k][()]).long() for k in ("clusters/assignment", "clusters/class"))
-    ctx = Context(cfg, bundle, torch.from_numpy(read_queries(evaluated)["query_position"]).long(), assignment, cls,
-                  torch.device("cpu"))
+        assert torch.equal(labels, ctx.query_y) and ctx.k == len(f["clusters/class"])
     soft = evaluated / "variants" / "ddm-soft"
     ref = read_ddm_scores(soft, "").scores
     for steps, same in ((0, True), (1, False)):
