@@ -7,7 +7,9 @@ the paper (Ye et al., CVPR 2024, Table 5 / section 4.1), the help text says so a
 :func:`paper_preset` restores the paper's value.
 
 Each stage's artifact stores a hash of the config sections it depends on (``stage_key``);
-a run directory whose artifact was made with a different upstream config is refused.
+a run directory whose artifact was made with a different upstream config is refused. A field
+added to a section that runs already hash declares ``_help(..., added=True)``: at its default it
+stays out of the hash, so those runs remain valid.
 """
 from __future__ import annotations
 
@@ -22,8 +24,19 @@ from ddm_hpc.errors import ConfigError
 STAGES = ("train", "cluster", "distill", "attribute")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, added: bool = False) -> dict[str, object]:
+    """Field metadata. ``added``: an option added after runs existed; it is left out of the stage key
+    while it has its default, so artifacts made before it existed stay valid."""
+    return {"help": text, "added": added}
+
+
+def _key_dict(section: Any) -> dict[str, Any]:
+    """A config section as it enters a stage key: added options at their default are left out."""
+    d = dataclasses.asdict(section)
+    for f in dataclasses.fields(section):
+        if f.metadata.get("added") and d[f.name] == f.default:
+            del d[f.name]
+    return d
 
 
 @dataclass
@@ -37,8 +50,14 @@ class DataConfig:
         "class-stratified training subset size; 0 = the whole training set (paper: all)"))
     n_test: int | None = field(default=1000, metadata=_help(
         "class-stratified test subset size (queries are drawn from it); 0 = all"))
+    image_size: int = field(default=0, metadata=_help(
+        "image folders only: resize each image's shorter side to this many pixels and crop the centre square, "
+        "as ImageNet's variable-size JPEGs need (e.g. 64); 0 = as stored, all images must then share one size",
+        added=True))
 
     def __post_init__(self) -> None:
+        if self.image_size < 0:
+            raise ConfigError(f"--image-size must be >= 0 (0 = as stored), got {self.image_size}")
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -452,7 +471,7 @@ class Config:
         """The config a stage's result depends on."""
         d = {"seed": self.seed}
         for sec in STAGE_SECTIONS[stage]:
-            d[sec] = dataclasses.asdict(getattr(self, sec))
+            d[sec] = _key_dict(getattr(self, sec))
         return d
 
     def stage_key(self, stage: str) -> str:

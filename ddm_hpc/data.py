@@ -156,7 +156,8 @@ def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 
 
 def load_dataset(dataset: str, data_root: str | Path = "../shared/data", n_train: int | None = None,
-                 n_test: int | None = None, seed: int = 0, test_fraction: float = 0.2) -> DatasetBundle:
+                 n_test: int | None = None, seed: int = 0, test_fraction: float = 0.2,
+                 image_size: int = 0) -> DatasetBundle:
     """Load a dataset, take seeded class-stratified subsets and normalise it.
 
     Args:
@@ -168,6 +169,7 @@ def load_dataset(dataset: str, data_root: str | Path = "../shared/data", n_train
         n_test: test rows to keep (None = all), balanced over classes.
         seed: seeds the subsets and, for sources without a test split, the held-out split.
         test_fraction: share of each class held out as test when the source has no test split.
+        image_size: image folders only: shorter side resized to this, centre square cropped (0 = as stored).
 
     Returns:
         The bundle. Torchvision sets use fixed published mean/std; files and folders use the
@@ -177,7 +179,7 @@ def load_dataset(dataset: str, data_root: str | Path = "../shared/data", n_train
         DataError: the data is missing, unreadable or malformed, or the name is unknown.
         ConfigError: a size or fraction is out of range.
     """
-    name, source = _open_source(dataset, Path(data_root), seed, test_fraction)
+    name, source = _open_source(dataset, Path(data_root), seed, test_fraction, image_size)
     train_rows = _stratified_subset(source.y_train, n_train, seed, "n_train")
     test_rows = _stratified_subset(source.y_test, n_test, seed, "n_test")
     train_index, test_index = source.train_index[train_rows], source.test_index[test_rows]
@@ -192,20 +194,25 @@ def load_dataset(dataset: str, data_root: str | Path = "../shared/data", n_train
     return bundle
 
 
-def _open_source(dataset: str, root: Path, seed: int, test_fraction: float) -> tuple[str, _Source]:
+def _open_source(dataset: str, root: Path, seed: int, test_fraction: float,
+                 image_size: int = 0) -> tuple[str, _Source]:
     """The dataset's name and source (labels read, images not yet)."""
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction={test_fraction} must be strictly between 0 and 1; pass e.g. 0.2")
     key = dataset.lower().replace("-", "").replace("_", "")
+    path = _resolve_path(dataset, root)
+    is_folder = key not in _TORCHVISION and path.is_dir() and not any(path.glob("*.npz"))
+    if image_size and not is_folder:
+        raise ConfigError(f"--image-size {image_size} applies to image folders only, but {dataset!r} is not one; "
+                          "drop --image-size (arrays are used at their stored size)")
     if key in _TORCHVISION:
         return key, _torchvision_source(key, root)
-    path = _resolve_path(dataset, root)
     if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES:
         return dataset, _array_source(path, seed, test_fraction)
     if path.is_dir() and any(path.glob("*.npz")):
         return dataset, _chunks_source(path, seed, test_fraction)
     if path.is_dir():
-        return dataset, _folder_source(path, seed, test_fraction)
+        return dataset, _folder_source(path, seed, test_fraction, image_size)
     raise DataError(f"unknown dataset {dataset!r}: not one of {', '.join(available_datasets())} "
                     f"and not an existing file or folder (also tried under {root}); pass one of "
                     f"those names, {_FORMS}")
@@ -328,7 +335,7 @@ def dense(x: torch.Tensor | MappedImages) -> torch.Tensor:
 
 
 def mapped_dataset(dataset: str, data_root: str | Path, cache_root: str | Path, n_train: int | None = None,
-                   n_test: int | None = None, seed: int = 0, test_fraction: float = 0.2,
+                   n_test: int | None = None, seed: int = 0, test_fraction: float = 0.2, image_size: int = 0,
                    show_progress: bool = False) -> DatasetBundle:
     """:func:`load_dataset` streamed through a cache under ``cache_root/<key>/``; images are :class:`MappedImages`.
 
@@ -342,7 +349,7 @@ def mapped_dataset(dataset: str, data_root: str | Path, cache_root: str | Path, 
     hashes every argument and the cache format.
     """
     args = {"dataset": str(dataset), "data_root": str(data_root), "n_train": n_train, "n_test": n_test, "seed": seed,
-            "test_fraction": test_fraction, "format": CACHE_FORMAT}
+            "test_fraction": test_fraction, "image_size": image_size, "format": CACHE_FORMAT}
     folder = Path(cache_root) / hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
     meta = folder / "meta.json"
     if not meta.is_file():
@@ -357,7 +364,8 @@ def mapped_dataset(dataset: str, data_root: str | Path, cache_root: str | Path, 
 
 def _write_cache(folder: Path, args: dict, show_progress: bool) -> None:
     """Write the cache of :func:`mapped_dataset` from the source, chunk by chunk."""
-    name, source = _open_source(args["dataset"], Path(args["data_root"]), args["seed"], args["test_fraction"])
+    name, source = _open_source(args["dataset"], Path(args["data_root"]), args["seed"], args["test_fraction"],
+                                args["image_size"])
     train_rows = _stratified_subset(source.y_train, args["n_train"], args["seed"], "n_train")
     test_rows = _stratified_subset(source.y_test, args["n_test"], args["seed"], "n_test")
     small = {"y_train": source.y_train[train_rows], "y_test": source.y_test[test_rows],
@@ -422,7 +430,7 @@ def _write_images(path: Path, source: _Source, index: torch.Tensor, which: int, 
             if tuple(raw.shape[1:]) != shape[1:]:
                 raise DataError(f"{source.where}: images at rows {a}..{a + len(raw) - 1} have shape "
                                 f"{tuple(raw.shape[1:])} but earlier ones {shape[1:]}; all images of a dataset must "
-                                "share one size (resize them first)")
+                                "share one size: pass --image-size N to resize and centre-crop them to N x N")
             np.ascontiguousarray(raw.numpy(), dtype=dtype).tofile(fh)  # no copy for contiguous uint8
             if stats is not None or raw.dtype != torch.uint8:  # float images are range-checked
                 unit = _checked_unit(raw, source.where)
@@ -757,7 +765,7 @@ def _tiny_val(val: Path, class_to_idx: dict[str, int]) -> tuple[list[Path], torc
     return files, torch.tensor(labels, dtype=torch.int64)
 
 
-def _folder_source(root: Path, seed: int, test_fraction: float) -> _Source:
+def _folder_source(root: Path, seed: int, test_fraction: float, image_size: int = 0) -> _Source:
     """An image-folder tree: TinyImageNet, train/ + val|test/, or <class>/ folders (split here)."""
     has_train = (root / "train").is_dir()
     train_dir = root / "train" if has_train else root
@@ -779,20 +787,28 @@ def _folder_source(root: Path, seed: int, test_fraction: float) -> _Source:
         train_index, test_index = torch.arange(len(y)), torch.arange(len(y_test))
 
     def load(i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = _load_images([train_files[k] for k in i.tolist()] + [test_files[k] for k in j.tolist()])
+        images = _load_images([train_files[k] for k in i.tolist()] + [test_files[k] for k in j.tolist()], image_size)
         return images[: len(i)], images[len(i):]
 
     return _Source(y_train=y[train_index], y_test=y_test[test_index], train_index=train_index,
                    test_index=test_index, num_classes=len(classes), load=load, where=str(root))
 
 
-def _decode(f: Path) -> np.ndarray:
-    """One image file as uint8 ``[H, W]`` (mode 'L') or ``[H, W, 3]``."""
+def _decode(f: Path, size: int = 0) -> np.ndarray:
+    """One image file as uint8 ``[H, W]`` (mode 'L') or ``[H, W, 3]``; with ``size``, its shorter side
+    resized to ``size`` (bilinear) and the centre ``size`` x ``size`` square cropped."""
     from PIL import Image
 
     try:
         with Image.open(f) as im:
-            return np.asarray(im if im.mode == "L" else im.convert("RGB"))
+            im = im if im.mode == "L" else im.convert("RGB")
+            if size:
+                w, h = im.size
+                im = im.resize((max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))),
+                               Image.BILINEAR)
+                left, top = (im.width - size) // 2, (im.height - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im)
     except (OSError, ValueError) as err:
         raise DataError(f"could not read image {f}: {_one_line(err)}; replace or remove the file") from err
 
@@ -802,8 +818,9 @@ def _decode(f: Path) -> np.ndarray:
 DECODE_THREADS = min(8, os.cpu_count() or 1) if (os.cpu_count() or 1) >= 4 else 1
 
 
-def _load_images(files: list[Path]) -> torch.Tensor:
-    """uint8 ``[N, H, W, C]`` from image files: grayscale if all are mode 'L', else RGB; sizes must agree.
+def _load_images(files: list[Path], size: int = 0) -> torch.Tensor:
+    """uint8 ``[N, H, W, C]`` from image files: grayscale if all are mode 'L', else RGB; sizes must agree
+    unless ``size`` resizes them (:func:`_decode`).
 
     Files are decoded by :data:`DECODE_THREADS` threads when there are many (same result, in order).
     """
@@ -811,14 +828,14 @@ def _load_images(files: list[Path]) -> torch.Tensor:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
-            arrays = list(pool.map(_decode, files))
+            arrays = list(pool.map(_decode, files, [size] * len(files)))
     else:
-        arrays = [_decode(f) for f in files]
+        arrays = [_decode(f, size) for f in files]
     for f, a in zip(files, arrays):
         if a.shape[:2] != arrays[0].shape[:2]:
             (h, w), (h0, w0) = a.shape[:2], arrays[0].shape[:2]
             raise DataError(f"{f} is {w}x{h} but {files[0]} is {w0}x{h0}; all images of a dataset must share "
-                            "one size (resize them first)")
+                            "one size: pass --image-size N to resize and centre-crop them to N x N")
     if any(a.ndim == 3 for a in arrays):
         arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
     else:

@@ -54,8 +54,10 @@ def load_data(cfg: Config) -> DatasetBundle:
         from ddm_hpc.data import mapped_dataset
 
         return mapped_dataset(d.dataset, d.data_root, Path(cfg.runtime.out) / ".data", n_train=d.n_train or None,
-                              n_test=d.n_test or None, seed=cfg.seed, show_progress=cfg.runtime.progress)
-    return load_dataset(d.dataset, d.data_root, n_train=d.n_train or None, n_test=d.n_test or None, seed=cfg.seed)
+                              n_test=d.n_test or None, seed=cfg.seed, image_size=d.image_size,
+                              show_progress=cfg.runtime.progress)
+    return load_dataset(d.dataset, d.data_root, n_train=d.n_train or None, n_test=d.n_test or None, seed=cfg.seed,
+                        image_size=d.image_size)
 
 
 def build_target(cfg: Config, bundle: DatasetBundle, seed: int | None = None) -> nn.Module:

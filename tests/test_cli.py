@@ -178,3 +178,16 @@ def test_attribute_variants_and_show(smoke_run, tmp_path, capsys):
         np.testing.assert_array_equal(f["scores"][()], f["objectives/global/scores"][()])
     code, out, _ = _run(["show", str(run)], capsys)
     assert code == 0 and "query batch" in out and "global" in out
+
+
+def test_an_added_option_at_its_default_keeps_the_stage_keys():
+    """Options marked ``added`` (e.g. --image-size) leave every stage key unchanged while at their default,
+    so runs made before they existed stay valid; set, they change the keys of the stages that read them."""
+    from ddm_hpc.config import STAGE_SECTIONS, Config
+
+    default, sized = Config(), Config.from_dict({"data": {"image_size": 64}})
+    for stage in STAGE_SECTIONS:
+        assert "image_size" not in default.stage_dict(stage)["data"]
+        assert sized.stage_dict(stage)["data"]["image_size"] == 64
+        assert default.stage_key(stage) != sized.stage_key(stage)
+    assert Config.from_dict({"data": {"image_size": 0}}).stage_key("train") == default.stage_key("train")

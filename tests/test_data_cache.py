@@ -228,3 +228,34 @@ def test_folder_of_npz_chunks_equals_one_file(tmp_path, monkeypatch):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     assert (got.mean, got.std) == (ref.mean, ref.std)
     _assert_same(mapped_dataset(str(tmp_path / "chunks"), tmp_path, tmp_path / "cache", seed=2), ref)
+
+
+def test_image_size_resizes_and_crops_a_folder_of_mixed_sizes(tmp_path):
+    """ImageNet-like folders hold images of many sizes: without --image-size that is a one-line error
+    naming the fix; with it every image is resized (shorter side) and centre-cropped, the same in
+    memory and through the cache."""
+    from ddm_hpc.errors import ConfigError
+
+    rng = np.random.default_rng(7)
+    wide = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)  # h 8, w 12: shorter side already 8
+    _png(tmp_path / "d" / "a" / "0.png", wide)
+    for k in range(1, 6):
+        _png(tmp_path / "d" / "a" / f"{k}.png", rng.integers(0, 256, (10 + k, 9 + 2 * k, 3), dtype=np.uint8))
+        _png(tmp_path / "d" / "b" / f"{k}.png", rng.integers(0, 256, (16, 20 - k), dtype=np.uint8))
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tmp_path / "d"))
+    assert "--image-size" in str(err.value) and "\n" not in str(err.value)
+    ref = load_dataset(str(tmp_path / "d"), image_size=8, test_fraction=0.3)
+    assert ref.image_shape == (3, 8, 8)
+    x0 = data._load_images([tmp_path / "d" / "a" / "0.png"], 8)[0].numpy()
+    np.testing.assert_array_equal(x0, wide[:, 2:10])  # no resampling at scale 1: exactly the centre crop
+    expect = torch.from_numpy(wide[:, 2:10]).permute(2, 0, 1).float() / 255
+    expect = (expect - torch.tensor(ref.mean)[:, None, None]) / torch.tensor(ref.std)[:, None, None]
+    (x, pos), = [(x, (index == 0).nonzero()) for x, index in ((ref.x_train, ref.train_index),
+                                                             (ref.x_test, ref.test_index)) if bool((index == 0).any())]
+    torch.testing.assert_close(x[int(pos)], expect.float(), rtol=0, atol=1e-5)  # file 0 is in one of the splits
+    _assert_same(mapped_dataset(str(tmp_path / "d"), tmp_path, tmp_path / "cache", image_size=8, test_fraction=0.3),
+                 ref)
+    with pytest.raises(ConfigError) as err:
+        load_dataset(str(_h5_rgb(tmp_path / "a.h5", n=30)), image_size=8)
+    assert "image folders only" in str(err.value) and "\n" not in str(err.value)

@@ -587,7 +587,7 @@ def noisy_run(dc: DiagnoseContext, kind: str) -> tuple[Config, DatasetBundle, np
         np.savez(tmp, x=_channels_last(x), y=y.numpy(), x_test=_channels_last(x_test), y_test=dc.bundle.y_test.numpy(),
                  corrupted=corrupted)
         tmp.replace(data)
-    d = merge(cfg.to_dict(), {"data": {"dataset": str(data.resolve()), "n_train": 0, "n_test": 0},
+    d = merge(cfg.to_dict(), {"data": {"dataset": str(data.resolve()), "n_train": 0, "n_test": 0, "image_size": 0},
                               "runtime": {"out": str(out), "overwrite": False}})
     vcfg = Config.from_dict(d)
     timings = run_stages(vcfg)
