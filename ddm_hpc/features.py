@@ -214,17 +214,17 @@ class FeatureFile:
         self.close()
 
 
-def _rss_bytes(private: bool = False) -> int:
-    """Resident set size of this process now (Linux /proc; 0 where unavailable). ``private``: without
-    file-backed and shared pages (page cache of memory-mapped files, which the OS can drop and other
-    processes share), i.e. the process's own memory."""
+def _rss_bytes() -> tuple[int, int]:
+    """(resident set size, private part) of this process now, in bytes (Linux /proc; zeros where
+    unavailable). The private part leaves out file-backed and shared pages (the page cache of
+    memory-mapped files, which the OS can drop and other processes share): the process's own memory."""
     try:
         with open("/proc/self/statm") as fh:
             fields = fh.read().split()
-        pages = int(fields[1]) - (int(fields[2]) if private else 0)
-        return pages * os.sysconf("SC_PAGE_SIZE")
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
     except (OSError, ValueError, IndexError):
-        return 0
+        return 0, 0
 
 
 class PeakRSS:
@@ -252,13 +252,16 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            self.private_peak = max(self.private_peak, _rss_bytes(private=True))
+            self._update()
             time.sleep(self.interval)
 
+    def _update(self) -> None:
+        rss, private = _rss_bytes()
+        self.peak, self.private_peak = max(self.peak, rss), max(self.private_peak, private)
+
     def __enter__(self) -> PeakRSS:
-        self.baseline = self.peak = _rss_bytes()
-        self.private_baseline = self.private_peak = _rss_bytes(private=True)
+        self.baseline, self.private_baseline = _rss_bytes()
+        self.peak, self.private_peak = self.baseline, self.private_baseline
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -268,8 +271,7 @@ class PeakRSS:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        self.private_peak = max(self.private_peak, _rss_bytes(private=True))
+        self._update()
         self.maxrss_delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
 
     @property
