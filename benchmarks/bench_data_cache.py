@@ -35,6 +35,14 @@ def _pss_mb() -> float:
     raise RuntimeError("no Pss line in /proc/self/smaps_rollup")
 
 
+def _shuffled_epoch(bundle, batch: int) -> float:
+    """Read every training image once in shuffled minibatches of ``batch``, as an epoch of training does."""
+    import torch
+
+    order = torch.randperm(len(bundle.y_train), generator=torch.Generator().manual_seed(0))
+    return sum(float(bundle.x_train[order[a:a + batch]].sum()) for a in range(0, len(order), batch))
+
+
 def _worker(cfg_dict: dict, ready, go, out) -> None:
     import torch
 
@@ -45,10 +53,7 @@ def _worker(cfg_dict: dict, ready, go, out) -> None:
     base = _pss_mb()
     cfg = Config.from_dict(cfg_dict)
     bundle = load_data(cfg)
-    total = 0.0
-    order = torch.randperm(len(bundle.y_train), generator=torch.Generator().manual_seed(0))
-    for i in range(0, len(order), cfg.train.batch_size):  # touch every image once, as an epoch does
-        total += float(bundle.x_train[order[i:i + cfg.train.batch_size]].sum())
+    total = _shuffled_epoch(bundle, cfg.train.batch_size)
     ready.set()
     go.wait()  # every process holds its data now: PSS divides the shared pages among all of them
     out.put((_pss_mb() - base, total))
@@ -82,14 +87,11 @@ def _epoch(cfg_dict: dict, out) -> None:
 
     torch.set_num_threads(1)
     bundle = load_data(Config.from_dict(cfg_dict))
-    order = torch.randperm(len(bundle.y_train), generator=torch.Generator().manual_seed(0))
-    bundle.x_train[order[:256]].sum()  # warm up
-    total = 0.0
+    bundle.x_train[torch.arange(256)].sum()  # warm up
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        for a in range(0, len(order), 256):
-            total += float(bundle.x_train[order[a:a + 256]].sum())
-    out.put((len(order) / (time.perf_counter() - t0), mem.private_delta / 2**20))
+        _shuffled_epoch(bundle, 256)
+    out.put((len(bundle.y_train) / (time.perf_counter() - t0), mem.private_delta / 2**20))
 
 
 def in_fresh_process(target, cfg_dict: dict) -> tuple:

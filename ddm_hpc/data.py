@@ -1,9 +1,10 @@
-"""Datasets as normalised tensors: torchvision sets, ``.npz``/``.h5`` arrays and image folders.
+"""Datasets as normalised tensors: torchvision sets, ``.npz``/``.h5`` arrays, ``.npz`` chunk folders, image folders.
 
-``load_dataset`` is the one entry point; every source ends as a :class:`DatasetBundle` of
-float32 ``[N, C, H, W]`` images normalised per channel, int64 labels, and the index of
-every row in its source split (so attribution scores can be traced back to source images).
-Nothing is ever downloaded. Example::
+Two entry points give the same :class:`DatasetBundle` (bit for bit): float32 ``[N, C, H, W]``
+images normalised per channel, int64 labels, and the index of every row in its source split (so
+attribution scores can be traced back to source images). :func:`load_dataset` holds the images
+in memory; :func:`mapped_dataset` streams the source into a raw cache once and maps it
+(:class:`MappedImages`, ``--data-cache mmap``). Nothing is ever downloaded. Example::
 
     bundle = load_dataset("mnist", data_root="../shared/data", n_train=1000, seed=0)
 """

@@ -94,10 +94,12 @@ def resident_on(x: torch.Tensor | MappedImages, device: torch.device) -> bool:
     memory. Otherwise it stays where it is (host memory or a memory map) and each minibatch is gathered
     there and moved. Mapped images are never copied whole into host memory: on the CPU every minibatch
     is read from the map."""
-    fits = x.numel() * x.element_size() <= memory_budget_bytes(device)
+    def fits() -> bool:
+        return x.numel() * x.element_size() <= memory_budget_bytes(device)
+
     if isinstance(x, MappedImages):
-        return device.type != "cpu" and fits
-    return x.device == device or fits
+        return device.type != "cpu" and fits()
+    return x.device == device or fits()
 
 
 def _fetch(x: torch.Tensor | MappedImages, idx: torch.Tensor) -> torch.Tensor:
