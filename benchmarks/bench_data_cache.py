@@ -2,7 +2,7 @@
 
 Three measurements, each mode in fresh processes, in one run:
 
-1. First load: peak private memory (RSS less file-backed pages) and time of ``ddm_hpc.train.load_data``
+1. First load: peak private memory (RSS less file-backed pages) and time of ``ddm_hpc.context.load_data``
    in a fresh process. ``memory`` loads and normalises everything; ``mmap`` streams the source into
    the run's cache (raw uint8 images) chunk by chunk.
 2. One shuffled epoch of minibatches (``x_train[rows]``, batch 256), as training reads them when the
@@ -17,7 +17,7 @@ Three measurements, each mode in fresh processes, in one run:
     python benchmarks/bench_data_cache.py --synthetic 20000 --size 64 --format folder   # <class>/*.jpg files
 
 With ``--format folder`` it also times decoding the first 2048 files with one thread against one
-per core (``ddm_hpc.data.DECODE_THREADS``; the default uses threads on machines with 4+ cores only).
+per core (``ddm_hpc.data.images.DECODE_THREADS``; the default uses threads on machines with 4+ cores only).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _worker(cfg_dict: dict, ready, go, out) -> None:
     import torch
 
     from ddm_hpc.config import Config
-    from ddm_hpc.train import load_data
+    from ddm_hpc.context import load_data
 
     torch.set_num_threads(1)
     base = _pss_mb()
@@ -65,7 +65,7 @@ def _first_load(cfg_dict: dict, out) -> None:
 
     from ddm_hpc.config import Config
     from ddm_hpc.features import PeakRSS
-    from ddm_hpc.train import load_data
+    from ddm_hpc.context import load_data
 
     import h5py  # noqa: F401  (imports before the baseline: only the loading counts)
     import torchvision  # noqa: F401
@@ -83,7 +83,7 @@ def _epoch(cfg_dict: dict, out) -> None:
 
     from ddm_hpc.config import Config
     from ddm_hpc.features import PeakRSS
-    from ddm_hpc.train import load_data
+    from ddm_hpc.context import load_data
 
     torch.set_num_threads(1)
     bundle = load_data(Config.from_dict(cfg_dict))
@@ -141,7 +141,7 @@ def decode_speed(root: Path, n: int = 2048) -> tuple[float, float, int]:
     """(images/s with 1 thread, images/s with one thread per core, cores) decoding the first n training files."""
     import os
 
-    import ddm_hpc.data as data
+    import ddm_hpc.data.images as data
 
     files = sorted((root / "train").rglob("*.jpg"))[:n]
     threads, default = os.cpu_count() or 1, data.DECODE_THREADS
@@ -149,7 +149,7 @@ def decode_speed(root: Path, n: int = 2048) -> tuple[float, float, int]:
     for k in (1, threads):
         data.DECODE_THREADS = k
         t0 = time.perf_counter()
-        data._load_images(files)
+        data.load_images(files)
         rates.append(len(files) / (time.perf_counter() - t0))
     data.DECODE_THREADS = default
     return rates[0], rates[1], threads
@@ -204,7 +204,7 @@ def main() -> None:
         first = {"memory": in_fresh_process(_first_load, cfg), "mmap": in_fresh_process(_first_load, mapped)}
         epoch = {"memory": in_fresh_process(_epoch, cfg), "mmap": in_fresh_process(_epoch, mapped)}
         from ddm_hpc.config import Config
-        from ddm_hpc.train import load_data
+        from ddm_hpc.context import load_data
 
         b = load_data(Config.from_dict(mapped))
         n, shape = len(b.y_train), tuple(b.x_train.shape[1:])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ddm_hpc.attribute import FinetuneSpec, auto_chunk, finetune_many
+from ddm_hpc.unlearn import FinetuneSpec, auto_chunk, finetune_many
 from ddm_hpc.features import PeakRSS
 from ddm_hpc.models import build_model
 

@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 
-from ddm_hpc.config import Config, merge
-from ddm_hpc.evaluate import (_gt_objectives, load_retrained, located_clusters, located_values, method_metrics,
-                              run_context)
-from ddm_hpc.methods import VARIANT_ATTRIBUTE, MethodResult, read_ddm_scores, score_methods, variant_run
+from ddm_hpc.config import Config
+from ddm_hpc.context import RunContext
+from ddm_hpc.evaluate import load_retrained, method_metrics
+from ddm_hpc.methods import MethodResult, read_ddm_scores, score_methods
+from ddm_hpc.metrics import gt_objectives, located_clusters, located_values
+from ddm_hpc.pipeline import materialise
+from ddm_hpc.variants import synset_variant
 
 
 def where_located(res: MethodResult, retrained, labels: torch.Tensor, cluster_class: torch.Tensor
@@ -63,13 +66,14 @@ def main() -> None:
     run = Path(args.run_dir)
     cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
                             "runtime": {"out": str(run), "progress": False, "overwrite": False}})
-    ctx, labels = run_context(cfg)
+    ctx = RunContext(cfg)
+    labels = ctx.query_y
     retrained = load_retrained(cfg, ctx.k, ctx.query_pos)
     print(f"run {run}: {len(labels)} queries, K = {ctx.k}, {len(retrained.masks)} LDS subsets, "
           f"tau = {cfg.train.epochs // cfg.train.save_every}")
     head = f"{'Dist1 x100':>14s}  {'LDS':>16s}  {'in pred. class':>14s}  {'Dist1 within it':>15s}"
     truth = torch.full((len(labels), ctx.k), float("-inf"), dtype=torch.float64)
-    truth[:, retrained.removed] = _gt_objectives(retrained.gt.outputs, retrained.gt.base, labels)["dist1"].T.double()
+    truth[:, retrained.removed] = gt_objectives(retrained.gt.outputs, retrained.gt.base, labels)["dist1"].T.double()
     inside, d1c = where_located(MethodResult(truth, 0.0), retrained, labels, ctx.cluster_class)
     print(f"{'exact (oracle)':25s} {'':14s}  {'':16s}  {inside:14.2f}  {d1c:15.2f}")
     for name, res in score_methods(ctx, [m for m in args.references.split(",") if m]).items():
@@ -80,18 +84,18 @@ def main() -> None:
     print(f"{'labels':6s} {'ipc':>3s} {'scale':8s} {'T':>3s}  {head}  attribute s")
     for lab in args.labels:
         for ipc in args.ipcs:
-            distill = {"distill": {"syn_labels": lab, "ipc": ipc}}
+            distill = {"syn_labels": lab, "ipc": ipc}
             name = f"sweep-{lab}-ipc{ipc}"
             t0 = time.perf_counter()
-            base = variant_run(ctx, name, merge(VARIANT_ATTRIBUTE, distill), ("train", "cluster"), ("distill",))
+            synsets = synset_variant(name, distill, ("distill",))
+            materialise(cfg, [synsets])
             print(f"# {name}: synsets in {time.perf_counter() - t0:.1f} s (0 if they existed)", flush=True)
             for scale in args.scales:
                 for steps in args.steps:
-                    over = merge(VARIANT_ATTRIBUTE, {**distill, "attribute": {"finetune_scale": scale,
-                                                                              "finetune_steps": steps}})
                     t0 = time.perf_counter()
-                    out = variant_run(ctx, f"{name}-{scale}-T{steps}", over, ("train", "cluster", "distill"),
-                                      ("attribute",), sources={"distill": base})
+                    tuned = synset_variant(f"{name}-{scale}-T{steps}", distill, ("attribute",), sources={"distill": synsets},
+                                           attribute={"finetune_scale": scale, "finetune_steps": steps})
+                    (out,) = materialise(cfg, [tuned])
                     res = read_ddm_scores(out, name)
                     m = method_metrics(res, retrained, labels)
                     (d1, d1s), (lds, ldss) = m["dist1"], m["lds"]

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ddm_hpc.config import Config
-from ddm_hpc.train import TrajectoryReader, build_target, load_data, load_into
+from ddm_hpc.context import load_data
 from ddm_hpc.distill import distill_groups
+from ddm_hpc.models import build_target
+from ddm_hpc.trajectory import TrajectoryReader, load_into
 
 run, mode, lr_label = sys.argv[1], sys.argv[2], float(sys.argv[3])
 cfg = Config.from_dict({**json.loads(open(f"{run}/config.json").read()), "runtime": {"out": run}})

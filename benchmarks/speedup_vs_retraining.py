@@ -29,10 +29,12 @@ import h5py
 import torch
 
 from ddm_hpc.config import Config, merge
-from ddm_hpc.evaluate import query_probs, retrain_without, spearman
+from ddm_hpc.context import load_data
+from ddm_hpc.metrics import spearman
+from ddm_hpc.models import build_target
 from ddm_hpc.pipeline import run_stages
+from ddm_hpc.retrain import query_probs, retrain_without
 from ddm_hpc.storage import ParamTable, artifact_path
-from ddm_hpc.train import build_target, load_data
 from ddm_hpc.utils import progress, resolve_device
 
 QUICK = {"data": {"n_train": 1000, "n_test": 500}, "model": {"width": 8}, "train": {"epochs": 5},

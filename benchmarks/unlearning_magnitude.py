@@ -15,6 +15,7 @@ This is a spot check on a few clusters, not the evaluation (LDS over many retrai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -22,12 +23,14 @@ import h5py
 import numpy as np
 import torch
 
-from ddm_hpc.attribute import finetune_many, group_weights, loo_perturbations, removal_spec
+from ddm_hpc.attribute import loo_perturbations
 from ddm_hpc.config import Config
-from ddm_hpc.distill import read_synsets
-from ddm_hpc.evaluate import query_probs, retrain_without, spearman
+from ddm_hpc.context import RunContext
+from ddm_hpc.metrics import spearman
+from ddm_hpc.retrain import query_probs, retrain_without
 from ddm_hpc.storage import artifact_path
-from ddm_hpc.train import TrajectoryReader, build_target, load_data
+from ddm_hpc.synsets import read_synsets
+from ddm_hpc.unlearn import Unlearner
 
 
 def main() -> None:
@@ -43,9 +46,8 @@ def main() -> None:
         q_pos = torch.from_numpy(f["query_position"][()])
         base = torch.from_numpy(f["base_probs"][()])
         scores = f["scores"][()]
-    bundle = load_data(cfg)
-    reader = TrajectoryReader(artifact_path(args.run_dir, "train"))
-    model = build_target(cfg, bundle)
+    ctx = RunContext(cfg, device=torch.device("cpu"))
+    bundle, reader, model = ctx.bundle, ctx.trajectory(), ctx.build_model()
     with h5py.File(artifact_path(args.run_dir, "cluster"), "r") as f:
         assignment = torch.from_numpy(f["clusters/assignment"][()])
     # clusters spread over the mean ranking, so effects differ
@@ -61,23 +63,18 @@ def main() -> None:
     t_retrain = time.perf_counter() - t0
 
     level = read_synsets(args.run_dir, "cluster")
-    theta = reader.params(reader.tau)
-    steps = cfg.attribute.finetune_steps or reader.tau
-    lr = cfg.attribute.finetune_lr or cfg.train.lr
+    unlearner = Unlearner.of_run(ctx)  # the run's own steps, rate and scale; swept below
     pert = loo_perturbations(len(level.size))[torch.from_numpy(picks)]
     print(f"run {args.run_dir}: {len(q_pos)} queries, clusters {picks.tolist()}, "
           f"{len(picks) + 1} retrainings in {t_retrain:.0f} s")
     print(f"  exact leave-cluster-out  mean Dist1 {exact.mean():.4f}")
     print(f"  noise floor (seed+1)     mean Dist1 {noise_d1.mean():.4f}")
     for scale in args.scales:
-        for lr_f in args.lrs or [lr]:
-            for t in args.steps or [steps]:
-                w = group_weights(level, scale, cfg.train.lr, cfg.train.momentum, cfg.train.batch_size, lr_f)
-                spec = removal_spec(pert, level.images.shape[1], w)
+        for lr_f in args.lrs or [unlearner.lr]:
+            for t in args.steps or [unlearner.steps]:
                 t1 = time.perf_counter()
-                p = finetune_many(model, theta, level.images.reshape(-1, *level.images.shape[2:]),
-                                  level.labels.reshape(-1), spec, t, lr_f, level.unlearn_direction, xq, len(picks),
-                                  torch.device("cpu"), show_progress=False)
+                swept = dataclasses.replace(unlearner, scale=scale, lr=lr_f, steps=t)
+                p = swept.unlearn(level, pert, xq, chunk=len(picks))
                 d1 = (p - base[None]).norm(dim=-1)  # [n_clusters, Q]
                 rho = float(torch.nanmean(spearman(d1, exact)))
                 print(f"  DDM fine-tune, {scale:8s} lr {lr_f:<7g} T {t:3d}  mean Dist1 {d1.mean():.4f}  ratio to exact "

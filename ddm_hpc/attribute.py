@@ -1,11 +1,9 @@
 """Stage ``attribute``: perturb the synset, fine-tune, measure the objective, fit W (Eq. 7-9, 11).
 
 For each perturbation p in {0,1}^K (p_k = 0: cluster k removed) the trained model theta_tau is
-fine-tuned for T full-batch steps on the synsets of the removed clusters (Eq. 9; descent for
-reverse-matched synsets, ascent for forward-matched ones, so both *remove* the clusters'
-contribution). Many perturbations are fine-tuned together: stacked parameters, one
-``vmap(grad(...))`` per step, chunked to fit memory. The objective o(p) of each fine-tuned model
-is then fit by weighted least squares with the removal indicators z = 1 - p:
+fine-tuned on the synsets of the removed clusters (Eq. 9, :class:`ddm_hpc.unlearn.Unlearner`).
+The objective o(p) of each fine-tuned model is then fit by weighted least squares with the
+removal indicators z = 1 - p:
 
     o(p) ~ b + sum_k z_k A_k,      weights beta_p by the number of zeros,     (Eq. 8)
 
@@ -24,11 +22,14 @@ per distinct chosen class instead of L x C.
 
 Sharding (``--shards``): the fine-tunings are the work. Each part (flat: the |P| perturbations;
 class: the L class leave-one-outs; within a chosen class: its C leave-one-outs) is cut into
-blocks of ``--batch-models`` perturbations (0 = blocks of ``BLOCK``; a block is split further
+blocks of ``--batch-models`` perturbations (``AttributeConfig.block``; a block is split further
 only if memory is short), and tasks take contiguous runs of blocks. Phase 1 (``attribute-flat``)
 runs the flat and class parts; phase 2 (``attribute-hier``) the within-class parts of the
 classes phase 1 chose; the merge fits W and writes ``attribution.h5``. A block is fine-tuned the
 same way whichever task runs it, so the artifact is the same for any shard count.
+
+Room: a stage (imports ``config``, ``context``, ``data``, ``launch``, ``metrics``, ``storage``, ``synsets``,
+``unlearn``).
 """
 from __future__ import annotations
 
@@ -41,22 +42,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from ddm_hpc.config import AttributeConfig, Config
+from ddm_hpc.context import RunContext
 from ddm_hpc.data import DatasetBundle
-from ddm_hpc.distill import SynsetLevel, read_synsets
-from ddm_hpc.errors import ConfigError
-from ddm_hpc.launch import run_sharded, sharded
-from ddm_hpc.storage import artifact_path, atomic_h5, open_read, write_provenance
-from ddm_hpc.train import TrajectoryReader, build_target, load_data
-from ddm_hpc.utils import generator, memory_budget_bytes, progress, resolve_device
+from ddm_hpc.errors import ConfigError, StageError
+from ddm_hpc.launch import remove_shards, resolve_shards, run_sharded, shard_paths, shard_range
+from ddm_hpc.metrics import objective_values
+from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
+from ddm_hpc.synsets import SynsetLevel, read_synsets
+from ddm_hpc.unlearn import Unlearner
+from ddm_hpc.utils import generator
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("dist1", "dist2", "dist3", "global")
-BLOCK = 64  # perturbations per work block when --batch-models is 0 (auto); blocks never straddle shards
 
 
 # ----------------------------------------------------------------------------- perturbations + WLS
@@ -122,138 +121,7 @@ def fit_wls(perturbations: torch.Tensor, outcomes: torch.Tensor, beta: torch.Ten
     return sol[1:].T.contiguous(), sol[0]
 
 
-# ----------------------------------------------------------------------------- batched fine-tuning
-def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of all module outputs for a forward pass of one image (a memory estimate)."""
-    total = 0
-
-    def hook(_m, _i, out):
-        nonlocal total
-        if isinstance(out, torch.Tensor):
-            total += out.numel() * out.element_size()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
-        model(x[:1])
-    for h in handles:
-        h.remove()
-    return total
-
-
-def auto_chunk(model: nn.Module, n_params: int, rows: int, sample: torch.Tensor, device: torch.device) -> int:
-    """How many models to fine-tune at once so params, grads and activations fit the budget."""
-    per_model = 4 * 4 * n_params + 3 * max(rows, 1) * activation_bytes(model, sample)
-    return int(max(1, min(512, memory_budget_bytes(device) // max(per_model, 1))))
-
-
-@dataclass
-class FinetuneSpec:
-    """Which synthetic images each perturbed model fine-tunes on."""
-
-    rows: torch.Tensor  # int64 [M, R] index into the flattened synset (padding: 0)
-    weights: torch.Tensor  # float32 [M, R] (0 = padding)
-
-
-def removal_spec(perturbations: torch.Tensor, ipc: int, group_weight: torch.Tensor | None = None) -> FinetuneSpec:
-    """For each row of ``perturbations`` (1 = kept), the synthetic images of its removed groups.
-
-    Each removed group contributes ``group_weight[k]`` (default 1) times the mean loss of its
-    ``ipc`` images, so removing more groups moves the model further.
-    """
-    k = perturbations.shape[1]
-    gw = torch.ones(k) if group_weight is None else group_weight.float()
-    removed = [torch.nonzero(p == 0)[:, 0] for p in perturbations]
-    width = max(1, max(len(r) for r in removed) * ipc)
-    rows = torch.zeros(len(removed), width, dtype=torch.long)
-    weights = torch.zeros(len(removed), width)
-    for i, r in enumerate(removed):
-        idx = (r[:, None] * ipc + torch.arange(ipc)[None, :]).reshape(-1)
-        rows[i, :len(idx)] = idx
-        weights[i, :len(idx)] = gw[r].repeat_interleave(ipc) / ipc
-    return FinetuneSpec(rows, weights)
-
-
-def group_weights(level: SynsetLevel, scale: str, train_lr: float, momentum: float, batch_size: int,
-                  finetune_lr: float) -> torch.Tensor:
-    """Per-group loss weight c_k of the fine-tune (``--finetune-scale``).
-
-    Training (Eq. 2) applies, per epoch, lr * (n_k / B) * mean grad(D_k) from cluster k, and
-    momentum mu stretches every step by 1/(1-mu). Cosine matching fixes only the direction of
-    grad(S_k), so ``matched`` rescales it: one fine-tune step of rate eta_f then moves theta by
-    that per-epoch amount, and T = tau steps undo tau epochs (Eq. 3).
-    """
-    if scale == "uniform":
-        return torch.ones(len(level.size))
-    eff_lr = train_lr / (1.0 - momentum)
-    ratio = level.grad_norm_real / level.grad_norm_syn.clamp(min=1e-12)
-    return (eff_lr / finetune_lr) * (level.size.float() / batch_size) * ratio
-
-
-def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch.Tensor, syn_y: torch.Tensor,
-                  spec: FinetuneSpec, steps: int, lr: float, direction: float, eval_x: torch.Tensor,
-                  chunk: int, device: torch.device, desc: str = "fine-tune", show_progress: bool = True
-                  ) -> torch.Tensor:
-    """Fine-tune one copy of ``theta`` per row of ``spec`` and return its softmax outputs.
-
-    Args:
-        model: architecture; theta: name -> tensor, the start point (theta_tau).
-        syn_x: float32 [S, C, H, W] flattened synset; syn_y: int64 [S] labels or float32 [S, L] soft labels.
-        spec: per model, the synset rows it trains on and their weights (loss = sum of w * CE).
-        steps, lr: T full-batch SGD steps of rate lr; direction +1 descent, -1 ascent.
-        eval_x: float32 [E, C, H, W] images to evaluate the fine-tuned models on.
-        chunk: models per vmap call.
-
-    Returns:
-        float32 [M, E, L] softmax probabilities on CPU.
-    """
-    theta = {k: v.detach().to(device) for k, v in theta.items()}
-    syn_x, syn_y, eval_x = syn_x.to(device), syn_y.to(device), eval_x.to(device)
-
-    def loss(p, xb, yb, wb):
-        out = functional_call(model, p, (xb,))
-        return (F.cross_entropy(out, yb, reduction="none") * wb).sum()
-
-    step_fn = vmap(grad(loss), in_dims=(0, 0, 0, 0))
-    eval_fn = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
-    outs = []
-    starts = range(0, len(spec.rows), chunk)
-    for i, m0 in enumerate(starts):
-        rows = spec.rows[m0:m0 + chunk].to(device)
-        w = spec.weights[m0:m0 + chunk].to(device)
-        m = len(rows)
-        params = {k: v.expand(m, *v.shape).clone() for k, v in theta.items()}
-        xb, yb = syn_x[rows], syn_y[rows]
-        label = f"{desc} {m0 + m}/{len(spec.rows)} models" if len(starts) > 1 else f"{desc} {m} models"
-        for _ in progress(range(steps), label, show_progress):
-            g = step_fn(params, xb, yb, w)
-            params = {k: v - (direction * lr) * g[k] for k, v in params.items()}
-        with torch.no_grad():
-            logits = torch.cat([eval_fn(params, eval_x[e:e + 256]) for e in range(0, len(eval_x), 256)], 1)
-        outs.append(logits.softmax(-1).float().cpu())
-    return torch.cat(outs)
-
-
 # ----------------------------------------------------------------------------- objectives
-def objective_values(probs: torch.Tensor, base: torch.Tensor, labels: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
-    """Per-query objectives.
-
-    Args:
-        probs: [M, Q, L] softmax of M perturbed models on Q query images.
-        base: [Q, L] softmax of theta_tau; labels: int64 [Q] true labels.
-        mode: 'single' (one value per query) or 'batch' (mean over the queries: one value).
-
-    Returns:
-        name -> [M, Q] (single) or [M, 1] (batch) for dist1, dist2, dist3.
-    """
-    d1 = (probs - base[None]).norm(dim=-1)
-    d2 = -torch.log(probs.gather(-1, labels[None, :, None].expand(len(probs), -1, 1))[..., 0].clamp(min=1e-12))
-    d3 = 1.0 / (1.0 + d1)
-    out = {"dist1": d1, "dist2": d2, "dist3": d3}
-    if mode == "batch":
-        out = {k: v.mean(1, keepdim=True) for k, v in out.items()}
-    return out
-
-
 def all_objectives(probs: torch.Tensor, base: torch.Tensor, labels: torch.Tensor, n_q: int, mode: str
                    ) -> dict[str, torch.Tensor]:
     """Objectives of [M, n_q + n_val, L] outputs: per-query ones plus 'global' over the val rows."""
@@ -266,50 +134,23 @@ def all_objectives(probs: torch.Tensor, base: torch.Tensor, labels: torch.Tensor
 
 # ----------------------------------------------------------------------------- the stage
 @dataclass
-class Evaluator:
-    """Everything needed to fine-tune perturbed copies of theta_tau and score them."""
+class Scorer:
+    """The objectives of fine-tuned models and their WLS fit: the queries and validation images, theta_tau's
+    outputs on them (``base``) and the fit's options."""
 
-    model: nn.Module
-    theta: dict[str, torch.Tensor]
     eval_x: torch.Tensor  # [n_q + n_val, C, H, W]
-    eval_y: torch.Tensor
-    base: torch.Tensor  # [n_q + n_val, L]
+    eval_y: torch.Tensor  # [n_q + n_val]
+    base: torch.Tensor  # [n_q + n_val, L] softmax of theta_tau
     n_q: int
-    acfg: AttributeConfig
-    steps: int
-    lr: float
-    device: torch.device
-    show_progress: bool
-    weights: Callable[[SynsetLevel], torch.Tensor]
-
-    def run(self, level: SynsetLevel, perturbations: torch.Tensor, desc: str
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Fine-tune per perturbation; return (probs [M, E, L], scores {obj: [Q, G]}, intercepts)."""
-        probs = self.finetune(level, perturbations, 0, len(perturbations), desc)
-        return (probs, *self.fit(perturbations, probs))
-
-    def finetune(self, level: SynsetLevel, perturbations: torch.Tensor, r0: int, r1: int, desc: str) -> torch.Tensor:
-        """Softmax outputs float32 [r1 - r0, E, L] of the models of perturbation rows ``r0:r1``.
-
-        The removal spec is built from all rows (its padding width is global), and the rows are
-        fine-tuned ``--batch-models`` (or ``BLOCK``) at a time, fewer only if memory is short.
-        """
-        spec = removal_spec(perturbations, level.images.shape[1], self.weights(level))
-        spec = FinetuneSpec(spec.rows[r0:r1], spec.weights[r0:r1])
-        syn_x = level.images
-        chunk = self.acfg.batch_models or min(BLOCK, auto_chunk(
-            self.model, sum(v.numel() for v in self.theta.values()),
-            max(spec.rows.shape[1], min(len(self.eval_x), 256)), self.eval_x, self.device))
-        return finetune_many(self.model, self.theta, syn_x.reshape(-1, *syn_x.shape[2:]), level.flat_targets(),
-                             spec, self.steps, self.lr, level.unlearn_direction, self.eval_x, chunk, self.device, desc,
-                             self.show_progress)
+    query_mode: str
+    beta: str
 
     def fit(self, perturbations: torch.Tensor, probs: torch.Tensor
             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """WLS fit of every objective of ``probs`` [M, E, L]: (scores {obj: [Q, G]}, intercepts {obj: [Q]})."""
-        objs = all_objectives(probs, self.base, self.eval_y, self.n_q, self.acfg.query_mode)
-        base_objs = all_objectives(self.base[None], self.base, self.eval_y, self.n_q, self.acfg.query_mode)
-        beta = beta_weights(perturbations, self.acfg.beta)
+        objs = all_objectives(probs, self.base, self.eval_y, self.n_q, self.query_mode)
+        base_objs = all_objectives(self.base[None], self.base, self.eval_y, self.n_q, self.query_mode)
+        beta = beta_weights(perturbations, self.beta)
         scores, intercepts = {}, {}
         for name, o in objs.items():
             s, b = fit_wls(perturbations, o, beta, base_objs[name][0])
@@ -336,31 +177,16 @@ def select_queries(acfg: AttributeConfig, n_test: int, seed: int) -> tuple[torch
     return queries, rest[:acfg.n_val]
 
 
-def hierarchical(ev: Evaluator, primary: str, classes: SynsetLevel, clusters: SynsetLevel
-                 ) -> dict[str, torch.Tensor]:
-    """Eq. 11: class-wise leave-one-out, then leave-one-out over the chosen class's clusters."""
-    n_classes = len(classes.size)
-    class_pert = loo_perturbations(n_classes)
-    class_probs = ev.finetune(classes, class_pert, 0, n_classes, "fine-tune[class]")
-    chosen = choose_classes(ev, class_pert, class_probs, primary)
-    within = {}
-    for c in chosen.unique().tolist():
-        ids = torch.nonzero(clusters.group_class == c)[:, 0]
-        within[c] = ev.finetune(clusters.subset(ids), loo_perturbations(len(ids)), 0, len(ids),
-                                f"fine-tune[class {c}]")
-    return hierarchy_result(ev, primary, class_pert, class_probs, clusters.group_class, within)
-
-
-def choose_classes(ev: Evaluator, class_pert: torch.Tensor, class_probs: torch.Tensor, primary: str) -> torch.Tensor:
+def choose_classes(scorer: Scorer, class_pert: torch.Tensor, class_probs: torch.Tensor, primary: str) -> torch.Tensor:
     """int64 [Q]: per query, the class whose removal scores highest on the primary objective."""
-    scores, _ = ev.fit(class_pert, class_probs)
+    scores, _ = scorer.fit(class_pert, class_probs)
     return scores[primary].argmax(1)
 
 
-def hierarchy_result(ev: Evaluator, primary: str, class_pert: torch.Tensor, class_probs: torch.Tensor,
+def hierarchy_result(scorer: Scorer, primary: str, class_pert: torch.Tensor, class_probs: torch.Tensor,
                      cluster_class: torch.Tensor, within: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``hierarchy/`` datasets from the class-level outputs and each chosen class's LOO outputs."""
-    cls_scores, _ = ev.fit(class_pert, class_probs)
+    cls_scores, _ = scorer.fit(class_pert, class_probs)
     cs = cls_scores[primary]  # [Q, L]
     chosen = cs.argmax(1)
     c_max = int(torch.bincount(cluster_class).max())
@@ -369,7 +195,7 @@ def hierarchy_result(ev: Evaluator, primary: str, class_pert: torch.Tensor, clas
     n_ft = len(class_pert)
     for c in chosen.unique().tolist():
         ids = torch.nonzero(cluster_class == c)[:, 0]
-        s, _ = ev.fit(loo_perturbations(len(ids)), within[c])
+        s, _ = scorer.fit(loo_perturbations(len(ids)), within[c])
         rows = torch.nonzero(chosen == c)[:, 0]
         inside[rows, :len(ids)] = s[primary][rows]
         best[rows] = ids[s[primary][rows].argmax(1)]
@@ -393,7 +219,8 @@ class Part:
 class AttributeSetup:
     """Everything the tasks and the merge of the stage share, built from (cfg, data)."""
 
-    ev: Evaluator
+    unlearner: Unlearner
+    scorer: Scorer
     q_pos: torch.Tensor
     v_pos: torch.Tensor
     assignment: np.ndarray
@@ -405,43 +232,34 @@ class AttributeSetup:
         lv = self.levels[part.level]
         return lv if part.ids is None else lv.subset(part.ids)
 
+    def finetune(self, part: Part, rows: slice, desc: str) -> torch.Tensor:
+        """Softmax outputs float32 [m, E, L] on the queries and validation images of ``part``'s perturbation rows."""
+        return self.unlearner.unlearn(self.level(part), part.perturbations, self.scorer.eval_x, rows, desc)
+
 
 def attribute_setup(cfg: Config, bundle: DatasetBundle | None = None) -> AttributeSetup:
     """Load the target theta_tau, the queries, the base outputs and the synsets."""
     acfg = cfg.attribute
-    device = resolve_device(cfg.runtime.device)
-    bundle = bundle or load_data(cfg)
-    reader = TrajectoryReader(artifact_path(cfg.runtime.out, "train"), device=device)
-    model = build_target(cfg, bundle).to(device)
-    theta = reader.params(reader.tau)
+    ctx = RunContext(cfg, bundle)
+    unlearner = Unlearner.of_run(ctx)
     with open_read(artifact_path(cfg.runtime.out, "cluster")) as f:
         assignment = f["clusters/assignment"][()]
         cluster_class = torch.from_numpy(f["clusters/class"][()])
         sizes = f["clusters/size"][()]
-    q_pos, v_pos = select_queries(acfg, len(bundle.y_test), cfg.seed)
+    q_pos, v_pos = select_queries(acfg, len(ctx.bundle.y_test), cfg.seed)
     eval_pos = torch.cat([q_pos, v_pos])
-    eval_x, eval_y = bundle.x_test[eval_pos], bundle.y_test[eval_pos]
+    eval_x, eval_y = ctx.bundle.x_test[eval_pos], ctx.bundle.y_test[eval_pos]
     with torch.no_grad():
-        base = torch.func.functional_call(model, {k: v.to(device) for k, v in theta.items()},
-                                          (eval_x.to(device),)).softmax(-1).float().cpu()
-    steps = acfg.finetune_steps or reader.tau
-    lr = acfg.finetune_lr or cfg.train.lr
-    tc = cfg.train
-
-    def weights(level: SynsetLevel) -> torch.Tensor:
-        return group_weights(level, acfg.finetune_scale, tc.lr, tc.momentum, tc.batch_size, lr)
-
-    ev = Evaluator(model, theta, eval_x, eval_y, base, len(q_pos), acfg, steps, lr, device, cfg.runtime.progress,
-                   weights)
+        base = torch.func.functional_call(unlearner.model, unlearner.theta,
+                                          (eval_x.to(ctx.device),)).softmax(-1).float().cpu()
+    scorer = Scorer(eval_x, eval_y, base, len(q_pos), acfg.query_mode, acfg.beta)
     levels = {"cluster": read_synsets(cfg.runtime.out, "cluster")}  # read once: flat and hierarchical use it
     if acfg.search in ("hierarchical", "both"):
         levels["class"] = read_synsets(cfg.runtime.out, "class")
-    return AttributeSetup(ev, q_pos, v_pos, assignment, cluster_class, sizes, levels)
+    return AttributeSetup(unlearner, scorer, q_pos, v_pos, assignment, cluster_class, sizes, levels)
 
 
 def _n_classes(cfg: Config) -> int:
-    from ddm_hpc.storage import read_attrs
-
     return int((read_attrs(artifact_path(cfg.runtime.out, "train")) or {}).get("num_classes", 0))
 
 
@@ -455,7 +273,7 @@ def flat_parts(cfg: Config) -> list[Part]:
         if acfg.perturbation == "loo":
             pert = loo_perturbations(k)
         else:
-            pert = random_perturbations(k, acfg.n_perturbations or k, acfg.removal_prob, generator(cfg.seed, 43))
+            pert = random_perturbations(k, acfg.perturbation_count(k), acfg.removal_prob, generator(cfg.seed, 43))
         parts.append(Part("flat", "cluster", None, pert))
     if acfg.search in ("hierarchical", "both"):
         parts.append(Part("class", "class", None, loo_perturbations(_n_classes(cfg))))
@@ -472,8 +290,8 @@ def hier_parts(chosen: torch.Tensor, cluster_class: torch.Tensor) -> list[Part]:
 
 
 def blocks(cfg: Config, parts: list[Part]) -> list[tuple[int, int, int]]:
-    """Work items: (part index, row0, row1) blocks of ``--batch-models`` (or BLOCK) perturbations."""
-    size = cfg.attribute.batch_models or BLOCK
+    """Work items: (part index, row0, row1) blocks of ``AttributeConfig.block`` perturbations."""
+    size = cfg.attribute.block
     return [(i, r0, min(r0 + size, len(p.perturbations))) for i, p in enumerate(parts)
             for r0 in range(0, len(p.perturbations), size)]
 
@@ -481,8 +299,6 @@ def blocks(cfg: Config, parts: list[Part]) -> list[tuple[int, int, int]]:
 def _finetune_shard(cfg: Config, shard: int, n_shards: int, setup: AttributeSetup, parts: list[Part]
                     ) -> dict[str, np.ndarray]:
     """Fine-tune this shard's blocks: ``<part>/rows`` int64 [m] and ``<part>/probs`` float32 [m, E, L]."""
-    from ddm_hpc.launch import shard_range
-
     work = blocks(cfg, parts)
     i0, i1 = shard_range(len(work), shard, n_shards)
     rows: dict[str, list[np.ndarray]] = {}
@@ -491,8 +307,7 @@ def _finetune_shard(cfg: Config, shard: int, n_shards: int, setup: AttributeSetu
     for pi, r0, r1 in work[i0:i1]:
         part = parts[pi]
         t0 = time.perf_counter()
-        out = setup.ev.finetune(setup.level(part), part.perturbations, r0, r1,
-                                f"fine-tune[{part.name} {r0}:{r1}]")
+        out = setup.finetune(part, slice(r0, r1), f"fine-tune[{part.name} {r0}:{r1}]")
         rows.setdefault(part.name, []).append(np.arange(r0, r1))
         probs.setdefault(part.name, []).append(out.numpy())
         seconds[part.name] = seconds.get(part.name, 0.0) + time.perf_counter() - t0
@@ -521,8 +336,6 @@ def attribute_hier_shard(cfg: Config, shard: int, n_shards: int, bundle: Dataset
 
 def gather(paths: list[Path], parts: list[Part]) -> dict[str, torch.Tensor]:
     """Per part, the probs of all its rows in order (checks each row is there exactly once)."""
-    from ddm_hpc.errors import StageError
-
     got: dict[str, tuple[list, list]] = {p.name: ([], []) for p in parts}
     for path in paths:
         with h5py.File(path, "r", locking=False) as f:
@@ -542,8 +355,6 @@ def gather(paths: list[Path], parts: list[Part]) -> dict[str, torch.Tensor]:
 
 
 def _phase1_paths(cfg: Config) -> list[Path]:
-    from ddm_hpc.launch import resolve_shards, shard_paths
-
     return shard_paths(cfg.runtime.out, "attribute-flat", resolve_shards(cfg, len(blocks(cfg, flat_parts(cfg)))))
 
 
@@ -551,36 +362,36 @@ def _chosen(cfg: Config, setup: AttributeSetup) -> torch.Tensor:
     """The class each query's hierarchical search descends into, from the phase-1 class outputs."""
     parts = [p for p in flat_parts(cfg) if p.name == "class"]
     probs = gather(_phase1_paths(cfg), parts)["class"]
-    return choose_classes(setup.ev, parts[0].perturbations, probs, cfg.attribute.objective)
+    return choose_classes(setup.scorer, parts[0].perturbations, probs, cfg.attribute.objective)
 
 
 def merge_attribute(cfg: Config, paths: list[Path], bundle: DatasetBundle | None = None,
                     setup: AttributeSetup | None = None) -> Path:
     """Fit W from the phase-1 (and phase-2) shards and write ``attribution.h5``."""
     t0 = time.perf_counter()
-    bundle = bundle or load_data(cfg)
-    setup = setup or attribute_setup(cfg, bundle)
-    acfg, ev = cfg.attribute, setup.ev
+    ctx = RunContext(cfg, bundle)
+    setup = setup or attribute_setup(cfg, ctx.bundle)
+    acfg, scorer = cfg.attribute, setup.scorer
     p1 = flat_parts(cfg)
     probs1 = gather(_phase1_paths(cfg), p1)
     result: dict[str, object] = {}
     for part in p1:
         if part.name == "flat":
-            scores, intercepts = ev.fit(part.perturbations, probs1["flat"])
+            scores, intercepts = scorer.fit(part.perturbations, probs1["flat"])
             result.update(perturbations=part.perturbations, probs=probs1["flat"], scores=scores, intercepts=intercepts)
         else:
-            chosen = choose_classes(ev, part.perturbations, probs1["class"], acfg.objective)
+            chosen = choose_classes(scorer, part.perturbations, probs1["class"], acfg.objective)
             p2 = hier_parts(chosen, setup.cluster_class)
             probs2 = gather(paths, p2)
             within = {int(p.name.removeprefix("within")): probs2[p.name] for p in p2}
-            result["hier"] = hierarchy_result(ev, acfg.objective, part.perturbations, probs1["class"],
+            result["hier"] = hierarchy_result(scorer, acfg.objective, part.perturbations, probs1["class"],
                                               setup.cluster_class, within)
     all_paths = _phase1_paths(cfg) + (paths if acfg.search != "flat" else [])
     timings = {"flat": _part_seconds(all_paths, lambda n: n == "flat"),
                "hierarchical": _part_seconds(all_paths, lambda n: n != "flat")}
     timings = {k: v for k, v in timings.items() if (k == "flat") == ("scores" in result) or k == "hierarchical"
                and "hier" in result}
-    return write_attribution(cfg, bundle, setup, result, sum(timings.values()) + time.perf_counter() - t0, timings)
+    return write_attribution(cfg, ctx.bundle, setup, result, sum(timings.values()) + time.perf_counter() - t0, timings)
 
 
 def _part_seconds(paths: list[Path], which: Callable[[str], bool]) -> float:
@@ -598,7 +409,7 @@ def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup,
     acfg = cfg.attribute
     primary = acfg.objective
     q_pos, v_pos, cluster_class = setup.q_pos, setup.v_pos, setup.cluster_class
-    base = setup.ev.base
+    base = setup.scorer.base
     k = len(cluster_class)
     path = artifact_path(cfg.runtime.out, "attribute")
     n_rows = 1 if acfg.query_mode == "batch" else len(q_pos)
@@ -637,8 +448,8 @@ def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup,
         c.create_dataset("size", data=setup.sizes)
         f.attrs["objective"] = primary
         f.attrs["query_mode"] = acfg.query_mode
-        f.attrs["finetune_steps"] = setup.ev.steps
-        f.attrs["finetune_lr"] = setup.ev.lr
+        f.attrs["finetune_steps"] = setup.unlearner.steps
+        f.attrs["finetune_lr"] = setup.unlearner.lr
         f.attrs["finetune_scale"] = acfg.finetune_scale
         f.attrs["n_finetunes_flat"] = len(result["perturbations"]) if "perturbations" in result else 0
         f.attrs["n_finetunes_hierarchical"] = int(result["hier"]["n_finetunes"]) if "hier" in result else 0
@@ -649,15 +460,12 @@ def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup,
     return path
 
 
-@sharded
-def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
+def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     """Run the stage and write ``attribution.h5``; returns its path.
 
     Fine-tunings run as ``--shards`` tasks on the configured executor (launch.py): phase 1 the
     flat and class perturbations, phase 2 (hierarchical search) the chosen classes' clusters.
     """
-    from ddm_hpc.launch import remove_shards
-
     acfg = cfg.attribute
     here = cfg.runtime.executor != "slurm"
     setup = attribute_setup(cfg, bundle) if here else None  # tasks in this process share it
@@ -677,5 +485,30 @@ def run_attribute(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     return Path(path)
 
 
-__all__ = ["fit_wls", "beta_weights", "loo_perturbations", "random_perturbations", "finetune_many",
-           "objective_values", "run_attribute"]
+def summary(run_dir: str | Path, n_show: int = 10) -> list[str]:
+    """The ``ddm-hpc show`` lines of ``attribution.h5``: fine-tunings and the top clusters of each query."""
+    path = artifact_path(run_dir, "attribute")
+    a = read_attrs(path)
+    if not a:
+        return []
+    lines = [f"  attribute  {a['seconds']:7.1f} s  {a['n_finetunes_flat']} flat + "
+             f"{a['n_finetunes_hierarchical']} hierarchical fine-tunings of {a['finetune_steps']} steps"]
+    with open_read(path) as f:
+        scores = f["scores"][()]
+        top = f["top_clusters"][()]
+        qi, ql, qp = f["query_index"][()], f["query_label"][()], f["query_pred"][()]
+        cls_of, size = f["clusters/class"][()], f["clusters/size"][()]
+        hier = {k: f["hierarchy"][k][()] for k in f["hierarchy"]} if "hierarchy" in f else None
+    lines.append(f"top clusters by {a['objective']} (score = effect of removing the cluster; larger = more "
+                 "responsible):")
+    for r in range(min(n_show, len(scores))):
+        head = f"test[{qi[r]}] label {ql[r]} pred {qp[r]}" if len(scores) == len(qi) else "query batch"
+        tops = "  ".join(f"#{k} (class {cls_of[k]}, {size[k]} imgs, {scores[r, k]:+.4f})" for k in top[r, :3])
+        line = f"  {head}: {tops}"
+        if hier is not None:
+            line += f"  | hierarchical: class {hier['class'][r]} -> #{hier['cluster'][r]}"
+        lines.append(line)
+    return lines
+
+
+__all__ = ["fit_wls", "beta_weights", "loo_perturbations", "random_perturbations", "Scorer", "run"]

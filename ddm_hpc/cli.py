@@ -4,6 +4,9 @@ Flags are generated from the config dataclasses (``--field-name``). A value is r
 wins, from: built-in defaults < the run directory's saved ``config.json`` < ``--preset`` <
 ``--config FILE`` (YAML or JSON) < flags given on the command line. So a stage run on its own
 (``ddm-hpc cluster --out R``) reuses the options the earlier stages of ``R`` were run with.
+
+Room: the command line, the top (imports ``config``, ``graph``, ``launch``, ``methods`` for the help of
+``--methods``, and ``pipeline``).
 """
 from __future__ import annotations
 
@@ -17,30 +20,26 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ddm_hpc.config import PRESETS, SECTIONS, STAGES, Config, merge
+import yaml
+
+from ddm_hpc import graph, methods
+from ddm_hpc.config import PRESETS, SECTIONS, Config, merge
 from ddm_hpc.errors import DDMError
+from ddm_hpc.launch import status
+from ddm_hpc.pipeline import load_saved_config, run_command, summary
+from ddm_hpc.utils import load_plugins
 
 log = logging.getLogger("ddm_hpc")
 
-STAGE_HELP = {
-    "run": "run every stage (train, cluster, distill, attribute), skipping up-to-date ones",
-    "train": "train the target and record its trajectory -> train.h5",
-    "cluster": "k-means each class into C clusters -> clusters.h5",
-    "distill": "learn a synset per cluster/class by reverse gradient matching -> synsets.h5",
-    "attribute": "perturb synsets, fine-tune, fit the attribution matrix -> attribution.h5",
-    "evaluate": "exact leave-cluster-out retraining, baselines and peers, LDS -> evaluation.h5 + report.md",
-    "diagnose": "useless/noisy data, quick unlearning, synset privacy, transferability, pictures -> diagnostics.md",
-}
-# Sections whose flags each command shows (runtime and seed always).
-COMMAND_SECTIONS = {
-    "run": ("data", "model", "train", "cluster", "distill", "attribute"),
-    "train": ("data", "model", "train"),
-    "cluster": ("data", "model", "train", "cluster"),
-    "distill": ("data", "model", "train", "cluster", "distill"),
-    "attribute": ("data", "model", "train", "cluster", "distill", "attribute"),
-    "evaluate": ("data", "model", "train", "cluster", "distill", "attribute", "evaluate"),
-    "diagnose": ("data", "model", "train", "cluster", "distill", "attribute", "diagnose"),
-}
+REGISTRIES = {"methods": methods.describe}  # options whose help lists a registry's entries (field metadata)
+
+
+def commands() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Subcommand -> (help, config sections whose flags it shows), from the stage graph (runtime and seed always)."""
+    run_help = f"run every stage ({', '.join(graph.RUN)}), skipping up-to-date ones"
+    out = {"run": (run_help, graph.stage(graph.RUN[-1]).sections)}
+    out.update({s.name: (s.help, s.sections) for s in graph.STAGES})
+    return out
 
 
 def _base_type(tp: Any) -> type:
@@ -62,7 +61,9 @@ def _add_fields(parser: argparse.ArgumentParser, section: str | None, cls: type)
         tp = _base_type(f.type)
         dest = f"{section}.{f.name}" if section else f.name
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        registry = REGISTRIES.get(str(f.metadata.get("registry", "")))
+        listed = f"; registered: {registry()}" if registry else ""
+        help_text = f"{f.metadata.get('help', '')}{listed} (default: {default!r})"
         if tp is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
@@ -76,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Datamodels (reverse gradient matching). Artifacts are HDF5 files in --out.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for cmd, sections in COMMAND_SECTIONS.items():
-        p = sub.add_parser(cmd, help=STAGE_HELP[cmd], description=STAGE_HELP[cmd], allow_abbrev=False)
+    for cmd, (help_text, sections) in commands().items():
+        p = sub.add_parser(cmd, help=help_text, description=help_text, allow_abbrev=False)
         p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                        help="named option set: default (CPU-sized demo), paper (Table 5 scale), smoke (seconds), eval "
                        "(evaluate on CPU within the hour)")
@@ -100,12 +101,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise DDMError(f"--config {path}: no such file; pass a YAML or JSON file of options")
     text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+    data = (yaml.safe_load(text) or {}) if p.suffix in (".yaml", ".yml") else json.loads(text)
     if not isinstance(data, dict):
         raise DDMError(f"--config {path}: expected a mapping of sections (data:, model:, ...)")
     return data
@@ -122,8 +118,6 @@ def resolve_config(ns: argparse.Namespace) -> Config:
         else:
             flags[key] = val
     out = flags.get("runtime", {}).get("out", Config().runtime.out)
-    from ddm_hpc.pipeline import load_saved_config
-
     merged = Config().to_dict()
     merged = merge(merged, load_saved_config(out))
     if getattr(ns, "preset", None):
@@ -142,32 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every ISA it tries
     try:
         if ns.command == "status":
-            from ddm_hpc.launch import status
-
             print(status(ns.run_dir))
             return 0
         if ns.command == "show":
-            from ddm_hpc.pipeline import summary
-
             print(summary(ns.run_dir, ns.n_show))
             return 0
         cfg = resolve_config(ns)
-        from ddm_hpc.pipeline import run_stages, summary
-
-        timings = {}
-        if ns.command in ("evaluate", "diagnose"):  # run missing pipeline stages first (--overwrite: not those)
-            timings = run_stages(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False)))
+        load_plugins(cfg.runtime.plugins)
+        timings = run_command(cfg, ns.command)
         if ns.command == "diagnose":
-            import time
-
-            from ddm_hpc.diagnose import run_diagnose
-
-            t0 = time.perf_counter()
-            print(f"wrote {run_diagnose(cfg)}")
-            timings["diagnose"] = time.perf_counter() - t0
+            print(f"wrote {Path(cfg.runtime.out) / 'diagnostics.md'}")
         else:
-            stages = STAGES if ns.command == "run" else (ns.command,)
-            timings.update(run_stages(cfg, stages))
             print(summary(cfg.runtime.out))
         if timings:
             print("this invocation: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

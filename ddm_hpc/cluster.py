@@ -16,10 +16,12 @@ Artifact ``clusters.h5``:
   clusters/size       int64 [K]
   clusters/centroids  float32 [K, D]   (in the feature space; zeros for 'sequential')
   attrs: clusters_per_class (requested), K, feature_dim + provenance
+
+Room: a stage (imports ``config``, ``context``, ``data``, ``features``, ``models``, ``storage``). faiss is
+imported where k-means runs (deferred: a heavy native library that logs every CPU feature it probes).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -30,14 +32,13 @@ import torch
 from torch import nn
 
 from ddm_hpc.config import Config
-from ddm_hpc.data import DatasetBundle
+from ddm_hpc.context import RunContext
+from ddm_hpc.data import DatasetBundle, TensorStream
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.features import FeatureFile, extract_features
 from ddm_hpc.models import penultimate_features
-from ddm_hpc.stream import TensorStream
-from ddm_hpc.storage import artifact_path, atomic_h5, open_read, write_provenance
-from ddm_hpc.train import TrajectoryReader, build_target, load_data, load_into
-from ddm_hpc.utils import progress, resolve_device
+from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
+from ddm_hpc.utils import import_object, progress
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,7 @@ def load_feature_module(spec: str) -> nn.Module:
     """'package.module:function' -> the nn.Module the function returns."""
     if ":" not in spec:
         raise ConfigError(f"--features {spec!r}: use penultimate, pixels, or module:function returning an nn.Module")
-    mod_name, fn_name = spec.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--features {spec!r} cannot be loaded ({e}): check the module path and function name") from None
-    module = fn()
+    module = import_object(spec, "--features")()
     if not isinstance(module, nn.Module):
         raise ConfigError(f"--features {spec!r} returned {type(module).__name__}, not an nn.Module")
     return module
@@ -81,7 +77,7 @@ class KMeansRunner:
     """
 
     def __init__(self, use_gpu: bool = False, temp_memory_bytes: int | None = None) -> None:
-        import faiss
+        import faiss  # deferred: see the module docstring
 
         self.faiss = faiss
         self.res = None
@@ -284,26 +280,26 @@ def kmeans_objective(ff_or_features: FeatureFile | np.ndarray, assignment: np.nd
 
 
 def faiss_has_gpu() -> bool:
+    """Whether faiss was built with GPU support and sees a GPU."""
     try:
-        import faiss
+        import faiss  # deferred: see the module docstring
 
         return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     except Exception:  # faiss missing or built without GPU
         return False
 
 
-def run_cluster(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
+def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     """Run the stage and write ``clusters.h5``; returns its path."""
     t0 = time.perf_counter()
-    device = resolve_device(cfg.runtime.device)
-    bundle = bundle or load_data(cfg)
+    ctx = RunContext(cfg, bundle)
+    bundle, device = ctx.bundle, ctx.device
     cc = cfg.cluster
     penultimate = True
     if cc.features == "pixels" or cc.cluster_method == "sequential":
         extractor = None
     elif cc.features == "penultimate":
-        reader = TrajectoryReader(artifact_path(cfg.runtime.out, "train"))
-        extractor = load_into(build_target(cfg, bundle), reader.table, reader.flat(reader.tau))
+        extractor = ctx.trained_model()
     else:
         extractor, penultimate = load_feature_module(cc.features), False
     use_gpu = device.type == "cuda" and faiss_has_gpu()
@@ -347,3 +343,13 @@ def read_clusters(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(assignment int64 [N], cluster_class int64 [K]) from ``clusters.h5``."""
     with open_read(artifact_path(run_dir, "cluster")) as f:
         return f["clusters/assignment"][()], f["clusters/class"][()]
+
+
+def summary(run_dir: str | Path, n_show: int = 10) -> list[str]:
+    """The ``ddm-hpc show`` line of ``clusters.h5``."""
+    a = read_attrs(artifact_path(run_dir, "cluster"))
+    if not a:
+        return []
+    with open_read(artifact_path(run_dir, "cluster")) as f:
+        sizes = f["clusters/size"][()]
+    return [f"  cluster    {a['seconds']:7.1f} s  K = {len(sizes)} clusters, {sizes.min()}..{sizes.max()} images each"]

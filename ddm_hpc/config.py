@@ -6,28 +6,41 @@ a CPU-sized demonstration that finishes in minutes on 2 cores. Where a default d
 the paper (Ye et al., CVPR 2024, Table 5 / section 4.1), the help text says so and
 :func:`paper_preset` restores the paper's value.
 
-Each stage's artifact stores a hash of the config sections it depends on (``stage_key``);
-a run directory whose artifact was made with a different upstream config is refused. A field
-added to a section that runs already hash declares ``_help(..., added=True)``: at its default it
-stays out of the hash, so those runs remain valid.
+Each stage's artifact stores a hash of the config sections it depends on (``stage_key``; the
+sections come from the stage graph, ``ddm_hpc.graph``); a run directory whose artifact was made
+with a different upstream config is refused. A field added to a section that runs already hash
+declares ``_help(..., added=True)``: at its default it stays out of the hash, so those runs remain
+valid.
+
+Options whose value ``0`` (or ``auto``) means "the default" keep that value in the config, and so in
+the stage keys; each is resolved in exactly one place, a property or method of its section named
+for what it gives (``DataConfig.train_size``, ``DistillConfig.block``, ``AttributeConfig.steps(tau)``,
+``Config.finetune_rate``, ``RuntimeConfig.worker_count`` ...). Defaults that need an artifact (the
+trajectory length tau, the cluster count K) take it as an argument.
+
+Room: imports ``graph`` (and ``errors``, ``utils``) only; every other module may import it.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ddm_hpc import graph
 from ddm_hpc.errors import ConfigError
+from ddm_hpc.utils import resolve_device
 
-STAGES = ("train", "cluster", "distill", "attribute")
 
-
-def _help(text: str, added: bool = False) -> dict[str, object]:
+def _help(text: str, added: bool = False, registry: str = "") -> dict[str, object]:
     """Field metadata. ``added``: an option added after runs existed; it is left out of the stage key
-    while it has its default, so artifacts made before it existed stay valid."""
-    return {"help": text, "added": added}
+    while it has its default, so artifacts made before it existed stay valid. ``registry``: the option
+    names entries of a registry above this module, whose entries the CLI appends to the help."""
+    return {"help": text, "added": added, "registry": registry}
 
 
 def _key_dict(section: Any) -> dict[str, Any]:
@@ -63,11 +76,23 @@ class DataConfig:
             if v is not None and v < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = all), got {v}")
 
+    @property
+    def train_size(self) -> int | None:
+        """Training rows to keep, None = all (``--n-train 0``)."""
+        return self.n_train or None
+
+    @property
+    def test_size(self) -> int | None:
+        """Test rows to keep, None = all (``--n-test 0``)."""
+        return self.n_test or None
+
 
 @dataclass
 class ModelConfig:
     model: str = field(default="convnet", metadata=_help(
-        "registered model: convnet, alexnet, resnet18, simplevit, mlp, or one added with register_model"))
+        "registered model: convnet, alexnet, resnet18, simplevit, mlp, one added with register_model, or any factory "
+        "f(in_channels, num_classes, image_size, **options) -> nn.Module as package.module:function or "
+        "path/to/file.py:function"))
     width: int | None = field(default=32, metadata=_help(
         "channel width passed to the model factory (convnet/alexnet/resnet18); 0 = the model's own "
         "default (convnet: 128 as in the paper). 32 keeps the default run CPU-sized"))
@@ -132,6 +157,10 @@ class ClusterConfig:
         _choice(self, "small_class", ("error", "reduce"))
 
 
+GROUP_BLOCK = 32  # groups per distillation block when --group-chunk is 0
+FINETUNE_BLOCK = 64  # perturbations per attribute block when --batch-models is 0
+
+
 @dataclass
 class DistillConfig:
     method: str = field(default="ddm", metadata=_help(
@@ -194,6 +223,17 @@ class DistillConfig:
         """-1: compare syn with -real (reverse); +1: forward matching."""
         return -1.0 if self.method == "ddm" else 1.0
 
+    @property
+    def unlearn_direction(self) -> float:
+        """How the attribute stage removes a group with these synsets: +1 descent (reverse-matched synsets point
+        against the real gradient), -1 ascent (forward-matched synsets add it)."""
+        return 1.0 if self.method == "ddm" else -1.0
+
+    @property
+    def block(self) -> int:
+        """Groups computed together (one synthetic-side vmap call) and the unit of sharding (``--group-chunk``)."""
+        return self.group_chunk or GROUP_BLOCK
+
 
 @dataclass
 class AttributeConfig:
@@ -243,6 +283,19 @@ class AttributeConfig:
             raise ConfigError(f"--finetune-lr must be >= 0 (0 = training lr), got {self.finetune_lr}")
         self.query_positions()
 
+    @property
+    def block(self) -> int:
+        """Perturbations per work block, the unit of ``--shards`` (``--batch-models``, 0 = 64)."""
+        return self.batch_models or FINETUNE_BLOCK
+
+    def steps(self, tau: int) -> int:
+        """T, the fine-tune steps (``--finetune-steps``; 0 = tau, the trajectory length, Eq. 3)."""
+        return self.finetune_steps or tau
+
+    def perturbation_count(self, k: int) -> int:
+        """|P| of random perturbations (``--n-perturbations``; 0 = K, the paper's minimum)."""
+        return self.n_perturbations or k
+
     def query_positions(self) -> list[int] | None:
         if not self.query_index.strip():
             return None
@@ -252,18 +305,19 @@ class AttributeConfig:
             raise ConfigError(f"--query-index must be comma-separated integers, got {self.query_index!r}") from None
 
 
-METHODS = ("random", "predict", "clustering", "ddm-seq", "ddm-match", "ddm", "ddm-soft", "tracin", "trak")
+# The default of --methods: every built-in method, in the registry's order (ddm_hpc.methods; a test checks they
+# agree). Spelled out because it enters the evaluate stage key: a default that followed the registry would turn
+# every evaluated run stale when a method is added.
+DEFAULT_METHODS = "random,predict,clustering,ddm-seq,ddm-match,ddm,ddm-soft,tracin,trak"
 
 
 @dataclass
 class EvaluateConfig:
     """Ground truth by exact retraining and the methods compared against it (``ddm-hpc evaluate``)."""
 
-    methods: str = field(default=",".join(METHODS), metadata=_help(
-        "comma-separated methods to score: random, predict (most similar predictions), clustering (nearest "
-        "cluster centroid of the predicted class), ddm-seq (DDM with clusters by sequence number), ddm-match "
-        "(forward gradient matching), ddm (this run), ddm-soft (this run's reverse matching with --syn-labels "
-        "learn), tracin, trak"))
+    methods: str = field(default=DEFAULT_METHODS, metadata=_help(
+        "comma-separated attribution methods to score (names are checked against the method registry, "
+        "ddm_hpc.methods, when evaluate runs)", registry="methods"))
     n_removed: int = field(default=0, metadata=_help(
         "clusters retrained without, one at a time (a seeded random choice); 0 = all K"))
     gt_seeds: int = field(default=1, metadata=_help("seeds averaged per leave-out retraining"))
@@ -277,10 +331,8 @@ class EvaluateConfig:
     plots: bool = field(default=True, metadata=_help("write PNG plots beside report.md"))
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.method_list() if m not in METHODS]
-        if bad or not self.method_list():
-            raise ConfigError(f"--methods {self.methods!r}: unknown {bad or 'empty list'}; choose from "
-                              f"{', '.join(METHODS)}")
+        if not self.method_list():
+            raise ConfigError("--methods is empty: name at least one method, e.g. --methods random,ddm")
         _positive(self, "gt_seeds", "peer_checkpoints", "proj_dim")
         for name in ("n_removed", "noise_seeds", "n_masks"):
             if getattr(self, name) < 0:
@@ -290,6 +342,10 @@ class EvaluateConfig:
 
     def method_list(self) -> list[str]:
         return _csv(self.methods)
+
+    def removed_count(self, k: int) -> int:
+        """Clusters retrained without one at a time (``--n-removed``; 0, or K and more, = all K)."""
+        return k if self.n_removed == 0 or self.n_removed >= k else self.n_removed
 
 
 DIAGNOSTICS = ("useless", "noisy", "unlearn", "privacy", "transfer", "pictures")
@@ -417,6 +473,9 @@ class RuntimeConfig:
     slurm_constraint: str = field(default="", metadata=_help("SLURM node constraint (overrides the profile)"))
     slurm_extra: str = field(default="", metadata=_help(
         "extra sbatch options, ';'-separated key=value, e.g. 'reservation=abc;exclusive'"))
+    plugins: str = field(default="", metadata=_help(
+        "comma-separated modules or .py files imported first, here and in every job, for what they register "
+        "(attribution methods for --methods, models for --model), e.g. 'mylab.ddm_methods,./toy.py'"))
 
     def __post_init__(self) -> None:
         _choice(self, "executor", ("local", "debug", "slurm"))
@@ -427,6 +486,15 @@ class RuntimeConfig:
             raise ConfigError(f"--loader-workers must be >= 0 (0 = read minibatches in-process), got {self.loader_workers}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0 (0 = one per core), got {self.workers}")
+
+    @property
+    def worker_count(self) -> int:
+        """Local worker processes (``--workers``; 0 = one per CPU core)."""
+        return self.workers or os.cpu_count() or 1
+
+    def torch_device(self) -> torch.device:
+        """The device every stage computes on (``--device``; auto = cuda if present)."""
+        return resolve_device(self.device)
 
 
 SECTIONS: dict[str, type] = {
@@ -439,15 +507,6 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "diagnose": DiagnoseConfig,
     "runtime": RuntimeConfig,
-}
-# Sections each stage's result depends on (plus the global seed).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "train": ("data", "model", "train"),
-    "cluster": ("data", "model", "train", "cluster"),
-    "distill": ("data", "model", "train", "cluster", "distill"),
-    "attribute": ("data", "model", "train", "cluster", "distill", "attribute"),
-    "evaluate": ("data", "model", "train", "cluster", "distill", "attribute", "evaluate"),
-    "diagnose": ("data", "model", "train", "cluster", "distill", "attribute", "diagnose"),
 }
 
 
@@ -467,10 +526,15 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def finetune_rate(self) -> float:
+        """eta_f, the unlearning fine-tune rate (``--finetune-lr``; 0 = the training lr: Eq. 3 sets eta_a = eta_f)."""
+        return self.attribute.finetune_lr or self.train.lr
+
     def stage_dict(self, stage: str) -> dict[str, Any]:
-        """The config a stage's result depends on."""
+        """The config a stage's result depends on: the seed and its sections (``graph.Stage.sections``)."""
         d = {"seed": self.seed}
-        for sec in STAGE_SECTIONS[stage]:
+        for sec in graph.stage(stage).sections:
             d[sec] = _key_dict(getattr(self, sec))
         return d
 

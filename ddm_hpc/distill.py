@@ -14,7 +14,7 @@ Real minibatches: up to ``batch_real`` members of each group, drawn without repl
 padded to a common size with zero weights, so each group's gradient is the exact mean over
 its own sample.
 
-Sharding (``--shards``): groups are computed in blocks of ``--group-chunk`` (0 = ``BLOCK``)
+Sharding (``--shards``): groups are computed in blocks of ``--group-chunk`` (``DistillConfig.block``)
 consecutive groups, one synthetic-side ``vmap`` call per block, and the blocks of every level (K
 cluster groups, then L class groups) are the work items: each task distils a contiguous run of
 blocks and writes its own shard, and the merge step concatenates them into ``synsets.h5``. The
@@ -31,6 +31,9 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
   <level>/init_loss, <level>/final_loss float32 [G]  loss on fixed evaluation pairs, before/after
   attrs: method, pairing, sign, distance, include_1d, unlearn_direction (+1: fine-tune by
          descent on the removed synsets, ddm; -1: by ascent, ddm-match) + provenance
+(read back by ``ddm_hpc.synsets``).
+
+Room: a stage (imports ``config``, ``context``, ``launch``, ``storage``, ``trajectory`` and ``kernels``).
 """
 from __future__ import annotations
 
@@ -50,14 +53,14 @@ from torch.func import functional_call, grad, vmap
 from kernels import matching_loss
 
 from ddm_hpc.config import Config, DistillConfig
-from ddm_hpc.errors import ConfigError
-from ddm_hpc.launch import run_sharded, sharded
-from ddm_hpc.storage import artifact_path, atomic_h5, open_read, write_provenance
-from ddm_hpc.train import TrajectoryReader, build_target, load_data
-from ddm_hpc.utils import generator, progress, resolve_device
+from ddm_hpc.context import RunContext
+from ddm_hpc.errors import ConfigError, StageError
+from ddm_hpc.launch import run_sharded, shard_range
+from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
+from ddm_hpc.trajectory import Checkpoints
+from ddm_hpc.utils import generator, progress
 
 log = logging.getLogger(__name__)
-BLOCK = 32  # groups per block when --group-chunk is 0; blocks never straddle shards
 
 
 @dataclass
@@ -183,7 +186,7 @@ def trajectory_pairs(pairing: str, tau: int, step_length: int, gen: torch.Genera
 class Matcher:
     """Computes per-group matching losses for synthetic images against real data."""
 
-    def __init__(self, model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, y: torch.Tensor,
+    def __init__(self, model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: torch.Tensor,
                  groups: torch.Tensor, n_groups: int, dcfg: DistillConfig, device: torch.device,
                  group_ids: torch.Tensor | None = None):
         self.model, self.reader, self.dcfg, self.device = model, reader, dcfg, device
@@ -251,7 +254,7 @@ def init_images(x: torch.Tensor, members: torch.Tensor, sizes: torch.Tensor, ipc
     return out
 
 
-def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, y: torch.Tensor,
+def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: torch.Tensor,
                    groups: torch.Tensor, group_class: torch.Tensor, dcfg: DistillConfig, seed: int,
                    device: torch.device, desc: str = "distill", show_progress: bool = True,
                    group_ids: torch.Tensor | None = None) -> Synset:
@@ -289,7 +292,7 @@ def distill_groups(model: nn.Module, reader: TrajectoryReader, x: torch.Tensor, 
     else:
         label_fn = lambda: hard  # noqa: E731
     opt = torch.optim.SGD(groups_opt, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
-    chunk = block_size(dcfg)
+    chunk = dcfg.block
     pairing = dcfg.resolved_pairing()
 
     # Fixed evaluation pairs and minibatches: the same before and after, so the losses compare.
@@ -334,15 +337,8 @@ SYNSET_DATASETS = ("images", "labels", "targets", "group_class", "init_loss", "f
                    "size")
 
 
-def block_size(dcfg: DistillConfig) -> int:
-    """Groups computed together (one synthetic-side vmap call) and the unit of sharding."""
-    return dcfg.group_chunk or BLOCK
-
-
 def distill_items(cfg: Config) -> list[tuple[str, int]]:
     """(level, number of groups) for each requested level, in work order."""
-    from ddm_hpc.storage import read_attrs
-
     train_attrs = read_attrs(artifact_path(cfg.runtime.out, "train")) or {}
     with open_read(artifact_path(cfg.runtime.out, "cluster")) as f:
         k = len(f["clusters/class"])
@@ -351,8 +347,8 @@ def distill_items(cfg: Config) -> list[tuple[str, int]]:
 
 
 def distill_blocks(cfg: Config) -> list[tuple[str, int, int]]:
-    """The work items: (level, first group, end group) blocks of ``block_size`` groups."""
-    b = block_size(cfg.distill)
+    """The work items: (level, first group, end group) blocks of ``DistillConfig.block`` groups."""
+    b = cfg.distill.block
     return [(level, g0, min(g0 + b, n)) for level, n in distill_items(cfg) for g0 in range(0, n, b)]
 
 
@@ -363,21 +359,17 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
     rows of every ``synsets.h5`` dataset, plus ``<level>/group_history`` float32 [g, steps] and
     ``<level>/seconds``.
     """
-    from ddm_hpc.cluster import read_clusters
-    from ddm_hpc.launch import shard_range
-
     work = distill_blocks(cfg)
     i0, i1 = shard_range(len(work), shard, n_shards)
     out: dict[str, np.ndarray] = {}
     if i0 == i1:
         return out
-    device = resolve_device(cfg.runtime.device)
-    bundle = bundle or load_data(cfg)
-    reader = TrajectoryReader(artifact_path(cfg.runtime.out, "train"), device=device)
-    model = build_target(cfg, bundle).to(device)
-    assignment, cluster_class = read_clusters(cfg.runtime.out)
+    ctx = RunContext(cfg, bundle)
+    bundle, device = ctx.bundle, ctx.device
+    reader = ctx.trajectory(device)
+    model = ctx.build_model().to(device)
     levels = {
-        "cluster": (torch.from_numpy(assignment), torch.from_numpy(cluster_class)),
+        "cluster": (ctx.assignment, ctx.cluster_class),
         "class": (bundle.y_train.clone(), torch.arange(bundle.num_classes)),
     }
     for i, (level, n) in enumerate(distill_items(cfg)):
@@ -408,8 +400,6 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
 
     ``bundle`` (the in-process context of the tasks) is accepted and not needed.
     """
-    from ddm_hpc.errors import StageError
-
     t0 = time.perf_counter()
     files = [h5py.File(p, "r", locking=False) for p in paths]
     try:
@@ -434,7 +424,7 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
             out.attrs["distance"] = cfg.distill.distance
             out.attrs["include_1d"] = cfg.distill.include_1d
             out.attrs["syn_labels"] = cfg.distill.syn_labels
-            out.attrs["unlearn_direction"] = 1.0 if cfg.distill.method == "ddm" else -1.0
+            out.attrs["unlearn_direction"] = cfg.distill.unlearn_direction
             out.attrs["n_shards"] = len(paths)
             write_provenance(out, cfg, "distill", shard_seconds + time.perf_counter() - t0)
     finally:
@@ -443,8 +433,7 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
     return path
 
 
-@sharded
-def run_distill(cfg: Config, bundle=None) -> Path:
+def run(cfg: Config, bundle=None) -> Path:
     """Run the stage for every requested level and write ``synsets.h5``; returns its path.
 
     The groups are split into ``--shards`` tasks on the configured executor (see launch.py).
@@ -453,43 +442,12 @@ def run_distill(cfg: Config, bundle=None) -> Path:
                        context={"bundle": bundle})
 
 
-@dataclass
-class SynsetLevel:
-    """One level of ``synsets.h5`` as the attribute stage uses it."""
-
-    images: torch.Tensor  # float32 [G, ipc, C, H, W]
-    labels: torch.Tensor  # int64 [G, ipc]
-    group_class: torch.Tensor  # int64 [G]
-    grad_norm_real: torch.Tensor  # float32 [G]
-    grad_norm_syn: torch.Tensor  # float32 [G]
-    size: torch.Tensor  # int64 [G]
-    unlearn_direction: float  # +1 descent (ddm), -1 ascent (ddm-match)
-    targets: torch.Tensor | None = None  # float32 [G, ipc, L] learned soft labels (None: train on ``labels``)
-
-    @property
-    def train_targets(self) -> torch.Tensor:
-        """What fine-tuning trains on: the soft labels if learned, else the hard labels."""
-        return self.labels if self.targets is None else self.targets
-
-    def flat_targets(self) -> torch.Tensor:
-        """``train_targets`` with groups and images flattened: int64 [G*ipc] or float32 [G*ipc, L]."""
-        t = self.train_targets
-        return t.reshape(-1) if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-    def subset(self, ids: torch.Tensor) -> SynsetLevel:
-        return SynsetLevel(self.images[ids], self.labels[ids], self.group_class[ids], self.grad_norm_real[ids],
-                           self.grad_norm_syn[ids], self.size[ids], self.unlearn_direction,
-                           None if self.targets is None else self.targets[ids])
-
-
-def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
-    """Read one level (``cluster`` or ``class``) of ``synsets.h5``."""
+def summary(run_dir: str | Path, n_show: int = 10) -> list[str]:
+    """The ``ddm-hpc show`` line of ``synsets.h5``."""
+    a = read_attrs(artifact_path(run_dir, "distill"))
+    if not a:
+        return []
     with open_read(artifact_path(run_dir, "distill")) as f:
-        if level not in f:
-            raise ConfigError(f"synsets.h5 has no {level!r} synsets: re-run distill with --levels cluster,class")
-        g = f[level]
-        learned = str(f.attrs.get("syn_labels", "hard")) == "learn" and "targets" in g
-        return SynsetLevel(*(torch.from_numpy(g[k][()]) for k in ("images", "labels", "group_class",
-                                                                   "grad_norm_real", "grad_norm_syn", "size")),
-                           unlearn_direction=float(f.attrs["unlearn_direction"]),
-                           targets=torch.from_numpy(g["targets"][()]) if learned else None)
+        parts = [f"{lv} {f[lv]['init_loss'][()].mean():.3f} -> {f[lv]['final_loss'][()].mean():.3f}"
+                 for lv in ("cluster", "class") if lv in f]
+    return [f"  distill    {a['seconds']:7.1f} s  {a['method']} matching loss (mean per synset) " + ", ".join(parts)]

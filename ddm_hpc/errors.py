@@ -1,4 +1,7 @@
-"""Exceptions with one-line, actionable messages (the CLI prints them without a traceback)."""
+"""Exceptions with one-line, actionable messages (the CLI prints them without a traceback).
+
+Room: a leaf (imports nothing); every module may raise these.
+"""
 
 
 class DDMError(Exception):

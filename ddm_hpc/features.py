@@ -15,7 +15,9 @@ Feature file layout (``features.h5``)::
   attrs: n, dim, num_classes, extractor, complete
 
 :class:`PeakRSS` measures the resident-set high-water mark of a block (sampled from
-``/proc/self/statm``), used by the memory-bound test and the clustering benchmark.
+``/proc/self/statm``), used by the memory-bound tests and the benchmarks.
+
+Room: imports ``data``, ``models`` and ``storage``; the cluster stage uses it.
 """
 from __future__ import annotations
 
@@ -32,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddm_hpc.data import StreamDataset, class_order, stream_loader
 from ddm_hpc.errors import DataError, StageError
 from ddm_hpc.models import penultimate_features
 from ddm_hpc.storage import atomic_h5
-from ddm_hpc.stream import StreamDataset, class_order, stream_loader
 from ddm_hpc.utils import progress
 
 log = logging.getLogger(__name__)

@@ -2,12 +2,13 @@
 
 Stages never launch jobs themselves; they call one of two functions here.
 
-``execute(stage_fn, cfg, **kwargs) -> Path``
-    Run a whole stage. A stage that shards its own work (``stage_fn.sharded = True``: distill,
-    attribute) runs in this process and calls :func:`run_sharded`. Any other stage (train,
-    cluster) runs in this process on ``--executor local``, through submitit's debug executor on
-    ``debug``, and as one SLURM job on ``slurm`` (where the in-process ``bundle`` keyword is
-    dropped: the job loads its own data; other keywords are pickled with the job).
+``execute(stage, cfg, **kwargs) -> Path``
+    Run a whole stage (a name of the stage graph, ``ddm_hpc.graph``). A stage that submits its own
+    jobs (``Stage.submits_jobs``: distill, attribute, evaluate, diagnose) runs in this process and
+    calls :func:`run_sharded`. Any other stage (train, cluster) runs in this process on
+    ``--executor local``, through submitit's debug executor on ``debug``, and as one SLURM job on
+    ``slurm`` (where the in-process ``bundle`` keyword is dropped: the job loads its own data; other
+    keywords are pickled with the job).
 
 ``run_sharded(name, cfg, task_fn, n_items, merge_fn=None, *, stage=None, key_extra="", context=None)``
     Split ``n_items`` work items into ``n = resolve_shards(cfg, n_items)`` tasks and return
@@ -52,6 +53,12 @@ requeued task skips a shard that completed meanwhile.
 
 ``status(run_dir)`` reports each artifact and each shard set's progress, failed tasks and logs
 (``ddm-hpc status RUN_DIR``).
+
+Every job process imports ``--plugins`` first (``utils.load_plugins``), so models and methods a user
+registers in their own module exist there too.
+
+Room: imports ``config``, ``graph`` and ``storage``; the stages call it, and it calls no stage except
+through the graph's rows (:func:`execute`).
 """
 from __future__ import annotations
 
@@ -67,6 +74,7 @@ import re
 import shutil
 import signal
 import time
+import tomllib
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,9 +83,14 @@ from typing import Any
 import h5py
 import numpy as np
 import submitit
+import torch
+import yaml
 
-from ddm_hpc.config import STAGE_SECTIONS, Config
+from ddm_hpc import graph
+from ddm_hpc.config import Config
 from ddm_hpc.errors import ConfigError, StageError
+from ddm_hpc.storage import atomic_h5, read_attrs, upstream_uids, write_json_atomic
+from ddm_hpc.utils import load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +140,12 @@ def shard_paths(run_dir: str | Path, name: str, n_shards: int) -> list[Path]:
 
 def shard_key(cfg: Config, stage: str, extra: str = "") -> str:
     """Hash of what a shard's content depends on: the stage's config, upstream uids, ``extra``."""
-    from ddm_hpc.storage import UPSTREAM, upstream_uids
-
-    if stage in STAGE_SECTIONS:
+    if stage in graph.BY_NAME:
         base = cfg.stage_key(stage)
+        ups = upstream_uids(cfg.runtime.out, stage)
     else:
         base = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "runtime"}, sort_keys=True)
-    ups = upstream_uids(cfg.runtime.out, stage) if stage in UPSTREAM else {}
+        ups = {}
     blob = json.dumps([base, ups, extra], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -178,9 +190,8 @@ class ShardTask(submitit.helpers.Checkpointable):
         path = shard_path(self.cfg.runtime.out, self.name, shard, self.n_shards)
         if shard_done(path, self.key, self.n_shards):
             return str(path)
+        load_plugins(self.cfg.runtime.plugins)
         if self.threads:
-            import torch
-
             torch.set_num_threads(self.threads)
         if not logging.getLogger().handlers:  # a fresh job process: progress lines go to its log
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -200,8 +211,6 @@ class ShardTask(submitit.helpers.Checkpointable):
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], **attrs: Any) -> None:
     """Write ``arrays`` (dataset name -> array) to ``path`` atomically, with ``attrs`` on the root."""
-    from ddm_hpc.storage import atomic_h5
-
     crash = os.environ.get(CRASH_ENV, "")
     with atomic_h5(path) as f:
         for i, (k, v) in enumerate(arrays.items()):
@@ -243,6 +252,7 @@ class MergeTask(submitit.helpers.Checkpointable):
         self.cfg, self.merge_fn, self.paths = cfg, merge_fn, paths
 
     def __call__(self) -> Path:
+        load_plugins(self.cfg.runtime.plugins)
         return self.merge_fn(self.cfg, self.paths)
 
 
@@ -302,7 +312,7 @@ def _run_here(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key
     """local/debug executors; returns shard -> (error line, log path) of failed shards."""
     logs = log_dir(cfg.runtime.out, name)
     failures: dict[int, tuple[str, str]] = {}
-    workers = cfg.runtime.workers or os.cpu_count() or 1
+    workers = cfg.runtime.worker_count
     if cfg.runtime.executor == "debug":
         ex = submitit.AutoExecutor(folder=logs / "%j", cluster="debug")
         jobs = ex.map_array(ShardTask(name, cfg, task_fn, n, n_items, key), pending)
@@ -310,7 +320,7 @@ def _run_here(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key
             try:
                 job.result()
             except Exception as e:  # noqa: BLE001 - every task failure is collected and reported
-                failures[s] = (_one_line(e), str(job.paths.stderr))
+                failures[s] = (job_error_line(e), str(job.paths.stderr))
         return failures
     if workers <= 1 or len(pending) <= 1:
         task = ShardTask(name, cfg, task_fn, n, n_items, key)
@@ -319,7 +329,7 @@ def _run_here(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key
             try:
                 task(s, context=context, log_file=lf)
             except Exception as e:  # noqa: BLE001
-                failures[s] = (_one_line(e), str(lf))
+                failures[s] = (job_error_line(e), str(lf))
         return failures
     workers = min(workers, len(pending))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -332,7 +342,7 @@ def _run_here(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key
             try:
                 fut.result()
             except Exception as e:  # noqa: BLE001 (BrokenProcessPool included: a killed worker)
-                failures[s] = (_one_line(e), str(logs / f"shard-{s:05d}-of-{n:05d}.log"))
+                failures[s] = (job_error_line(e), str(logs / f"shard-{s:05d}-of-{n:05d}.log"))
     return failures
 
 
@@ -364,7 +374,7 @@ def _run_slurm(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, ke
         try:
             job.result()
         except Exception as e:  # noqa: BLE001 - every task failure is collected and reported
-            failures[s] = (_one_line(e), str(job.paths.stderr))
+            failures[s] = (job_error_line(e), str(job.paths.stderr))
     if failures and merge_job is not None:
         merge_job.cancel(check=False)
     _raise_failures(name, n, failures, paths)
@@ -373,18 +383,16 @@ def _run_slurm(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, ke
     try:
         return Path(merge_job.result())
     except Exception as e:  # noqa: BLE001
-        raise StageError(f"{name}: the merge job {merge_job.job_id} failed ({_one_line(e)}); log "
+        raise StageError(f"{name}: the merge job {merge_job.job_id} failed ({job_error_line(e)}); log "
                          f"{merge_job.paths.stderr}; the shards are kept: rerun the same command") from None
 
 
 def _record_jobs(run_dir: str | Path, name: str, jobs: dict[int, str], logs: Path) -> None:
-    from ddm_hpc.storage import write_json_atomic
-
     write_json_atomic(shard_dir(run_dir, name) / "jobs.json", {"jobs": {str(k): v for k, v in jobs.items()},
                                                                "logs": str(logs)})
 
 
-def _one_line(e: BaseException) -> str:
+def job_error_line(e: BaseException) -> str:
     """The last meaningful line of an exception (submitit wraps remote tracebacks)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     exc_lines = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", ln)]
@@ -396,8 +404,6 @@ def _raise_failures(name: str, n: int, failures: dict[int, tuple[str, str]], pat
     """Record failed shards beside their files and raise one StageError line."""
     if not failures:
         return
-    from ddm_hpc.storage import write_json_atomic
-
     for s, (err, logf) in failures.items():
         write_json_atomic(_failed_marker(paths[s]), {"shard": s, "error": err, "log": logf})
     first = min(failures)
@@ -415,14 +421,7 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--profile {path}: no such file; use one of slurm/*.yaml or write one (slurm/README.md)")
     text = p.read_text()
-    if p.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+    data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
     if not isinstance(data, dict):
         raise ConfigError(f"--profile {path}: expected a mapping of SLURM options (partition:, mem_gb:, ...)")
     bad = sorted(set(data) - set(PROFILE_KEYS))
@@ -475,51 +474,57 @@ def make_executor(folder: Path, params: dict[str, Any], job_name: str) -> submit
 
 
 # ----------------------------------------------------------------------------- whole stages
-def execute(stage_fn: Callable[..., Path], cfg: Config, **kwargs: Any) -> Path:
-    """Run ``stage_fn(cfg, **kwargs)`` on the configured executor and return the artifact path.
+class StageJob:
+    """A whole stage as a job: ``graph.stage(name).implementation().run(cfg, **kwargs)``, plugins imported first.
 
-    Sharded stages (``stage_fn.sharded``) orchestrate their own tasks and run here. Others run
-    here on ``local``, through submitit's debug executor on ``debug``, and as one SLURM job on
-    ``slurm`` (without ``bundle``, an in-process convenience; other ``kwargs`` go with the job).
+    Picklable (it carries the stage's name, not its function); not requeued on preemption, as a stage that
+    does not shard its work has no partial result to resume from."""
+
+    def __init__(self, name: str, cfg: Config, kwargs: dict[str, Any]):
+        self.name, self.cfg, self.kwargs = name, cfg, kwargs
+
+    def __call__(self) -> Path:
+        load_plugins(self.cfg.runtime.plugins)
+        return graph.stage(self.name).implementation().run(self.cfg, **self.kwargs)
+
+
+def execute(stage: str, cfg: Config, **kwargs: Any) -> Path:
+    """Run stage ``stage`` (``run(cfg, **kwargs)`` of its module) on the configured executor; returns its artifact.
+
+    Stages that submit their own jobs (``graph.Stage.submits_jobs``) run here. Others run here on
+    ``local``, through submitit's debug executor on ``debug``, and as one SLURM job on ``slurm``
+    (without ``bundle``, an in-process convenience; other ``kwargs`` go with the job).
     """
     executor = cfg.runtime.executor
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r} is not available: use one of {', '.join(EXECUTORS)}")
-    if executor == "local" or getattr(stage_fn, "sharded", False):
-        return stage_fn(cfg, **kwargs)
+    row = graph.stage(stage)
+    if executor == "local" or row.submits_jobs:
+        return row.implementation().run(cfg, **kwargs)
     cfg = _absolute(cfg)
-    name = getattr(stage_fn, "__name__", "stage").removeprefix("run_")
-    logs = log_dir(cfg.runtime.out, name)
+    logs = log_dir(cfg.runtime.out, stage)
     if executor == "debug":
-        job = submitit.AutoExecutor(folder=logs / "%j", cluster="debug").submit(stage_fn, cfg, **kwargs)
+        job = submitit.AutoExecutor(folder=logs / "%j", cluster="debug").submit(StageJob(stage, cfg, kwargs))
     else:
         params = {k: v for k, v in slurm_parameters(cfg).items() if k != "slurm_array_parallelism"}
         remote = {k: v for k, v in kwargs.items() if k != "bundle"}  # the job loads its own data
-        job = make_executor(logs, params, f"ddm-{name}").submit(stage_fn, cfg, **remote)
-        log.info("%s: submitted as SLURM job %s (log %s)", name, job.job_id, job.paths.stderr)
+        job = make_executor(logs, params, f"ddm-{stage}").submit(StageJob(stage, cfg, remote))
+        log.info("%s: submitted as SLURM job %s (log %s)", stage, job.job_id, job.paths.stderr)
     try:
         return Path(job.result())
     except Exception as e:  # noqa: BLE001
-        raise StageError(f"{name}: job {job.job_id} failed ({_one_line(e)}); log {job.paths.stderr}: fix the cause "
-                         "and rerun the same command (completed stages are kept)") from None
-
-
-def sharded(fn: Callable[..., Path]) -> Callable[..., Path]:
-    """Mark a stage function that splits its own work with :func:`run_sharded`."""
-    fn.sharded = True  # type: ignore[attr-defined]
-    return fn
+        raise StageError(f"{stage}: job {job.job_id} failed ({job_error_line(e)}); log {job.paths.stderr}: fix the "
+                         "cause and rerun the same command (completed stages are kept)") from None
 
 
 # ----------------------------------------------------------------------------- status
 def status(run_dir: str | Path) -> str:
     """Per-stage artifact state and per-shard-set progress, failed tasks and their logs."""
-    from ddm_hpc.storage import ARTIFACTS, read_attrs
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise StageError(f"{run_dir} is not a run directory: pass the --out of an earlier run")
     lines = [f"run directory: {run_dir}"]
-    for stage, fname in ARTIFACTS.items():
+    for stage, fname in graph.ARTIFACTS.items():
         a = read_attrs(run_dir / fname)
         state = f"complete ({a.get('created', '?')}, {float(a.get('seconds', 0)):.1f} s)" if a else "missing"
         lines.append(f"  {stage:<10} {fname:<16} {state}")
@@ -563,5 +568,5 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
-__all__ = ["execute", "run_sharded", "sharded", "shard_range", "resolve_shards", "shard_paths", "shard_key",
+__all__ = ["execute", "run_sharded", "shard_range", "resolve_shards", "shard_paths", "shard_key",
            "slurm_parameters", "load_profile", "status", "EXECUTORS"]

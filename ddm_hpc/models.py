@@ -5,7 +5,11 @@ BatchNorm) and avoids in-place ops on activations, so hundreds of stacked copies
 fine-tuned with ``torch.func.functional_call`` + ``vmap`` and differentiated twice
 (gradient matching). Register your own with ``@register_model("mynet")`` on a factory
 ``mynet(in_channels, num_classes, image_size, width=32) -> nn.Module`` and build it with
-``build_model("mynet", 1, 10, (28, 28), width=64)``.
+``build_model("mynet", 1, 10, (28, 28), width=64)``, or name any importable factory without
+registering it: ``--model package.module:function`` (or ``path/to/file.py:function``). The name is a
+string in the config, so worker processes and SLURM jobs import the same factory.
+
+Room: imports ``config`` (and ``errors``, ``utils``).
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddm_hpc.config import Config
 from ddm_hpc.errors import ConfigError
+from ddm_hpc.utils import import_object
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +54,17 @@ def register_model(name: str, overwrite: bool = False) -> Callable[[ModelFactory
     return decorator
 
 
-def _factory(name: str) -> ModelFactory:
-    """Look up a factory or raise a ConfigError listing the available names."""
+def model_factory(name: str) -> ModelFactory:
+    """A registered factory, or the one ``package.module:function`` names; else a ConfigError listing the names."""
+    if ":" in name:
+        factory = import_object(name, "--model")
+        if not callable(factory):
+            raise ConfigError(f"--model {name!r} is a {type(factory).__name__}, not a function; name a factory "
+                              "f(in_channels, num_classes, image_size, **options) -> nn.Module")
+        return factory
     if name not in MODEL_REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; available models: {', '.join(sorted(MODEL_REGISTRY))}")
+        raise ConfigError(f"unknown model {name!r}; available models: {', '.join(sorted(MODEL_REGISTRY))}, or "
+                          "package.module:function naming a factory")
     return MODEL_REGISTRY[name]
 
 
@@ -70,7 +83,7 @@ def model_kwargs_for(name: str) -> dict[str, Any]:
     Returns:
         Mapping option name -> default (``inspect.Parameter.empty`` for a required option).
     """
-    return {p.name: p.default for p in _keyword_params(_factory(name))}
+    return {p.name: p.default for p in _keyword_params(model_factory(name))}
 
 
 def build_model(
@@ -88,7 +101,7 @@ def build_model(
     Raises:
         ConfigError: Unknown name, unexpected or missing option, or an invalid option value.
     """
-    factory = _factory(name)
+    factory = model_factory(name)
     params = _keyword_params(factory)
     accepted = [p.name for p in params]
     takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
@@ -100,7 +113,21 @@ def build_model(
     if missing:
         raise ConfigError(f"model {name!r} needs option(s) {', '.join(missing)}; pass them as keyword arguments")
     model = factory(in_channels, num_classes, tuple(image_size), **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module; make the factory "
+                          "return the network")
     logger.debug("built %s with %d parameters", name, sum(p.numel() for p in model.parameters()))
+    return model
+
+
+def build_target(cfg: Config, shape: object, seed: int | None = None) -> nn.Module:
+    """The run's target architecture (``--model`` and its options), initialised from ``seed`` (default
+    ``cfg.seed``): theta_0. ``shape`` is anything with ``in_channels``, ``num_classes`` and ``image_size``
+    (a ``DatasetBundle``)."""
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    model = build_model(cfg.model.model, shape.in_channels, shape.num_classes, shape.image_size,
+                        **cfg.model.factory_kwargs())
+    check_functional(model)
     return model
 
 

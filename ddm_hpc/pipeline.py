@@ -1,50 +1,59 @@
-"""Runs stages in order with resume and config-drift checks, and prints the run summary."""
+"""Runs stages in the graph's order with resume and config-drift checks, makes variant runs, prints summaries.
+
+:func:`run_command` is what every ``ddm-hpc <stage>`` does: check the options, run the missing
+pipeline stages a stage outside ``ddm-hpc run`` reads (evaluate, diagnose), then the stage.
+:func:`run_stages` decides per stage (skip a current artifact, refuse one made with other options
+unless ``--overwrite``, recompute one whose upstream changed), loads the data once, makes the
+variant runs the stage declares (:func:`materialise`) and runs it on the configured executor.
+Nothing below this module runs a stage: methods and diagnostics declare their variants
+(``ddm_hpc.variants``) and this module makes them.
+
+Room: the top of the library (imports ``config``, ``context``, ``data``, ``graph``, ``launch``, ``storage``,
+``variants``, and every stage through the graph's rows); only ``cli`` imports it.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from ddm_hpc.config import STAGES, Config
+from ddm_hpc import graph
+from ddm_hpc.config import Config
+from ddm_hpc.context import RunContext, load_data
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.launch import execute
-from ddm_hpc.storage import (UPSTREAM, artifact_path, open_read, plan_stage, read_attrs, require_upstream,
-                             write_json_atomic)
+from ddm_hpc.storage import artifact_path, plan_stage, read_attrs, require_upstream, stage_status, write_json_atomic
+from ddm_hpc.variants import Variant
 
 log = logging.getLogger(__name__)
 
 
-def stage_function(stage: str):
-    """The ``run_<stage>(cfg, bundle=None) -> Path`` function of a stage (imported lazily)."""
-    if stage == "train":
-        from ddm_hpc.train import run_train as fn
-    elif stage == "cluster":
-        from ddm_hpc.cluster import run_cluster as fn
-    elif stage == "distill":
-        from ddm_hpc.distill import run_distill as fn
-    elif stage == "attribute":
-        from ddm_hpc.attribute import run_attribute as fn
-    else:
-        from ddm_hpc.evaluate import run_evaluate as fn
-    return fn
-
-
-def plan(cfg: Config, stages: tuple[str, ...]) -> dict[str, str]:
+def decide(cfg: Config, stages: tuple[str, ...]) -> dict[str, str]:
     """'run' or 'skip' per stage, raising before anything runs on drift or missing inputs."""
     out = Path(cfg.runtime.out)
     decisions: dict[str, str] = {}
     for stage in stages:
-        upstream_runs = any(decisions.get(up) == "run" for up in UPSTREAM[stage])
+        upstream_runs = any(decisions.get(up) == "run" for up in graph.stage(stage).upstream)
         if upstream_runs:
             decisions[stage] = "run"  # its inputs are being recomputed
             continue
         require_upstream(out, stage, cfg)
-        decisions[stage] = plan_stage(out, stage, cfg)
+        decisions[stage] = plan_stage(out, stage, cfg) if graph.stage(stage).artifact else "run"
     return decisions
+
+
+def check(cfg: Config, stage: str) -> None:
+    """The stage's own option checks (``check(cfg)`` of its module, if any), before anything runs."""
+    fn = getattr(graph.stage(stage).implementation(), "check", None)
+    if fn is not None:
+        fn(cfg)
 
 
 def preflight(cfg: Config, bundle: DatasetBundle, decisions: dict[str, str]) -> None:
@@ -63,12 +72,13 @@ def preflight(cfg: Config, bundle: DatasetBundle, decisions: dict[str, str]) -> 
                               "or pass --small-class reduce")
 
 
-def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
-    """Run ``stages`` in order, skipping current artifacts; returns seconds per stage run."""
-    from ddm_hpc.train import load_data
+def run_stages(cfg: Config, stages: tuple[str, ...] = graph.RUN) -> dict[str, float]:
+    """Run ``stages`` in order, skipping current artifacts; returns seconds per stage run.
 
+    Before a stage runs, the variant runs it declares (``variants(cfg)`` of its module) are made.
+    """
     out = Path(cfg.runtime.out)
-    decisions = plan(cfg, stages)
+    decisions = decide(cfg, stages)
     for stage, what in decisions.items():
         if what == "skip":
             log.info("%s: %s is up to date, skipping (pass --overwrite to recompute)", stage,
@@ -85,76 +95,90 @@ def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, float
     for stage in stages:
         if decisions[stage] == "run":
             t0 = time.perf_counter()
-            execute(stage_function(stage), cfg, bundle=bundle)
+            declared = getattr(graph.stage(stage).implementation(), "variants", None)
+            if declared is not None:
+                materialise(cfg, declared(cfg), bundle)
+            execute(stage, cfg, bundle=bundle)
             timings[stage] = time.perf_counter() - t0
     return timings
 
 
+def run_command(cfg: Config, command: str) -> dict[str, float]:
+    """``ddm-hpc <command>``: ``run`` (every stage of ``graph.RUN``), one of those stages, or a stage outside
+    ``run`` (evaluate, diagnose) after the missing pipeline stages it reads (without ``--overwrite``: that
+    applies to the stage asked for). Returns seconds per stage run."""
+    stages = graph.RUN if command == "run" else (command,)
+    for stage in dict.fromkeys(up for s in stages for up in (*graph.stage(s).upstream, s)):
+        check(cfg, stage)  # every stage it may run, upstream ones included
+    timings: dict[str, float] = {}
+    if command != "run" and not graph.stage(command).in_run:
+        keep = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False))
+        timings = run_stages(keep, graph.RUN)
+    timings.update(run_stages(cfg, stages))
+    return timings
+
+
+# ----------------------------------------------------------------------------- variant runs
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link of ``src`` (a copy where links are impossible); kept if it already is one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src_uid = (read_attrs(src) or {}).get("uid")
+    if dst.exists():
+        if (read_attrs(dst) or {}).get("uid") == src_uid:
+            return
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _merged(variants: list[Variant], root: Config) -> list[Variant]:
+    """One entry per directory, in first-declared order, running every stage any declaration asked for."""
+    by_dir: dict[Path, Variant] = {}
+    for v in variants:
+        key = v.directory(root)
+        if key in by_dir:
+            stages = set(by_dir[key].stages) | set(v.stages)
+            by_dir[key] = by_dir[key].with_stages(tuple(s.name for s in graph.STAGES if s.name in stages))
+        else:
+            by_dir[key] = v
+    return list(by_dir.values())
+
+
+def materialise(cfg: Config, variants: list[Variant], bundle: DatasetBundle | None = None) -> list[Path]:
+    """Make each variant run of ``cfg``'s run (resumable: up-to-date artifacts are kept); returns their directories.
+
+    Shared artifacts are hard links of the source run's (same uids, so the variant's own stages see them
+    as current); a variant's own artifacts made with other options are recomputed (its directory belongs to
+    whoever declares it); ``prepare`` makes its inputs first.
+    """
+    dirs = []
+    for v in _merged(variants, cfg):
+        out = v.directory(cfg)
+        if v.prepare is not None:
+            base = v.base_config(cfg)
+            v.prepare(RunContext(base, bundle if v.parent is None else None), out)
+        for stage in v.shared:
+            _link_or_copy(artifact_path(v.source_directory(cfg, stage), stage), artifact_path(out, stage))
+        vcfg = v.config(cfg)
+        for stage in v.stages:
+            if graph.stage(stage).artifact and stage_status(out, stage, vcfg) == "stale":
+                artifact_path(out, stage).unlink()
+        timings = run_stages(vcfg, v.stages)
+        log.info("variant %s: %s", v.path, ", ".join(f"{k} {s:.1f} s" for k, s in timings.items()) or "up to date")
+        dirs.append(out)
+    return dirs
+
+
+# ----------------------------------------------------------------------------- reading a run
 def summary(run_dir: str | Path, n_show: int = 10) -> str:
-    """A human-readable summary of a run directory's artifacts."""
+    """A human-readable summary of a run directory's artifacts (each stage's ``summary``)."""
     run_dir = Path(run_dir)
     lines = [f"run directory: {run_dir}"]
-    attrs = {s: read_attrs(artifact_path(run_dir, s)) for s in STAGES}
-    if attrs["train"]:
-        a = attrs["train"]
-        lines.append(f"  train      {a['seconds']:7.1f} s  test accuracy {a['test_accuracy']:.4f}")
-    if attrs["cluster"]:
-        with open_read(artifact_path(run_dir, "cluster")) as f:
-            sizes = f["clusters/size"][()]
-        lines.append(f"  cluster    {attrs['cluster']['seconds']:7.1f} s  K = {len(sizes)} clusters, "
-                     f"{sizes.min()}..{sizes.max()} images each")
-    if attrs["distill"]:
-        with open_read(artifact_path(run_dir, "distill")) as f:
-            parts = [f"{lv} {f[lv]['init_loss'][()].mean():.3f} -> {f[lv]['final_loss'][()].mean():.3f}"
-                     for lv in ("cluster", "class") if lv in f]
-        lines.append(f"  distill    {attrs['distill']['seconds']:7.1f} s  {attrs['distill']['method']} matching loss "
-                     f"(mean per synset) " + ", ".join(parts))
-    if attrs["attribute"]:
-        a = attrs["attribute"]
-        lines.append(f"  attribute  {a['seconds']:7.1f} s  {a['n_finetunes_flat']} flat + "
-                     f"{a['n_finetunes_hierarchical']} hierarchical fine-tunings of {a['finetune_steps']} steps")
-        lines += _attribution_table(artifact_path(run_dir, "attribute"), str(a["objective"]), n_show)
-    ev = read_attrs(artifact_path(run_dir, "evaluate"))
-    if ev:
-        lines.append(f"  evaluate   {ev['seconds']:7.1f} s  {run_dir / 'report.md'}")
-        lines += _evaluation_table(artifact_path(run_dir, "evaluate"))
+    for stage in graph.STAGES:
+        lines += stage.implementation().summary(run_dir, n_show)
     return "\n".join(lines)
-
-
-def _evaluation_table(path: Path) -> list[str]:
-    from ddm_hpc.report import LABELS, ORDER
-
-    lines = ["  method                      Dist1x100   Dist2   Dist3     LDS   online s"]
-    with open_read(path) as f:
-        for name in [m for m in ORDER if m in f["methods"]]:
-            g = f["methods"][name]
-            a = g.attrs
-            lines.append(f"  {LABELS[name]:26s} {a['dist1']:9.2f} {a['dist2']:7.3f} {a['dist3']:7.4f} "
-                         f"{a['lds']:7.3f} {float(g['seconds'][()]):10.1f}")
-        ref = f["reference"].attrs
-        for row in ("oracle", "noise floor (seed reruns)"):
-            if f"{row}/dist1" in ref:
-                lines.append(f"  {row:26s} {ref[row + '/dist1']:9.2f} {ref[row + '/dist2']:7.3f} "
-                             f"{ref[row + '/dist3']:7.4f}")
-    return lines
-
-
-def _attribution_table(path: Path, objective: str, n_show: int) -> list[str]:
-    with open_read(path) as f:
-        scores = f["scores"][()]
-        top = f["top_clusters"][()]
-        qi, ql, qp = f["query_index"][()], f["query_label"][()], f["query_pred"][()]
-        cls_of, size = f["clusters/class"][()], f["clusters/size"][()]
-        hier = {k: f["hierarchy"][k][()] for k in f["hierarchy"]} if "hierarchy" in f else None
-    lines = [f"top clusters by {objective} (score = effect of removing the cluster; larger = more responsible):"]
-    for r in range(min(n_show, len(scores))):
-        head = f"test[{qi[r]}] label {ql[r]} pred {qp[r]}" if len(scores) == len(qi) else "query batch"
-        tops = "  ".join(f"#{k} (class {cls_of[k]}, {size[k]} imgs, {scores[r, k]:+.4f})" for k in top[r, :3])
-        line = f"  {head}: {tops}"
-        if hier is not None:
-            line += f"  | hierarchical: class {hier['class'][r]} -> #{hier['cluster'][r]}"
-        lines.append(line)
-    return lines
 
 
 def load_saved_config(run_dir: str | Path) -> dict:
@@ -163,4 +187,4 @@ def load_saved_config(run_dir: str | Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-__all__ = ["run_stages", "summary", "load_saved_config"]
+__all__ = ["run_command", "run_stages", "materialise", "summary", "load_saved_config", "decide"]

@@ -12,9 +12,18 @@ Tables:
   * Table 4 shape: test accuracy of theta_0, theta_tau and theta_tau fine-tuned on all synsets.
 Plots (``--plots``): per-query predicted vs exact effect (``scatter_<method>.png``) and the class x
 class attribution heat map of the paper's Fig. 3, DDM beside exact retraining (``heatmap.png``).
+
+Rows, labels and plots follow the method registry (``ddm_hpc.methods``): each method's label and plot
+flags are also stored in ``evaluation.h5``, so a report of a method registered by a plugin is rebuilt
+without it.
+
+Room: imports ``methods`` (the registry) and ``metrics``; the evaluate stage and the diagnostics call it.
+matplotlib is imported where a figure is drawn (deferred: heavy, and ``--no-plots`` never needs it).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
 import os
@@ -23,16 +32,31 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
-from ddm_hpc.config import METHODS
+from ddm_hpc.methods import REGISTRY
+from ddm_hpc.metrics import METRICS, spearman
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dist1", "dist2", "dist3")
-ORDER = METHODS  # table rows in the order of --methods' choices
-LABELS = {"random": "Random select", "predict": "Predict-based", "clustering": "Clustering-based",
-          "ddm-seq": "DDM w/o cluster", "ddm-match": "DDM-match", "ddm": "DDM-full (reverse GM)",
-          "ddm-soft": "DDM-full + learned labels", "tracin": "TracInCP (peer)", "trak": "TRAK (peer)"}
+
+def method_order(names) -> list[str]:
+    """``names`` in the registry's order (registered methods), then any others alphabetically."""
+    names = list(names)
+    return [n for n in REGISTRY if n in names] + sorted(n for n in names if n not in REGISTRY)
+
+
+def _attr(name: str, attrs, key: str, default: object) -> object:
+    """A method's ``key`` as stored in evaluation.h5 (``attrs``), else its registry entry's, else ``default``."""
+    if attrs is not None and key in attrs:
+        return attrs[key]
+    m = REGISTRY.get(name)
+    return getattr(m, {"table4_label": "table4"}.get(key, key), default) if m is not None else default
+
+
+def method_label(name: str, attrs=None) -> str:
+    """The report row of method ``name``: its stored label, its registry label, or its name."""
+    return str(_attr(name, attrs, "label", name))
 
 
 def _fmt(mean: float, sem: float, digits: int) -> str:
@@ -53,11 +77,7 @@ def ce_change(outputs: np.ndarray, base: np.ndarray, labels: np.ndarray) -> np.n
 
 
 def _rho(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two 1-D arrays (``evaluate.spearman``, the LDS's own)."""
-    import torch
-
-    from ddm_hpc.evaluate import spearman
-
+    """Spearman correlation of two 1-D arrays (``metrics.spearman``, the LDS's own)."""
     return float(spearman(torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None])[0])
 
 
@@ -80,8 +100,6 @@ def read_evaluation(path: str | Path) -> dict:
 
 
 def _context_lines(run_dir: Path, d: dict) -> list[str]:
-    import json
-
     lines = []
     cfg = json.loads(str(d["attrs"].get("config", "{}")))
     data, model, train = cfg.get("data", {}), cfg.get("model", {}), cfg.get("train", {})
@@ -102,12 +120,12 @@ def _context_lines(run_dir: Path, d: dict) -> list[str]:
 def table1(d: dict) -> list[str]:
     lines = ["| Method | Dist1 (x100) ↑ | Dist2 ↑ | Dist3 ↑ | LDS ↑ | online s | offline s |",
              "|---|---|---|---|---|---|---|"]
-    for name in [m for m in ORDER if m in d["methods"]]:
+    for name in method_order(d["methods"]):
         a, m = d["methods"][name]["attrs"], d["methods"][name]
         cells = [_fmt(a["dist1"], a["dist1_sem"], 2), _fmt(a["dist2"], a["dist2_sem"], 3),
                  _fmt(a["dist3"], a["dist3_sem"], 4), _fmt(a["lds"], a["lds_sem"], 3), _secs(m["seconds"]),
                  _secs(m["offline"]) if m["offline"] else "-"]
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_label(name, a)} | " + " | ".join(cells) + " |")
     ref = d["reference"]
     for row in ("oracle", "mean over clusters", "noise floor (seed reruns)"):
         if f"{row}/dist1" not in ref:
@@ -128,7 +146,7 @@ def findings(d: dict) -> list[str]:
         if "ddm" not in vals:
             continue
         ranked = sorted(vals, key=lambda n: -vals[n])
-        better = [LABELS.get(n, n) for n in ranked[:ranked.index("ddm")]]
+        better = [method_label(n, meth[n]["attrs"]) for n in ranked[:ranked.index("ddm")]]
         name = "LDS" if m == "lds" else m.capitalize()
         if better:
             out.append(f"- {name}: DDM-full ranks {ranked.index('ddm') + 1} of {len(ranked)}; better: "
@@ -144,21 +162,22 @@ def findings(d: dict) -> list[str]:
 
 
 def table4(d: dict) -> list[str]:
+    """theta_0, theta_tau, then DDM and every other method with a Table 4 column (registry order)."""
     t = d["table4"]
-    cols = [("theta_0 (exact: trained on nothing)", "theta_0"), ("theta_tau", "theta_tau"),
-            ("DDM: fine-tuned on all synsets", "ddm"), ("DDM-match: fine-tuned on all synsets", "ddm-match"),
-            ("DDM + learned labels: fine-tuned on all synsets", "ddm-soft")]
-    cols = [(h, k) for h, k in cols if k in t]
+    cols = [("theta_0 (exact: trained on nothing)", "theta_0"), ("theta_tau", "theta_tau")]
+    unlearned = ["ddm"] * ("ddm" in t) + [n for n in method_order(k for k in t if k not in ("theta_0", "theta_tau"))
+                                          if n != "ddm"]
+    for name in unlearned:
+        attrs = d["methods"].get(name, {}).get("attrs")
+        cols.append((f"{_attr(name, attrs, 'table4_label', '') or method_label(name, attrs)}: fine-tuned on all "
+                     "synsets", name))
     return ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols),
             "| " + " | ".join(f"{100 * t[k]:.1f} %" for _, k in cols) + " |"]
 
 
 def plot_scatter(d: dict, name: str, path: Path, n_show: int = 10) -> Path:
     """Per query: the method's score of each left-out cluster against the exact CE change."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     m = d["methods"][name]
     scores = m["scores"][:, d["removed"]]
@@ -175,7 +194,7 @@ def plot_scatter(d: dict, name: str, path: Path, n_show: int = 10) -> Path:
         ax.tick_params(labelsize=6)
     for q in range(n, rows * cols):
         axes[q // cols][q % cols].axis("off")
-    fig.supxlabel(f"{LABELS.get(name, name)} score of the cluster", fontsize=9)
+    fig.supxlabel(f"{method_label(name, m['attrs'])} score of the cluster", fontsize=9)
     fig.supylabel("exact change of the query's CE when removed", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -194,10 +213,7 @@ def class_by_class(values: np.ndarray, labels: np.ndarray, cluster_class: np.nda
 
 def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, names: tuple[str, ...] = ("ddm",)) -> Path:
     """Class x class attribution (the paper's Fig. 3): each method's scores beside exact CE changes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n_cls = d["base"].shape[1]
     removed = d["removed"]
@@ -205,7 +221,7 @@ def plot_heatmap(d: dict, cluster_class: np.ndarray, path: Path, names: tuple[st
     cc = cluster_class[removed]
     mats = [class_by_class(d["methods"][n]["scores"][:, removed], d["labels"], cc, n_cls) for n in names]
     mats.append(class_by_class(exact, d["labels"], cc, n_cls))
-    titles = [f"{LABELS.get(n, n)} scores" for n in names] + ["exact retraining (CE change)"]
+    titles = [f"{method_label(n, d['methods'][n]['attrs'])} scores" for n in names] + ["exact retraining (CE change)"]
     fig, axes = plt.subplots(1, len(mats), figsize=(4.5 * len(mats), 4))
     for ax, mat, title in zip(axes, mats, titles):
         draw_class_matrix(fig, ax, mat, title, "class of the removed clusters")
@@ -234,9 +250,19 @@ def draw_class_matrix(fig, ax, mat: np.ndarray, title: str, xlabel: str = "class
     fig.colorbar(im, ax=ax, fraction=0.046)
 
 
-def save_figure(fig, path: Path) -> Path:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (deferred: see the module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (temp file, then rename) and close it."""
+    plt = pyplot()
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -261,14 +287,15 @@ def write_report(eval_path: str | Path, out: str | Path, plots: bool = True) -> 
     if plots:
         with h5py.File(run_dir / "clusters.h5", "r", locking=False) as f:
             cluster_class = f["clusters/class"][()]
-        figs = []
-        for name in [n for n in ("ddm", "ddm-soft", "trak", "tracin") if n in d["methods"]]:
-            figs.append(plot_scatter(d, name, run_dir / f"scatter_{name}.png"))
-        shown = tuple(n for n in ("ddm", "ddm-soft") if n in d["methods"])
+        names = method_order(d["methods"])
+        figs = [plot_scatter(d, name, run_dir / f"scatter_{name}.png") for name in names
+                if _attr(name, d["methods"][name]["attrs"], "scatter", False)]
+        shown = tuple(n for n in names if _attr(n, d["methods"][n]["attrs"], "heatmap", False))
         if shown:
             figs.append(plot_heatmap(d, cluster_class, run_dir / "heatmap.png", shown))
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
-    notes = [f"- {LABELS.get(n, n)}: {d['methods'][n]['attrs'].get('note', '')}" for n in ORDER if n in d["methods"]]
+    notes = [f"- {method_label(n, d['methods'][n]['attrs'])}: {d['methods'][n]['attrs'].get('note', '')}"
+             for n in method_order(d["methods"])]
     lines += ["## How each method scored", "", *notes, ""]
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     tmp.write_text("\n".join(lines))
@@ -286,7 +313,7 @@ def seed_table(eval_paths: list[str | Path]) -> list[str]:
     runs = [read_evaluation(p) for p in eval_paths]
     if len(runs) < 2:
         raise ValueError("seed_table needs at least two evaluation.h5 files (runs with different --seed)")
-    names = [m for m in ORDER if all(m in r["methods"] for r in runs)]
+    names = [m for m in method_order(runs[0]["methods"]) if all(m in r["methods"] for r in runs)]
     lines = [f"Mean ± std over {len(runs)} runs: " + ", ".join(str(p) for p in eval_paths), "",
              "| Method | Dist1 (x100) ↑ | Dist2 ↑ | Dist3 ↑ | LDS ↑ |", "|---|---|---|---|---|"]
     for name in names:
@@ -294,13 +321,11 @@ def seed_table(eval_paths: list[str | Path]) -> list[str]:
         for m, dg in zip((*METRICS, "lds"), (2, 3, 4, 3)):
             v = np.array([r["methods"][name]["attrs"][m] for r in runs], dtype=np.float64)
             cells.append(_fmt(float(v.mean()), float(v.std(ddof=1)), dg))
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_label(name, runs[0]['methods'][name]['attrs'])} | " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m ddm_hpc.report", description="regenerate report.md from "
                                  "evaluation.h5, or tabulate several runs as mean ± std over seeds")
     ap.add_argument("evaluations", nargs="+", help="RUN/evaluation.h5 file(s)")

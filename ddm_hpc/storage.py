@@ -1,14 +1,17 @@
 """Every HDF5 artifact: paths, atomic writes, provenance attrs, stage-key checks, param tables.
 
-A run directory holds one file per stage (``ARTIFACTS``) plus ``config.json``. Writes go to a
+A run directory holds one file per stage (``graph.ARTIFACTS``) plus ``config.json``. Writes go to a
 temporary file in the same directory and are renamed into place only after the file is
 complete and closed, so a crash never leaves a half-written file under the final name.
 Each file's root attrs carry ``config`` (JSON of the sections the stage depends on),
 ``stage_key`` (hash of that JSON), ``stage``, ``complete``, package versions and git revision.
+
+Room: imports ``config`` and ``graph`` (and ``errors``); every stage module may import it.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -23,25 +26,16 @@ import h5py
 import numpy as np
 import torch
 
+from ddm_hpc import __version__, graph
 from ddm_hpc.config import Config, diff
 from ddm_hpc.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS = {
-    "train": "train.h5",
-    "cluster": "clusters.h5",
-    "distill": "synsets.h5",
-    "attribute": "attribution.h5",
-    "evaluate": "evaluation.h5",
-}
-UPSTREAM = {"train": (), "cluster": ("train",), "distill": ("train", "cluster"),
-            "attribute": ("train", "cluster", "distill"), "evaluate": ("train", "cluster", "distill", "attribute"),
-            "diagnose": ("train", "cluster", "distill", "attribute")}  # RUN/diagnose/*.h5, not one artifact
-
 
 def artifact_path(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / ARTIFACTS[stage]
+    """Where stage ``stage`` writes its artifact in ``run_dir``."""
+    return Path(run_dir) / graph.ARTIFACTS[stage]
 
 
 @contextlib.contextmanager
@@ -78,12 +72,11 @@ def _git_revision() -> str:
 
 
 def versions() -> dict[str, str]:
-    import ddm_hpc
-
-    v = {"ddm_hpc": ddm_hpc.__version__, "torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__}
-    for mod in ("torchvision", "faiss", "triton"):
+    """Versions of the packages a result depends on (recorded in every artifact)."""
+    v = {"ddm_hpc": __version__, "torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__}
+    for mod in ("torchvision", "faiss", "triton"):  # heavy optional imports, deferred to the first artifact written
         try:
-            v[mod] = __import__(mod).__version__
+            v[mod] = importlib.import_module(mod).__version__
         except Exception:  # optional packages: absent or broken is recorded, not fatal
             v[mod] = "absent"
     return v
@@ -119,7 +112,7 @@ def read_attrs(path: Path) -> dict[str, object] | None:
 def upstream_uids(run_dir: str | Path, stage: str) -> dict[str, str]:
     """uid of each upstream artifact now in ``run_dir`` (missing ones omitted)."""
     out = {}
-    for up in UPSTREAM[stage]:
+    for up in graph.stage(stage).upstream:
         attrs = read_attrs(artifact_path(run_dir, up))
         if attrs is not None:
             out[up] = str(attrs.get("uid", ""))
@@ -154,7 +147,7 @@ def drift_message(run_dir: str | Path, stage: str, cfg: Config) -> str:
 
 def require_upstream(run_dir: str | Path, stage: str, cfg: Config) -> None:
     """Raise unless every upstream artifact of ``stage`` exists and matches ``cfg``."""
-    for up in UPSTREAM[stage]:
+    for up in graph.stage(stage).upstream:
         status = stage_status(run_dir, up, cfg)
         if status == "missing":
             raise StageError(f"{artifact_path(run_dir, up)} is missing: run `ddm-hpc {up} --out {run_dir}` "

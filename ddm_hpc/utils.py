@@ -1,11 +1,20 @@
-"""Small shared helpers: device choice, seeding, progress bars, memory budget."""
+"""Small shared helpers: device choice, seeding, progress bars, memory budget, error lines, user plugins.
+
+Room: a leaf beside ``errors`` (imports nothing else of ddm_hpc); every module may use it.
+"""
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -55,3 +64,69 @@ def memory_budget_bytes(device: torch.device, fraction: float = 0.25) -> int:
     except (ValueError, OSError):
         avail = 4 << 30
     return int(avail * fraction)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message folded onto one line (its type name if it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def import_object(spec: str, option: str) -> Any:
+    """The object a user names as ``package.module:attr`` or ``path/to/file.py:attr``.
+
+    A file path is imported as a module named after the file (once; later calls reuse it), so a
+    factory in a script beside the run needs no package. Used by ``--model``, ``--features`` and
+    ``--plugins`` (``option`` names the flag in the one-line error).
+
+    Raises:
+        ConfigError: the spec has no ``:``, or the module or attribute cannot be loaded.
+    """
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"{option} {spec!r}: name an object as package.module:name or path/to/file.py:name")
+    try:
+        return getattr(import_module(mod_name), attr)
+    except (ImportError, AttributeError, OSError) as e:
+        raise ConfigError(f"{option} {spec!r} cannot be loaded ({one_line(e)}): check the module path and the "
+                          "name after ':'") from None
+
+
+def import_module(name: str) -> Any:
+    """Import ``name``: a dotted module path, or a ``.py`` file (registered in ``sys.modules`` under its stem)."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    path = Path(name).expanduser().resolve()
+    key = f"ddm_hpc_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"  # same in every process
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ImportError(f"no such Python file: {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return module
+
+
+def load_plugins(names: str) -> None:
+    """Import each comma-separated module or ``.py`` file in ``names`` (``--plugins``), for its registrations
+    (``register_model``, attribution methods): in the CLI and again in every job process."""
+    for name in (n.strip() for n in names.split(",")):
+        if name:
+            try:
+                import_module(name)
+            except (ImportError, OSError) as e:
+                raise ConfigError(f"--plugins {name!r} cannot be imported ({one_line(e)}): pass a module on the "
+                                  "Python path or a .py file") from None
+
+
+Ids = Sequence[int] | torch.Tensor | np.ndarray  # cluster or row ids, in any integer container
+
+
+def as_long(x: Ids) -> torch.Tensor:
+    """Any integer sequence/array/tensor -> int64 tensor [n] on CPU."""
+    return torch.as_tensor(np.asarray(x, dtype=np.int64).reshape(-1))

@@ -183,10 +183,11 @@ def test_attribute_variants_and_show(smoke_run, tmp_path, capsys):
 def test_an_added_option_at_its_default_keeps_the_stage_keys():
     """Options marked ``added`` (e.g. --image-size) leave every stage key unchanged while at their default,
     so runs made before they existed stay valid; set, they change the keys of the stages that read them."""
-    from ddm_hpc.config import STAGE_SECTIONS, Config
+    from ddm_hpc import graph
+    from ddm_hpc.config import Config
 
     default, sized = Config(), Config.from_dict({"data": {"image_size": 64}})
-    for stage in STAGE_SECTIONS:
+    for stage in graph.BY_NAME:
         assert "image_size" not in default.stage_dict(stage)["data"]
         assert sized.stage_dict(stage)["data"]["image_size"] == 64
         assert default.stage_key(stage) != sized.stage_key(stage)

@@ -252,7 +252,7 @@ def test_mapped_dataset_equals_loaded_and_maps_later_loads(tmp_path, mnist_root,
 
     ref = load_dataset("mnist", mnist_root, n_train=300, n_test=100, seed=3)
     first = mapped_dataset("mnist", mnist_root, tmp_path, n_train=300, n_test=100, seed=3)
-    monkeypatch.setattr(data, "_open_source", lambda *a, **k: pytest.fail("a cached dataset was read again"))
+    monkeypatch.setattr(data.cache, "open_splits", lambda *a, **k: pytest.fail("a cached dataset was read again"))
     second = mapped_dataset("mnist", mnist_root, tmp_path, n_train=300, n_test=100, seed=3)
     rows = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:77]
     mask = torch.rand(300, generator=torch.Generator().manual_seed(1)) < 0.3

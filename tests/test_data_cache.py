@@ -18,8 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ddm_hpc.data as data
-from ddm_hpc.data import MappedImages, dense, load_dataset, mapped_dataset
+from ddm_hpc.data import MappedImages, dense, images, load_dataset, mapped_dataset
 from ddm_hpc.errors import DataError
 
 FIELDS = ("y_train", "y_test", "train_index", "test_index")
@@ -57,10 +56,10 @@ def _npz_float(path, compressed, n=2300, seed=1):
 @pytest.mark.parametrize("source", ["h5-rgb-split-here", "npz-float-with-test", "npz-compressed"])
 def test_cache_equals_load_dataset_in_many_chunks(tmp_path, monkeypatch, source):
     """Chunks of three statistics pieces (300 rows of 3x4x3, 540 of 1x5x4) over 2300-2600 rows: 5 to 9 chunks."""
-    monkeypatch.setattr(data, "STATS_BYTES", 8 * 36 * 100)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4 * 36 * 300)
-    assert data.stats_rows((3, 4, 3)) == 100 and data.chunk_rows((3, 4, 3)) == 300
-    assert data.stats_rows((1, 5, 4)) == 180 and data.chunk_rows((1, 5, 4)) == 540
+    monkeypatch.setattr(images, "STATS_BYTES", 8 * 36 * 100)
+    monkeypatch.setattr(images, "CHUNK_BYTES", 4 * 36 * 300)
+    assert images.stats_rows((3, 4, 3)) == 100 and images.chunk_rows((3, 4, 3)) == 300
+    assert images.stats_rows((1, 5, 4)) == 180 and images.chunk_rows((1, 5, 4)) == 540
     path = {"h5-rgb-split-here": lambda: _h5_rgb(tmp_path / "a.h5"),
             "npz-float-with-test": lambda: _npz_float(tmp_path / "a.npz", False),
             "npz-compressed": lambda: _npz_float(tmp_path / "a.npz", True)}[source]()
@@ -80,8 +79,8 @@ def _png(path, pixels):
 def test_cache_widens_a_folder_whose_first_colour_image_comes_late(tmp_path, monkeypatch):
     """A folder of grey images then colour ones: load_dataset makes all RGB; so must the chunked cache,
     after it has written grey chunks (2-row chunks and 2-row statistic pieces on both sides)."""
-    monkeypatch.setattr(data, "chunk_rows", lambda shape: 2)
-    monkeypatch.setattr(data, "stats_rows", lambda shape: 2)
+    monkeypatch.setattr(images, "chunk_rows", lambda shape: 2)
+    monkeypatch.setattr(images, "stats_rows", lambda shape: 2)
     rng = np.random.default_rng(0)
     for k in range(5):
         _png(tmp_path / "d" / "train" / "a" / f"{k}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
@@ -99,8 +98,8 @@ def test_cache_widens_a_folder_whose_first_colour_image_comes_late(tmp_path, mon
 
 
 def test_interrupted_cache_leaves_nothing_and_a_rerun_completes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "chunk_rows", lambda shape: 2)
-    monkeypatch.setattr(data, "stats_rows", lambda shape: 2)  # chunks are multiples of the statistics' pieces
+    monkeypatch.setattr(images, "chunk_rows", lambda shape: 2)
+    monkeypatch.setattr(images, "stats_rows", lambda shape: 2)  # chunks are multiples of the statistics' pieces
     rng = np.random.default_rng(1)
     for k in range(6):
         _png(tmp_path / "d" / ("a" if k % 2 else "b") / f"{k}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
@@ -143,10 +142,11 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     import h5py, tqdm
-    import ddm_hpc.data as data, ddm_hpc.stream
+    import ddm_hpc.data as data
+    import ddm_hpc.data.images as images
     from ddm_hpc.features import PeakRSS
     path, cache, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-    data.CHUNK_BYTES, data.STATS_BYTES = 4 << 20, 2 << 20  # scaled down 8x with the file: 1364-row chunks
+    images.CHUNK_BYTES, images.STATS_BYTES = 4 << 20, 2 << 20  # scaled down 8x with the file: 1364-row chunks
     with h5py.File(cache + "-tiny.h5", "w") as f:  # first-use allocations (h5py, torch ops) before the baseline
         f["x"], f["y"] = np.zeros((40, 16, 16, 3), np.uint8), np.arange(40) % 10
     data.load_dataset(cache + "-tiny.h5")
@@ -201,20 +201,20 @@ def test_threaded_decoding_equals_sequential_and_names_a_bad_file(tmp_path, monk
     for k in range(80):
         files.append(tmp_path / f"{k:03d}.png")
         _png(files[-1], rng.integers(0, 256, (6, 5, 3) if k % 3 else (6, 5), dtype=np.uint8))
-    monkeypatch.setattr(data, "DECODE_THREADS", 1)
-    one = data._load_images(files)
-    monkeypatch.setattr(data, "DECODE_THREADS", 4)
-    assert one.shape == (80, 6, 5, 3) and torch.equal(data._load_images(files), one)
+    monkeypatch.setattr(images, "DECODE_THREADS", 1)
+    one = images.load_images(files)
+    monkeypatch.setattr(images, "DECODE_THREADS", 4)
+    assert one.shape == (80, 6, 5, 3) and torch.equal(images.load_images(files), one)
     files[70].write_bytes(b"broken")
     with pytest.raises(DataError, match="070.png"):
-        data._load_images(files)
+        images.load_images(files)
 
 
 def test_folder_of_npz_chunks_equals_one_file(tmp_path, monkeypatch):
     """Three chunk files of uneven size load like the same rows in one .npz (same split, same bits),
     in memory and through the cache (100-row cache chunks, so cache chunks straddle chunk files)."""
-    monkeypatch.setattr(data, "STATS_BYTES", 8 * 48 * 50)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4 * 48 * 100)
+    monkeypatch.setattr(images, "STATS_BYTES", 8 * 48 * 50)
+    monkeypatch.setattr(images, "CHUNK_BYTES", 4 * 48 * 100)
     rng = np.random.default_rng(5)
     x = rng.integers(0, 256, (430, 4, 4, 3), dtype=np.uint8)
     y = rng.integers(0, 5, 430)
@@ -247,7 +247,7 @@ def test_image_size_resizes_and_crops_a_folder_of_mixed_sizes(tmp_path):
     assert "--image-size" in str(err.value) and "\n" not in str(err.value)
     ref = load_dataset(str(tmp_path / "d"), image_size=8, test_fraction=0.3)
     assert ref.image_shape == (3, 8, 8)
-    x0 = data._load_images([tmp_path / "d" / "a" / "0.png"], 8)[0].numpy()
+    x0 = images.load_images([tmp_path / "d" / "a" / "0.png"], 8)[0].numpy()
     np.testing.assert_array_equal(x0, wide[:, 2:10])  # no resampling at scale 1: exactly the centre crop
     expect = torch.from_numpy(wide[:, 2:10]).permute(2, 0, 1).float() / 255
     expect = (expect - torch.tensor(ref.mean)[:, None, None]) / torch.tensor(ref.std)[:, None, None]

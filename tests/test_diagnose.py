@@ -20,11 +20,11 @@ from ddm_hpc.cli import main
 from ddm_hpc.config import Config, DiagnoseConfig, merge, smoke_preset
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.diagnose import read_section
-from ddm_hpc.diagnose.removal import (Plan, build_plan, ce_sum, class_balanced, cluster_order, corrupt, keep_first,
-                                      kl_sum, n_removed, precision_recall, random_orders, run_plan, sample_order,
-                                      train_student, val_removal_probs)
+from ddm_hpc.context import RunContext, load_data
+from ddm_hpc.diagnose.removal import (RetrainPlan, ce_sum, class_balanced, cluster_order, corrupt, keep_first, kl_sum,
+                                      n_removed, precision_recall, random_orders, removal_plan, retrain_plan,
+                                      sample_order, train_student, val_removal_probs)
 from ddm_hpc.errors import ConfigError
-from ddm_hpc.train import load_data
 
 ARGS = ["--preset", "smoke", "--removal-seeds", "2", "--unlearn-clusters", "3", "--fractions", "10,50",
         "--noisy-fractions", "10,30", "--transfer-fractions", "20", "--no-progress"]
@@ -76,7 +76,7 @@ def test_precision_recall_against_known_indices():
 
 def test_build_plan_layout():
     orders = {"a": np.arange(10), "random": random_orders(10, 2, 0)}
-    plan = build_plan(orders, [20.0, 50.0], 10, seeds=2)
+    plan = removal_plan(orders, [20.0, 50.0], 10, seeds=2)
     assert len(plan.seed) == 2 + 2 * 2 * 2
     assert plan.method[:2] == ["full", "full"] and plan.keep[:2].all()
     a20 = [j for j, m in enumerate(plan.method) if m == "a" and plan.percent[j] == 20.0]
@@ -85,11 +85,11 @@ def test_build_plan_layout():
         assert np.array_equal(np.nonzero(~plan.keep[j])[0], [0, 1])
     r50 = [j for j, m in enumerate(plan.method) if m == "random" and plan.percent[j] == 50.0]
     assert (~plan.keep[r50]).sum(1).tolist() == [5, 5] and not np.array_equal(plan.keep[r50[0]], plan.keep[r50[1]])
-    other = build_plan(orders, [20.0, 40.0], 10, seeds=2)
+    other = removal_plan(orders, [20.0, 40.0], 10, seeds=2)
     assert plan.job_keys()[:4] == other.job_keys()[:4] and plan.job_keys()[4:6] != other.job_keys()[4:6]
     keys = plan.job_keys()
     assert keys[0] == keys[0] and len(set(keys)) == len(keys)  # full-data seeds 0 and 1 differ by seed
-    assert Plan(plan.keep, plan.seed, plan.method, plan.percent, student=True).job_keys()[0] != keys[0]
+    assert RetrainPlan(plan.keep, plan.seed, plan.method, plan.percent, student=True).job_keys()[0] != keys[0]
     # the retraining's own options are part of every key: other epochs or student options miss the cache
     from ddm_hpc.diagnose.removal import retrain_salt
 
@@ -240,9 +240,11 @@ def test_useless_table_recomputes_from_the_file(diagnosed):
 def test_retrainings_equal_a_direct_retraining(diagnosed):
     """The job layer's accuracy for a plan row is a direct exact retraining of that row's keep mask."""
     from ddm_hpc.diagnose.removal import trained_model
-    from ddm_hpc.evaluate import retrain_keep
+    from ddm_hpc.models import build_target
+    from ddm_hpc.retrain import retrain_keep
     from ddm_hpc.storage import ParamTable
-    from ddm_hpc.train import accuracy, build_target, load_into
+    from ddm_hpc.train import accuracy
+    from ddm_hpc.trajectory import load_into
 
     out, cfg = diagnosed
     bundle = load_data(cfg)
@@ -266,25 +268,25 @@ def test_rerun_retrains_only_new_jobs(diagnosed, monkeypatch):
     sec = read_section(out / "diagnose" / "useless.h5")
     a = sec.arrays
     keep = np.unpackbits(a["keep_bits"], axis=1, count=len(bundle.y_train)).astype(bool)
-    plan = removal.Plan(keep, a["seed"], a["method"].astype(str).tolist(), a["percent"])
-    monkeypatch.setattr(removal, "plan_task", lambda *a, **k: pytest.fail("retrained a cached job"))
-    res = run_plan(cfg, bundle, "useless", plan.subset(list(range(len(a["seed"])))[::-1]))  # any order, no retraining
+    plan = removal.RetrainPlan(keep, a["seed"], a["method"].astype(str).tolist(), a["percent"])
+    monkeypatch.setattr(removal, "retrain_plan_task", lambda *a, **k: pytest.fail("retrained a cached job"))
+    res = retrain_plan(cfg, bundle, "useless", plan.subset(list(range(len(a["seed"])))[::-1]))  # any order, no retraining
     np.testing.assert_array_equal(res["accuracy"], a["accuracy"][::-1])
     monkeypatch.undo()
     extra = keep[-1].copy()
     extra[np.nonzero(extra)[0][:7]] = False  # one new job: only it retrains
     calls = []
-    real = removal.plan_task
-    monkeypatch.setattr(removal, "plan_task", lambda *args, **kw: calls.append(1) or real(*args, **kw))
-    both = removal.Plan(np.stack([keep[0], extra]), np.array([0, 0]), ["full", "x"], np.array([0.0, 1.0]))
-    res = run_plan(cfg, bundle, "useless", both)
+    real = removal.retrain_plan_task
+    monkeypatch.setattr(removal, "retrain_plan_task", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    both = removal.RetrainPlan(np.stack([keep[0], extra]), np.array([0, 0]), ["full", "x"], np.array([0.0, 1.0]))
+    res = retrain_plan(cfg, bundle, "useless", both)
     assert len(calls) == 1 and res["accuracy"][0] == a["accuracy"][0]
     with h5py.File(out / "diagnose" / "useless-retrained.h5") as f:
         assert len(f["job_key"]) == len(set(f["job_key"][()].tolist())) == len(set(plan.job_keys())) + 1
     # another training schedule: nothing cached applies
     calls.clear()
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs + 1))
-    run_plan(longer, bundle, "useless", both.subset([1]))
+    retrain_plan(longer, bundle, "useless", both.subset([1]))
     assert len(calls) == 1
 
 
@@ -333,12 +335,12 @@ def test_noisy_precision_recall_against_corrupted_indices(diagnosed):
 
 
 def test_unlearn_section_numbers(diagnosed):
-    from ddm_hpc.evaluate import unlearn_all_accuracy
+    from ddm_hpc.unlearn import unlearn_all_accuracy
 
     out, cfg = diagnosed
     bundle = load_data(cfg)
     sec = read_section(out / "diagnose" / "unlearn.h5")
-    assert sec.attrs["table4/ddm"] == pytest.approx(unlearn_all_accuracy(cfg, bundle, out, torch.device("cpu")))
+    assert sec.attrs["table4/ddm"] == pytest.approx(unlearn_all_accuracy(RunContext(cfg, bundle, torch.device("cpu"))))
     assert (out / "variants" / "ddm-match" / "synsets.h5").is_file()
     with h5py.File(out / "train.h5") as f:
         assert sec.attrs["table4/theta_0"] == pytest.approx(float(f["trajectory/test_accuracy"][0]))

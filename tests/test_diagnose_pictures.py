@@ -15,11 +15,11 @@ from PIL import Image
 from ddm_hpc.cli import main
 from ddm_hpc.config import Config, merge, smoke_preset
 from ddm_hpc.data import denormalize
-from ddm_hpc.diagnose import DiagnoseContext, Section, read_section, write_markdown, write_section
+from ddm_hpc.context import RunContext, load_data
+from ddm_hpc.diagnose import Section, read_section, write_markdown, write_section
 from ddm_hpc.diagnose.pictures import (DPI, cluster_members, figure_size, image_grid, pictures_section, top_clusters,
                                        write_png)
 from ddm_hpc.errors import StageError
-from ddm_hpc.train import load_data
 
 
 TOP_K, N_MEMBERS, N_PICTURES = 4, 6, 2  # smoke run: 3 queries, K = 30 clusters of >= 10 images
@@ -80,7 +80,7 @@ def bundle(run_dir, mnist_root):
 
 @pytest.fixture(scope="module")
 def plain(run_dir, bundle, mnist_root) -> Section:
-    return pictures_section(DiagnoseContext(_cfg(run_dir, mnist_root), bundle, torch.device("cpu")))
+    return pictures_section(RunContext(_cfg(run_dir, mnist_root), bundle, torch.device("cpu")))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def evaluated(run_dir, bundle, mnist_root, tmp_path_factory) -> tuple[Path, Sect
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("diagnose"))
     assert main(["evaluate", "--preset", "smoke", "--methods", "random,ddm", "--n-masks", "2", "--noise-seeds", "0",
                  "--n-removed", "0", "--data-root", str(mnist_root), "--out", str(out), "--no-progress"]) == 0
-    return out, pictures_section(DiagnoseContext(_cfg(out, mnist_root), bundle, torch.device("cpu")))
+    return out, pictures_section(RunContext(_cfg(out, mnist_root), bundle, torch.device("cpu")))
 
 
 # ----------------------------------------------------------------------------------------------- units
@@ -214,7 +214,7 @@ def test_section_pngs_and_text_without_evaluation(plain, run_dir):
 
 
 def test_section_round_trips_through_hdf5_and_markdown(plain, run_dir, mnist_root, bundle):
-    dc = DiagnoseContext(_cfg(run_dir, mnist_root), bundle, torch.device("cpu"))
+    dc = RunContext(_cfg(run_dir, mnist_root), bundle, torch.device("cpu"))
     back = read_section(write_section(dc, plain, 1.0))
     for key, val in plain.arrays.items():
         np.testing.assert_array_equal(back.arrays[key], val)
@@ -267,7 +267,7 @@ def test_single_score_row_with_nan(run_dir, bundle, mnist_root, tmp_path):
         del f["scores"]
         f.create_dataset("scores", data=row)
         labels, cclass = f["query_label"][()], f["clusters/class"][()]
-    sec = pictures_section(DiagnoseContext(_cfg(out, mnist_root), bundle, torch.device("cpu")))
+    sec = pictures_section(RunContext(_cfg(out, mnist_root), bundle, torch.device("cpu")))
     assert sec.attrs["shared_row"] == 1
     want = np.argsort(-np.nan_to_num(row[0], nan=-np.inf))[:TOP_K]
     for i in range(N_PICTURES):
@@ -281,7 +281,7 @@ def test_single_score_row_with_nan(run_dir, bundle, mnist_root, tmp_path):
 
 def test_errors_name_problem_and_fix(tmp_path, bundle, mnist_root, run_dir):
     with pytest.raises(StageError, match="ddm-hpc run"):
-        pictures_section(DiagnoseContext(_cfg(tmp_path, mnist_root), bundle, torch.device("cpu")))
+        pictures_section(RunContext(_cfg(tmp_path, mnist_root), bundle, torch.device("cpu")))
     small = dataclasses.replace(bundle, x_train=bundle.x_train[:10], y_train=bundle.y_train[:10])
     with pytest.raises(StageError, match="other data"):
-        pictures_section(DiagnoseContext(_cfg(run_dir, mnist_root), small, torch.device("cpu")))
+        pictures_section(RunContext(_cfg(run_dir, mnist_root), small, torch.device("cpu")))

@@ -212,27 +212,28 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Pat
 
 def _context(run: Path, mnist_root: Path, n_real: int = 60, mia_epochs: int = 10):
     from ddm_hpc.config import Config, merge, smoke_preset
-    from ddm_hpc.diagnose import DiagnoseContext
-    from ddm_hpc.train import load_data
+    from ddm_hpc.context import RunContext, load_data
 
     d = merge(merge(Config().to_dict(), smoke_preset()),
               {"data": {"data_root": str(mnist_root)}, "runtime": {"out": str(run), "progress": False},
                "diagnose": {"n_real": n_real, "mia_epochs": mia_epochs}})
     cfg = Config.from_dict(d)
-    return DiagnoseContext(cfg, load_data(cfg), torch.device("cpu"))
+    return RunContext(cfg, load_data(cfg), torch.device("cpu"))
 
 
 def test_privacy_section_end_to_end(smoke_run: Path, mnist_root: Path) -> None:
     from PIL import Image
 
     from ddm_hpc.data import denormalize
-    from ddm_hpc.diagnose import ddm_match_run
-    from ddm_hpc.diagnose.privacy import nearest_grid, synset_grid
+    from ddm_hpc.diagnose.base import diagnose_dir
+    from ddm_hpc.diagnose.privacy import nearest_grid, privacy_variants, synset_grid
     from ddm_hpc.diagnose.removal import trained_model
-    from ddm_hpc.distill import read_synsets
+    from ddm_hpc.pipeline import materialise
+    from ddm_hpc.synsets import read_synsets
     from ddm_hpc.train import accuracy
 
     dc = _context(smoke_run, mnist_root)
+    materialise(dc.cfg, privacy_variants(dc.cfg), dc.bundle)  # what the pipeline does before the diagnose stage
     sec = privacy_section(dc)
     assert sec.name == "privacy"
 
@@ -244,7 +245,7 @@ def test_privacy_section_end_to_end(smoke_run: Path, mnist_root: Path) -> None:
     assert os.path.samefile(var / "clusters.h5", smoke_run / "clusters.h5")
     assert not (var / "attribution.h5").exists()  # only the distill stage ran
     mtime = (var / "synsets.h5").stat().st_mtime_ns
-    assert ddm_match_run(dc) == var and (var / "synsets.h5").stat().st_mtime_ns == mtime  # reused
+    assert materialise(dc.cfg, privacy_variants(dc.cfg)) == [var] and (var / "synsets.h5").stat().st_mtime_ns == mtime
 
     rev, fwd = read_synsets(smoke_run, "cluster"), read_synsets(var, "cluster")
     k, ipc = rev.images.shape[:2]
@@ -299,7 +300,7 @@ def test_privacy_section_end_to_end(smoke_run: Path, mnist_root: Path) -> None:
     # pictures: the expected pixel size, not blank, grids placed pixel-exactly
     names = [p.name for p in sec.images]
     assert names == ["privacy_synsets.png", "privacy_nearest.png", "privacy_nn_hist.png"]
-    assert all(p.parent == dc.out_dir and p.is_file() for p in sec.images)
+    assert all(p.parent == diagnose_dir(dc.run_dir) and p.is_file() for p in sec.images)
     cell = 28 + 2
     wrap = 3  # one band of rows per class: C = 3 clusters per class in the smoke preset
     bands = k // wrap

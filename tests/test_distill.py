@@ -11,7 +11,8 @@ from kernels import matching_loss, matching_loss_reference
 from ddm_hpc.config import DistillConfig
 from ddm_hpc.distill import distill_groups, group_members, per_group_grads, sample_real, trajectory_pairs
 from ddm_hpc.models import build_model
-from ddm_hpc.train import MemoryTrajectory, train_trajectory
+from ddm_hpc.train import train_trajectory
+from ddm_hpc.trajectory import MemoryTrajectory
 from ddm_hpc.config import TrainConfig
 
 

@@ -11,7 +11,9 @@ import torch
 from ddm_hpc.cli import main
 from ddm_hpc.config import Config, EvaluateConfig
 from ddm_hpc.errors import ConfigError, StageError
-from ddm_hpc.evaluate import groundtruth_path, load_retrained, read_queries, retrain_jobs, retrain_key, spearman
+from ddm_hpc.context import RunContext
+from ddm_hpc.evaluate import groundtruth_path, load_retrained, retrain_jobs, retrain_key
+from ddm_hpc.metrics import spearman
 from ddm_hpc.methods import MethodResult, cluster_means, spread_to_clusters
 
 METHODS = "random,predict,clustering,ddm,ddm-match,ddm-seq,ddm-soft,tracin,trak"
@@ -136,7 +138,7 @@ def test_rerun_reuses_the_retrainings(evaluated, mnist_root):
 
 def test_groundtruth_layout_and_key(evaluated):
     cfg = _cfg(evaluated)
-    qpos = torch.from_numpy(read_queries(evaluated)["query_position"]).long()
+    qpos = RunContext(cfg).query_pos
     r = load_retrained(cfg, 30, qpos)
     jobs = retrain_jobs(cfg, 30)
     with h5py.File(groundtruth_path(evaluated)) as f:
@@ -231,21 +233,24 @@ def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
     """What benchmarks/finetune_sweep.py relies on: a variant that takes ``ddm-soft``'s synsets (linked, not
     distilled again) and reruns only attribute with the same options reproduces ``ddm-soft``'s scores;
     other fine-tune steps change them."""
-    from ddm_hpc.config import merge
-    from ddm_hpc.evaluate import run_context
-    from ddm_hpc.methods import VARIANT_ATTRIBUTE, read_ddm_scores, variant_run
+    from ddm_hpc.methods import read_ddm_scores
+    from ddm_hpc.pipeline import materialise
     from ddm_hpc.storage import artifact_path, read_attrs
+    from ddm_hpc.variants import learned_labels, synset_variant
 
     cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
                             "runtime": {"out": str(evaluated), "progress": False}})
-    ctx, labels = run_context(cfg)
-    with h5py.File(evaluated / "clusters.h5") as f:
-        assert torch.equal(labels, ctx.query_y) and ctx.k == len(f["clusters/class"])
-    soft = evaluated / "variants" / "ddm-soft"
+    ctx = RunContext(cfg)
+    labels, k = ctx.query_y, ctx.k
+    with h5py.File(evaluated / "clusters.h5") as f, h5py.File(evaluated / "attribution.h5") as a:
+        assert torch.equal(torch.from_numpy(a["query_label"][()]), labels) and k == len(f["clusters/class"])
+    soft_variant = learned_labels()
+    soft = soft_variant.directory(cfg)
+    assert soft == evaluated / "variants" / "ddm-soft"
     ref = read_ddm_scores(soft, "").scores
     for steps, same in ((0, True), (1, False)):
-        over = merge(VARIANT_ATTRIBUTE, {"distill": {"syn_labels": "learn"}, "attribute": {"finetune_steps": steps}})
-        out = variant_run(ctx, f"t-steps{steps}", over, ("train", "cluster", "distill"), ("attribute",),
-                          sources={"distill": soft})
+        variant = synset_variant(f"t-steps{steps}", {"syn_labels": "learn"}, ("attribute",),
+                                 attribute={"finetune_steps": steps}, sources={"distill": soft_variant})
+        (out,) = materialise(cfg, [variant])
         assert read_attrs(artifact_path(out, "distill"))["uid"] == read_attrs(artifact_path(soft, "distill"))["uid"]
         assert torch.equal(read_ddm_scores(out, "").scores, ref) == same, steps

@@ -102,7 +102,9 @@ def test_distill_groups_subset_equals_full_run(base_run, mnist_root):
     """A block's synsets do not depend on which other blocks are distilled with it."""
     from ddm_hpc.cluster import read_clusters
     from ddm_hpc.distill import distill_groups
-    from ddm_hpc.train import TrajectoryReader, build_target, load_data
+    from ddm_hpc.context import load_data
+    from ddm_hpc.models import build_target
+    from ddm_hpc.trajectory import TrajectoryReader
 
     cfg = smoke_config(mnist_root, base_run)
     bundle = load_data(cfg)

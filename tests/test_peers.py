@@ -1,4 +1,4 @@
-"""Peer methods (ddm_hpc.peers): TracIn and TRAK against closed forms on softmax regression.
+"""Peer methods (ddm_hpc.methods.tracin, ddm_hpc.methods.trak): TracIn and TRAK against closed forms on softmax regression.
 
 Softmax regression z = W x + b (``build_model("mlp", ..., depth=0)``) has closed-form
 per-sample gradients, so both scorers are checked value by value:
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.models import build_model
-from ddm_hpc.peers import to_clusters, tracin_scores, trak_scores
+from ddm_hpc.methods import to_clusters, tracin_scores, trak_scores
 from ddm_hpc.storage import ParamTable
 
 IMG = (5, 6)  # D = 30 pixels

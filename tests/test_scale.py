@@ -17,14 +17,16 @@ import pytest
 import torch
 
 from ddm_hpc.cluster import (KMeansRunner, cluster_feature_file, cluster_per_class, embed, kmeans_global_file,
-                             kmeans_objective, read_clusters, run_cluster)
+                             kmeans_objective, read_clusters)
+from ddm_hpc.cluster import run as run_cluster
 from ddm_hpc.config import Config
-from ddm_hpc.data import DatasetBundle, _channel_stats, load_dataset, normalize
+from ddm_hpc.data import DatasetBundle, load_dataset, normalize
+from ddm_hpc.data.images import channel_stats_of
+from ddm_hpc.data.stream import (ArrayStream, TensorStream, channel_stats, class_order, iter_batches, open_stream,
+                                 stream_loader)
 from ddm_hpc.errors import ConfigError, DataError
 from ddm_hpc.features import FeatureFile, extract_features, write_feature_file
 from ddm_hpc.models import build_model
-from ddm_hpc.stream import (ArrayStream, TensorStream, channel_stats, class_order, iter_batches, open_stream,
-                            stream_loader)
 
 
 def _blobs(n=600, d=8, classes=5, seed=0):
@@ -156,7 +158,7 @@ def test_stream_sources_equal_in_memory_loader(tmp_path, image_array):
     sources = _sources(tmp_path, x, y)
     bundle = load_dataset(str(sources["npz"][0]), seed=0)  # in-memory reference (its own stats)
     unit = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
-    ref_stats = _channel_stats(unit)
+    ref_stats = channel_stats_of(unit)
     for name, (path, source_row) in sources.items():
         ds = open_stream(path)
         np.testing.assert_array_equal(ds.labels, y[source_row], err_msg=name)

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm_hpc.attribute import FinetuneSpec, finetune_many
+from ddm_hpc.unlearn import FinetuneSpec, finetune_many
 from ddm_hpc.cli import main
-from ddm_hpc.distill import per_group_grads, read_synsets
+from ddm_hpc.distill import per_group_grads
+from ddm_hpc.synsets import read_synsets
 
 
 def _head_model() -> nn.Module:

@@ -72,20 +72,20 @@ def test_keep_mask_preserves_the_full_runs_order():
 def test_dataset_too_large_for_the_device_stays_put_and_trains_the_same(monkeypatch):
     """A training set over the device budget is not copied: minibatches are gathered where it lives, moved,
     and the trajectory is the same bit for bit."""
-    import ddm_hpc.train as train
+    import ddm_hpc.data.batches as batches
 
     keep = torch.ones(96, dtype=torch.bool)
     keep[::5] = False
     resident = _train(keep=keep)
     moved = []
     real_to = torch.Tensor.to
-    monkeypatch.setattr(train, "resident_on", lambda x, device: False)
+    monkeypatch.setattr(batches, "resident_on", lambda x, device: False)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(tuple(self.shape)) or real_to(self, *a, **k))
     streamed = _train(keep=keep)
     assert torch.equal(resident.params, streamed.params)
     assert (96, 1, 8, 8) not in moved and (16, 1, 8, 8) in moved  # batches moved, never the whole set
     monkeypatch.undo()
-    assert train.resident_on(torch.zeros(3), torch.device("cpu"))  # already there
+    assert batches.resident_on(torch.zeros(3), torch.device("cpu"))  # already there
 
 
 def test_mapped_images_and_loader_workers_train_the_same(tmp_path):
@@ -95,8 +95,7 @@ def test_mapped_images_and_loader_workers_train_the_same(tmp_path):
     import h5py
     import numpy as np
 
-    import ddm_hpc.train as train
-    from ddm_hpc.data import load_dataset, mapped_dataset
+    from ddm_hpc.data import load_dataset, mapped_dataset, resident_on
 
     rng = np.random.default_rng(0)
     y = np.arange(120) % 3
@@ -106,7 +105,7 @@ def test_mapped_images_and_loader_workers_train_the_same(tmp_path):
         f["x"], f["y"] = x, y
     ref = load_dataset(str(tmp_path / "d.h5"), seed=0)
     mapped = mapped_dataset(str(tmp_path / "d.h5"), tmp_path, tmp_path / "cache", seed=0)
-    assert not train.resident_on(mapped.x_train, torch.device("cpu"))
+    assert not resident_on(mapped.x_train, torch.device("cpu"))
     keep = torch.ones(len(ref.y_train), dtype=torch.bool)
     keep[::4] = False
 

@@ -1,4 +1,8 @@
-"""Pixel-exact image grids and atomic PNG writes, shared by the ``pictures`` and ``privacy`` diagnostics."""
+"""Pixel-exact image grids and atomic PNG writes, shared by the ``pictures`` and ``privacy`` diagnostics.
+
+Room: a leaf of ``diagnose`` (imports nothing of ddm_hpc). PIL is imported where a PNG is written
+(deferred: only pictures need it).
+"""
 from __future__ import annotations
 
 import math
@@ -54,7 +58,7 @@ def image_grid(images: np.ndarray | torch.Tensor, ncol: int, pad: int = 2, pad_v
 
 def write_png(array: np.ndarray, path: str | Path) -> Path:
     """Write uint8 [H, W], [H, W, 1] or [H, W, 3] as a PNG: temp file beside ``path``, then rename."""
-    from PIL import Image
+    from PIL import Image  # deferred: see the module docstring
 
     path = Path(path)
     arr = np.asarray(array)

@@ -1,7 +1,7 @@
 """``pictures``: the paper's Fig. 3 heat map, top-k responsible clusters as image grids, predicted vs exact.
 
 Everything is read from ``RUN/attribution.h5`` (and ``RUN/evaluation.h5`` when ``ddm-hpc evaluate`` has
-run) plus the run's images (``DiagnoseContext.bundle``); nothing is trained.
+run) plus the run's images (``RunContext.bundle``); nothing is trained.
 
 Pictures written under ``RUN/diagnose/``:
 
@@ -16,6 +16,9 @@ Pictures written under ``RUN/diagnose/``:
   pictures_heatmap_exact.png, pictures_scatter_ddm.png
                           with evaluation.h5: ``report.plot_heatmap`` (DDM beside exact retraining)
                           and ``report.plot_scatter`` for ``ddm``.
+
+Room: a task module of ``diagnose`` (imports ``context``, ``data``, ``diagnose.base``, ``diagnose.images``,
+``report``, ``storage``).
 """
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ import h5py
 import numpy as np
 import torch
 
+from ddm_hpc.context import RunContext
 from ddm_hpc.data import DatasetBundle, denormalize
-from ddm_hpc.diagnose import DiagnoseContext, Section
+from ddm_hpc.diagnose.base import Section, Task, diagnose_dir, register
 from ddm_hpc.diagnose.images import image_grid, write_png
 from ddm_hpc.errors import StageError
-from ddm_hpc.report import (LABELS, ce_change, class_by_class, draw_class_matrix, plot_heatmap, plot_scatter,
-                            read_evaluation, save_figure)
+from ddm_hpc.report import (ce_change, class_by_class, draw_class_matrix, method_label, plot_heatmap, plot_scatter,
+                            pyplot, read_evaluation, save_figure)
 from ddm_hpc.storage import artifact_path
 
 log = logging.getLogger(__name__)
@@ -196,10 +200,7 @@ def figure_size(grid_shape: tuple[int, ...], n_rows: int) -> tuple[float, float]
 
 def plot_topk(grid: np.ndarray, row_labels: list[str], title: str, cell: int, pad: int, path: Path) -> Path:
     """The raw grid with one annotation to the right of each row (row r's centre at ``pad + r * cell + h/2``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     width, height = figure_size(grid.shape, len(row_labels))
     fig = plt.figure(figsize=(width, height))
@@ -216,10 +217,7 @@ def plot_topk(grid: np.ndarray, row_labels: list[str], title: str, cell: int, pa
 
 def plot_class_matrix(mat: np.ndarray, title: str, path: Path) -> Path:
     """One class x class heat map with its values written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     draw_class_matrix(fig, ax, mat, title, annotate=mat.shape[0] <= 12)
@@ -230,7 +228,7 @@ def plot_class_matrix(mat: np.ndarray, title: str, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- section
 
 
-def pictures_section(dc: DiagnoseContext) -> Section:
+def pictures_section(dc: RunContext) -> Section:
     """Top-k cluster grids, the class x class heat map and (with evaluation.h5) predicted vs exact.
 
     Arrays of the section (``P`` drawn queries, ``k`` = top_k, ``n`` = n_members, ``L`` classes):
@@ -241,7 +239,7 @@ def pictures_section(dc: DiagnoseContext) -> Section:
     ``[L, L]`` over the retrained clusters (what ``pictures_heatmap_exact.png`` shows).
     """
     dcfg = dc.cfg.diagnose
-    run_dir, out = dc.run_dir, dc.out_dir
+    run_dir, out = dc.run_dir, diagnose_dir(dc.run_dir)
     bundle = dc.bundle
     view = read_attribution(run_dir)
     _check_data(view, bundle, run_dir)
@@ -332,7 +330,7 @@ def pictures_section(dc: DiagnoseContext) -> Section:
                                                          n_cls)
             lines.append(f"- `pictures_heatmap_exact.png`: the same matrix from `evaluation.h5` over its "
                          f"{len(removed)} retrained clusters and {len(ev['labels'])} queries, "
-                         f"{', '.join(LABELS.get(m, m) for m in shown)} beside the exact change of the "
+                         f"{', '.join(method_label(m) for m in shown)} beside the exact change of the "
                          "cross-entropy.")
         if "ddm" in ev["methods"]:
             images.append(plot_scatter(ev, "ddm", out / "pictures_scatter_ddm.png"))
@@ -349,3 +347,6 @@ def pictures_section(dc: DiagnoseContext) -> Section:
              "n_exact_known": int(np.isfinite(exact).sum())}
     return Section(name="pictures", title="Pictures: top-k responsible clusters, class x class heat map, predicted "
                    "vs exact", lines=lines, images=images, arrays=arrays, attrs=attrs)
+
+
+register(Task("pictures", pictures_section))

@@ -19,6 +19,10 @@ that reverse GM images show no recognisable training data. This section measures
 
 Synthetic images live in normalised input space; they are mapped back with ``denormalize`` and
 clamped to [0, 1] (what a released image would show) before any image comparison.
+
+Room: a task module of ``diagnose`` (imports ``config``, ``context``, ``data``, ``diagnose.base``,
+``diagnose.images``, ``diagnose.removal``, ``models``, ``report``, ``storage``, ``synsets``, ``train``,
+``variants``). PIL is imported where a title is drawn (deferred: only the pictures need it).
 """
 from __future__ import annotations
 
@@ -31,12 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddm_hpc.config import Config
+from ddm_hpc.context import RunContext
 from ddm_hpc.data import denormalize
-from ddm_hpc.diagnose import DiagnoseContext, Section, ddm_match_run
+from ddm_hpc.diagnose.base import Section, Task, diagnose_dir, register
 from ddm_hpc.diagnose.images import image_grid, write_png
 from ddm_hpc.diagnose.removal import trained_model
 from ddm_hpc.errors import ConfigError, StageError
+from ddm_hpc.models import build_target
+from ddm_hpc.report import pyplot, save_figure
+from ddm_hpc.storage import artifact_path, read_attrs
+from ddm_hpc.synsets import read_synsets
+from ddm_hpc.train import accuracy
 from ddm_hpc.utils import generator, progress
+from ddm_hpc.variants import Variant, forward_matching
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +234,7 @@ def with_title(grid: np.ndarray, title: str, height: int = TITLE_PX) -> np.ndarr
     Returns uint8 [height + H, max(W, text width + 4), C]; ``grid`` sits at the top-left of the part below the
     strip, the rest is white.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # deferred: see the module docstring
 
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
@@ -302,13 +314,7 @@ def nearest_grid(images: torch.Tensor, real: torch.Tensor, index: np.ndarray, co
 def plot_nn_hist(dists: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
     """Histograms of nearest-neighbour L2 (left) and SSIM (right), one curve per entry of ``dists``
     (label -> :func:`nearest_real` output)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ddm_hpc.report import save_figure
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, xlabel in ((axes[0], "l2", "L2 to the nearest real image (pixels in [0, 1])"),
                             (axes[1], "ssim", "SSIM with the most similar real image")):
@@ -417,9 +423,12 @@ def chance_advantage(n: int, level: float = 0.05) -> float:
 
 
 # ----------------------------------------------------------------------------- the section
-def _check_inputs(dc: DiagnoseContext) -> None:
-    from ddm_hpc.storage import artifact_path, read_attrs
+def privacy_variants(cfg: Config) -> list[Variant]:
+    """The forward-matched synsets shown beside this run's (distilled only), for a run made with ``--method ddm``."""
+    return [forward_matching(("distill",))] if cfg.distill.method == "ddm" else []
 
+
+def _check_inputs(dc: RunContext) -> None:
     for stage in ("train", "cluster", "distill"):
         if not artifact_path(dc.run_dir, stage).is_file():
             raise StageError(f"privacy needs {artifact_path(dc.run_dir, stage)}: run `ddm-hpc run` (train, cluster, "
@@ -430,7 +439,7 @@ def _check_inputs(dc: DiagnoseContext) -> None:
                           f"distilled with --method {method}: use a run made with --method ddm")
 
 
-def _pixels(x: torch.Tensor, dc: DiagnoseContext) -> torch.Tensor:
+def _pixels(x: torch.Tensor, dc: RunContext) -> torch.Tensor:
     """Normalised [..., C, H, W] -> [0, 1] pixel space, clamped."""
     return denormalize(x.float(), dc.bundle.mean, dc.bundle.std).clamp(0.0, 1.0)
 
@@ -439,15 +448,12 @@ def _summary(d: dict[str, np.ndarray]) -> list[float]:
     return [float(np.mean(d["l2"])), float(np.median(d["l2"])), float(np.mean(d["ssim"])), float(np.median(d["ssim"]))]
 
 
-def privacy_section(dc: DiagnoseContext) -> Section:
+def privacy_section(dc: RunContext) -> Section:
     """Fig. 4/5 pictures, nearest-real-image distances and membership inference (see the module doc)."""
-    from ddm_hpc.distill import read_synsets
-    from ddm_hpc.train import accuracy, build_target
-
     _check_inputs(dc)
     cfg, bundle, show = dc.cfg, dc.bundle, dc.cfg.runtime.progress
     reverse = read_synsets(dc.run_dir, "cluster")
-    fwd_dir = ddm_match_run(dc)
+    fwd_dir = privacy_variants(cfg)[0].directory(cfg)
     forward = read_synsets(fwd_dir, "cluster")
     synsets = {"reverse": reverse, "forward": forward}
     labels = {"reverse": "reverse GM (DDM)", "forward": "forward GM (DDM-match)", "real": "real vs other real"}
@@ -476,7 +482,7 @@ def privacy_section(dc: DiagnoseContext) -> Section:
     nn_res["real"] = real_vs_real(real, show_progress=show)
 
     # pictures
-    out = dc.out_dir
+    out = diagnose_dir(dc.run_dir)
     scale = cell_scale(*bundle.image_size)
     cols = shown_columns(reverse.images.shape[0])
     # one band of rows per class when every cluster is drawn (clusters are class-major), else bands of 10
@@ -623,3 +629,6 @@ def _findings(summary: np.ndarray, mia: dict[str, dict[str, object]], bound: flo
         out.append(f"The model trained on the reverse-GM synset reaches {acc:.3f} test accuracy (chance {chance:.3f}), "
                    f"against {acc_f:.3f} for forward GM and {acc_t:.3f} for theta_tau{weak}.")
     return out
+
+
+register(Task("privacy", privacy_section, privacy_variants))

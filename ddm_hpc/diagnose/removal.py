@@ -22,11 +22,15 @@ the cut is split in a seeded order so every method removes exactly the same numb
   *-bal   the same ranking applied within each class (:func:`class_balanced`): every removal amount
           takes the same share of each class, lowest-ranked first.
 
-Every removal is retrained exactly (:func:`ddm_hpc.evaluate.retrain_keep`: same theta_0, schedule
+Every removal is retrained exactly (:func:`ddm_hpc.retrain.retrain_keep`: same theta_0, schedule
 and data order as the full run) with ``--removal-seeds`` seed offsets, through the job layer (one
 shard per retraining: local processes or a SLURM array; results cached per job in
 ``RUN/diagnose/<name>-retrained.h5``), and scored by test accuracy (transfer: the
 accuracy of a student distilled from the retrained teacher on the same kept data, Eq. 15).
+
+Room: a task module of ``diagnose`` (imports ``attribute`` for its setup, ``config``, ``context``,
+``data``, ``diagnose.base``, ``graph``, ``launch``, ``metrics``, ``models``, ``retrain``, ``storage``,
+``train``, ``trajectory``, ``variants``).
 """
 from __future__ import annotations
 
@@ -45,14 +49,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm_hpc.config import Config, merge
-from ddm_hpc.pipeline import load_saved_config
-from ddm_hpc.data import DatasetBundle, dense, denormalize
-from ddm_hpc.diagnose import DiagnoseContext, Section
+from ddm_hpc.attribute import attribute_setup, loo_perturbations
+from ddm_hpc.config import Config
+from ddm_hpc.context import RunContext, load_data
+from ddm_hpc.data import DatasetBundle, denormalize, dense
+from ddm_hpc.diagnose.base import Section, Task, diagnose_dir, register
 from ddm_hpc.errors import ConfigError, StageError
-from ddm_hpc.storage import artifact_path, atomic_h5, open_read
-from ddm_hpc.train import TrajectoryReader, accuracy, build_target, epoch_order, load_into
-from ddm_hpc.utils import generator, resolve_device
+from ddm_hpc.graph import RUN
+from ddm_hpc.launch import run_sharded, shard_range
+from ddm_hpc.metrics import spearman
+from ddm_hpc.models import build_model, build_target
+from ddm_hpc.retrain import retrain_keep
+from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read
+from ddm_hpc.train import accuracy, epoch_order
+from ddm_hpc.trajectory import TrajectoryReader, load_into
+from ddm_hpc.utils import generator
+from ddm_hpc.variants import Variant, learned_labels
 
 log = logging.getLogger(__name__)
 LABELS = {"random": "Random select", "loss": "Highest training loss first", "ddm": "DDM (Eq. 14 ranking)",
@@ -133,16 +145,14 @@ class ValRemoval:
 def val_removal_probs(cfg: Config, bundle: DatasetBundle) -> ValRemoval:
     """Leave-one-cluster-out fine-tunes of theta_tau on the cluster synsets (the attribute stage's
     fine-tune: same steps, rate, scale, direction), evaluated on its validation images."""
-    from ddm_hpc.attribute import attribute_setup, loo_perturbations
-
     if cfg.attribute.n_val <= 0:
         raise ConfigError("the useless/transfer rankings need validation images: pass --n-val 200 (reruns attribute)")
     flat = dataclasses.replace(cfg, attribute=dataclasses.replace(cfg.attribute, search="flat"))  # cluster synsets only
     setup = attribute_setup(flat, bundle)
-    ev, level = setup.ev, setup.levels["cluster"]
-    k = len(level.size)
-    probs = ev.finetune(level, loo_perturbations(k), 0, k, "unlearn each cluster (validation)")
-    return ValRemoval(probs[:, ev.n_q:], ev.base[ev.n_q:], ev.eval_y[ev.n_q:], ev.eval_x[ev.n_q:].cpu())
+    sc, level = setup.scorer, setup.levels["cluster"]
+    probs = setup.unlearner.unlearn(level, loo_perturbations(len(level.size)), sc.eval_x,
+                                    desc="unlearn each cluster (validation)")
+    return ValRemoval(probs[:, sc.n_q:], sc.base[sc.n_q:], sc.eval_y[sc.n_q:], sc.eval_x[sc.n_q:].cpu())
 
 
 def eq14_scores(cfg: Config, bundle: DatasetBundle) -> np.ndarray:
@@ -156,16 +166,21 @@ def eq14_scores(cfg: Config, bundle: DatasetBundle) -> np.ndarray:
     return val_removal_probs(cfg, bundle).eq14()
 
 
-def soft_label_scores(cfg: Config, bundle: DatasetBundle, device: torch.device) -> np.ndarray | None:
-    """Eq. 14 per cluster with learned-label synsets: ``RUN/variants/ddm-soft`` (the variant ``ddm-hpc evaluate``
-    makes: this run's train.h5/clusters.h5, distilled with ``--syn-labels learn``), made here if missing.
-    None when ``--no-learned-labels`` or the run's own synsets already have learned labels."""
-    if not cfg.diagnose.learned_labels or cfg.distill.syn_labels == "learn":
+def soft_variant(cfg: Config, parent: Variant | None = None) -> Variant | None:
+    """The learned-label synsets the useless/noisy rankings also use: ``variants/ddm-soft`` of the run (or of the
+    ``parent`` variant, e.g. a corrupted copy), the variant ``ddm-hpc evaluate`` makes too (this run's
+    train.h5/clusters.h5, distilled with ``--syn-labels learn``). None when ``--no-learned-labels`` or the run's own
+    synsets already have learned labels."""
+    own = parent.config(cfg) if parent is not None else cfg
+    if not cfg.diagnose.learned_labels or own.distill.syn_labels == "learn":
         return None
-    from ddm_hpc.diagnose import variant
+    return learned_labels(parent=parent)
 
-    out = variant(cfg, bundle, device, "ddm-soft", {"syn_labels": "learn"}, ("distill", "attribute"))
-    return eq14_scores(Config.from_dict(merge(load_saved_config(out), {"runtime": {"out": str(out)}})), bundle)
+
+def soft_label_scores(cfg: Config, bundle: DatasetBundle, parent: Variant | None = None) -> np.ndarray | None:
+    """Eq. 14 per cluster with the learned-label synsets of :func:`soft_variant` (None if there are none)."""
+    variant = soft_variant(cfg, parent)
+    return None if variant is None else eq14_scores(variant.config(cfg), bundle)
 
 
 def ce_sum(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,8 +214,7 @@ def assignment_of(run_dir: Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the student (Eq. 15)
 def build_student(cfg: Config, bundle: DatasetBundle, seed: int) -> nn.Module:
-    from ddm_hpc.models import build_model
-
+    """The student of Eq. 15 (``--student-model``, ``--student-width``), initialised from ``seed``."""
     dc = cfg.diagnose
     kw = {"hidden": dc.student_width} if dc.student_model == "mlp" else {"width": dc.student_width}
     torch.manual_seed(seed)
@@ -242,7 +256,7 @@ RESULTS = ("accuracy", "student_accuracy", "seconds", "test_probs", "train_pred"
 
 
 @dataclass
-class Plan:
+class RetrainPlan:
     """The retrainings of one diagnostic: job j keeps ``keep[j]`` and retrains with seed offset ``seed[j]``."""
 
     keep: np.ndarray  # bool [J, N]
@@ -259,25 +273,20 @@ class Plan:
         return [hashlib.sha256(np.packbits(k).tobytes() + int(s).to_bytes(8, "little", signed=True) + flags)
                 .hexdigest()[:16].encode() for k, s in zip(self.keep, self.seed)]
 
-    def subset(self, rows: list[int]) -> Plan:
-        return Plan(self.keep[rows], self.seed[rows], [self.method[j] for j in rows], self.percent[rows], self.student,
+    def subset(self, rows: list[int]) -> RetrainPlan:
+        return RetrainPlan(self.keep[rows], self.seed[rows], [self.method[j] for j in rows], self.percent[rows], self.student,
                     self.outputs)
 
 
-def plan_task(cfg: Config, shard: int, n_shards: int, plan: str = "", bundle: DatasetBundle | None = None
+def retrain_plan_task(cfg: Config, shard: int, n_shards: int, plan: str = "", bundle: DatasetBundle | None = None
               ) -> dict[str, np.ndarray]:
     """Job-layer task: retrain the jobs ``shard_range(J, shard, n_shards)`` of the plan file ``plan``.
 
     Returns ``accuracy`` [n] (test), ``student_accuracy`` [n] (NaN unless a student plan), ``seconds`` [n],
     ``job`` [n], and for an outputs plan ``test_probs`` float32 [n, M, L] and ``train_pred`` int64 [n, N].
     """
-    from ddm_hpc.evaluate import retrain_keep
-    from ddm_hpc.launch import shard_range
-    from ddm_hpc.storage import ParamTable
-    from ddm_hpc.train import load_data
-
     bundle = bundle or load_data(cfg)
-    device = resolve_device(cfg.runtime.device)
+    device = cfg.runtime.torch_device()
     with h5py.File(plan, "r", locking=False) as f:
         keep, seed, student, outputs = f["keep"][()], f["seed"][()], bool(f.attrs["student"]), bool(f.attrs["outputs"])
     i0, i1 = shard_range(len(seed), shard, n_shards)
@@ -313,7 +322,7 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch: int 
     return torch.cat([model(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
 
 
-def merge_plan(cfg: Config, paths: list[Path], plan: str = "", bundle: DatasetBundle | None = None) -> Path:
+def merge_retrain_plan(cfg: Config, paths: list[Path], plan: str = "", bundle: DatasetBundle | None = None) -> Path:
     """Job-layer merge: the shards' results, in job order, into ``<plan>-results.h5`` beside the plan file."""
     out = Path(plan).with_name(Path(plan).stem + "-results.h5")
     arrays: dict[str, list[np.ndarray]] = {}
@@ -347,17 +356,14 @@ def retrain_salt(cfg: Config, student: bool) -> str:
     return json.dumps([cfg.stage_key("train"), extra])
 
 
-def run_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: Plan) -> dict[str, np.ndarray]:
+def retrain_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: RetrainPlan) -> dict[str, np.ndarray]:
     """Every job of ``plan`` retrained exactly; returns its results in plan order.
 
     Results are cached per job in ``RUN/diagnose/<name>-retrained.h5`` (keyed by kept rows, seed, what is
     measured and the retraining's options), so a rerun, or a plan with other percentages or rankings, retrains only new jobs. The
     new jobs run through the job layer, one shard each (local processes or a SLURM array, resumable).
     """
-    from ddm_hpc.launch import run_sharded
-
-    d = Path(cfg.runtime.out) / "diagnose"
-    d.mkdir(parents=True, exist_ok=True)
+    d = diagnose_dir(cfg.runtime.out)
     cache_path = d / f"{name}-retrained.h5"
     cache = _read_cache(cache_path)
     have = {k: i for i, k in enumerate(cache.get("job_key", []))}
@@ -378,8 +384,8 @@ def run_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: Plan) -> dict[
         log.info("diagnose %s: %d exact retrainings (%d of %d cached)", name, len(missing), len(keys) - len(missing),
                  len(keys))
         one_each = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, shards=len(missing)))
-        res_path = run_sharded(f"diagnose-{name}", one_each, functools.partial(plan_task, plan=str(pending.resolve())),
-                               len(missing), functools.partial(merge_plan, plan=str(pending.resolve())), stage="train",
+        res_path = run_sharded(f"diagnose-{name}", one_each, functools.partial(retrain_plan_task, plan=str(pending.resolve())),
+                               len(missing), functools.partial(merge_retrain_plan, plan=str(pending.resolve())), stage="train",
                                key_extra=pending_key, context={"bundle": bundle})
         new = _read_cache(Path(res_path), "accuracy")
         new["job_key"] = np.asarray([keys[j] for j in missing], dtype="S16")
@@ -397,8 +403,8 @@ def run_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: Plan) -> dict[
     return {k: cache[k][rows] for k in RESULTS if k in cache}
 
 
-def build_plan(orders: dict[str, np.ndarray | list[np.ndarray]], percents: list[float], n: int, seeds: int,
-               student: bool = False) -> Plan:
+def removal_plan(orders: dict[str, np.ndarray | list[np.ndarray]], percents: list[float], n: int, seeds: int,
+               student: bool = False) -> RetrainPlan:
     """Full-data jobs per seed, then per ranking x percent x seed. ``orders[name]`` is one order, or one
     per seed (random)."""
     keep, seed, method, pct = [], [], [], []
@@ -415,7 +421,7 @@ def build_plan(orders: dict[str, np.ndarray | list[np.ndarray]], percents: list[
                 seed.append(s)
                 method.append(name)
                 pct.append(p)
-    return Plan(np.stack(keep), np.asarray(seed, dtype=np.int64), method, np.asarray(pct, dtype=np.float64), student)
+    return RetrainPlan(np.stack(keep), np.asarray(seed, dtype=np.int64), method, np.asarray(pct, dtype=np.float64), student)
 
 
 def random_orders(n: int, seeds: int, seed: int) -> list[np.ndarray]:
@@ -430,7 +436,7 @@ def _cell(v: np.ndarray) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
 
 
-def accuracy_table(plan: Plan, values: np.ndarray, percents: list[float], rows: list[str]) -> list[str]:
+def accuracy_table(plan: RetrainPlan, values: np.ndarray, percents: list[float], rows: list[str]) -> list[str]:
     """Markdown: rankings x removed percentage, test accuracy (%) mean ± std over seeds; 0 % = nothing removed."""
     method = np.asarray(plan.method)
     full = values[method == "full"]
@@ -442,7 +448,7 @@ def accuracy_table(plan: Plan, values: np.ndarray, percents: list[float], rows: 
     return lines
 
 
-def compare_lines(plan: Plan, values: np.ndarray, percents: list[float], name: str, what: str) -> list[str]:
+def compare_lines(plan: RetrainPlan, values: np.ndarray, percents: list[float], name: str, what: str) -> list[str]:
     """Generated statement: at how many removal amounts ``name`` beats random by more than the seeds' spread."""
     method = np.asarray(plan.method)
     wins, losses, ties = [], [], []
@@ -458,7 +464,7 @@ def compare_lines(plan: Plan, values: np.ndarray, percents: list[float], name: s
     return out
 
 
-def plan_arrays(plan: Plan, res: dict[str, np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
+def plan_arrays(plan: RetrainPlan, res: dict[str, np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
     return {f"{prefix}method": np.asarray(plan.method, dtype="S"), f"{prefix}percent": plan.percent,
             f"{prefix}keep_bits": np.packbits(plan.keep, axis=1),
             f"{prefix}seed": plan.seed, f"{prefix}removed": (~plan.keep).sum(1),
@@ -467,7 +473,7 @@ def plan_arrays(plan: Plan, res: dict[str, np.ndarray], prefix: str = "") -> dic
 
 
 # ----------------------------------------------------------------------------- Table 3: useless data
-def useless_section(dc: DiagnoseContext) -> Section:
+def useless_section(dc: RunContext) -> Section:
     cfg, bundle, run_dir = dc.cfg, dc.bundle, dc.run_dir
     dg = cfg.diagnose
     percents = dg.percents("fractions")
@@ -487,13 +493,13 @@ def useless_section(dc: DiagnoseContext) -> Section:
                                                               .numpy(), assignment, cfg.seed + s), y)
                                  for s in range(dg.removal_seeds)]
     arrays: dict[str, np.ndarray] = {"ddm_cluster_scores": eq14, "training_loss": loss}
-    soft = soft_label_scores(cfg, bundle, dc.device)
+    soft = soft_label_scores(cfg, bundle)
     if soft is not None:
         arrays["ddm-soft_cluster_scores"] = soft
         orders["ddm-soft"] = cluster_order(soft, assignment, cfg.seed)
         orders["ddm-soft-bal"] = class_balanced(orders["ddm-soft"], y)
-    plan = build_plan(orders, percents, n, dg.removal_seeds)
-    res = run_plan(cfg, bundle, "useless", plan)
+    plan = removal_plan(orders, percents, n, dg.removal_seeds)
+    res = retrain_plan(cfg, bundle, "useless", plan)
     rows = list(orders)
     lines = [f"Clusters ranked by DDM's Eq. 14 objective (the change of the summed validation cross-entropy, "
              f"{n_val} validation images, when the cluster's synset is unlearned); the lowest-ranked (whose "
@@ -515,8 +521,6 @@ def useless_section(dc: DiagnoseContext) -> Section:
 def sign_check(name: str, scores: np.ndarray, share: np.ndarray, assignment: np.ndarray, corrupted: np.ndarray,
                percents: list[float], seed: int) -> str:
     """One generated line: does the ranking put corrupted clusters first (no retraining needed)?"""
-    from ddm_hpc.evaluate import spearman
-
     k = len(scores)
     rho = float(spearman(torch.from_numpy(scores)[:, None], torch.from_numpy(share)[:, None])[0])
     top = np.argsort(scores)[:max(1, int(np.ceil(k * 0.1)))]
@@ -560,43 +564,57 @@ def _channels_last(x: torch.Tensor) -> np.ndarray:
     return a[:, 0] if a.shape[1] == 1 else a.transpose(0, 2, 3, 1)
 
 
-def noisy_run(dc: DiagnoseContext, kind: str) -> tuple[Config, DatasetBundle, np.ndarray]:
-    """Write the corrupted copy as an ``.npz`` and run the whole pipeline on it in ``RUN/diagnose/noisy-<kind>-<hash>``.
+def noisy_variant(cfg: Config, kind: str) -> Variant:
+    """The whole pipeline on a copy of the training set corrupted by ``kind``, in ``RUN/diagnose/noisy-<kind>-<hash>``.
 
     The folder name hashes the corruption settings and the pipeline's options, so other settings never
-    meet a stale run (they get their own folder).
-    Returns (the variant's config, its bundle, corrupted bool [N]).
+    meet a stale run (they get their own folder). Its ``prepare`` writes the copy as ``data.npz`` (once).
     """
-    from ddm_hpc.pipeline import run_stages
-    from ddm_hpc.train import load_data
-
-    dg, cfg = dc.cfg.diagnose, dc.cfg
+    dg = cfg.diagnose
     settings = {"kind": kind, "fraction": dg.corrupt_fraction, "level": dg.noise_level if kind == "noise" else 0,
                 "pipeline": cfg.stage_key("attribute")}  # every option of the pipeline (data and seed included)
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    out = dc.out_dir / f"noisy-{kind}-{tag}"
-    out.mkdir(parents=True, exist_ok=True)
+    path = f"diagnose/noisy-{kind}-{tag}"
+    data = Path(cfg.runtime.out) / path / "data.npz"
+    over = {"data": {"dataset": str(data.resolve()), "n_train": 0, "n_test": 0, "image_size": 0}}
+    return Variant(path, over, (), RUN, prepare=functools.partial(_write_noisy_copy, kind=kind))
+
+
+def _write_noisy_copy(base: RunContext, out: Path, kind: str) -> None:
+    """``out/data.npz``: the corrupted training set (``corrupt``), the clean test set and the corrupted mask."""
     data = out / "data.npz"
     if data.is_file():  # made by an earlier run with these settings (the folder name hashes them)
-        with np.load(data) as f:
-            corrupted = f["corrupted"]
-    else:
-        x, y, corrupted = corrupt(dc.bundle, kind, dg.corrupt_fraction, dg.noise_level, cfg.seed)
-        tmp = out / ".data.tmp.npz"
-        x_test = denormalize(dense(dc.bundle.x_test), dc.bundle.mean, dc.bundle.std).clamp(0, 1)
-        np.savez(tmp, x=_channels_last(x), y=y.numpy(), x_test=_channels_last(x_test), y_test=dc.bundle.y_test.numpy(),
-                 corrupted=corrupted)
-        tmp.replace(data)
-    d = merge(cfg.to_dict(), {"data": {"dataset": str(data.resolve()), "n_train": 0, "n_test": 0, "image_size": 0},
-                              "runtime": {"out": str(out), "overwrite": False}})
-    vcfg = Config.from_dict(d)
-    timings = run_stages(vcfg)
-    log.info("diagnose noisy-%s: pipeline %s", kind, ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-             or "up to date")
-    return vcfg, load_data(vcfg), corrupted
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    dg, bundle = base.cfg.diagnose, base.bundle
+    x, y, corrupted = corrupt(bundle, kind, dg.corrupt_fraction, dg.noise_level, base.cfg.seed)
+    tmp = out / ".data.tmp.npz"
+    x_test = denormalize(dense(bundle.x_test), bundle.mean, bundle.std).clamp(0, 1)
+    np.savez(tmp, x=_channels_last(x), y=y.numpy(), x_test=_channels_last(x_test), y_test=bundle.y_test.numpy(),
+             corrupted=corrupted)
+    tmp.replace(data)
 
 
-def noisy_section(dc: DiagnoseContext) -> Section:
+def noisy_variants(cfg: Config) -> list[Variant]:
+    """Per corruption, the corrupted copy's pipeline and its learned-label synsets."""
+    out = []
+    for kind in cfg.diagnose.corruption_list():
+        noisy = noisy_variant(cfg, kind)
+        out += [noisy, *filter(None, [soft_variant(cfg, noisy)])]
+    return out
+
+
+def noisy_run(dc: RunContext, kind: str) -> tuple[Config, DatasetBundle, np.ndarray, Variant]:
+    """The corrupted copy's pipeline run (made by the pipeline: :func:`noisy_variants`): (its config, its bundle,
+    corrupted bool [N], its variant)."""
+    variant = noisy_variant(dc.cfg, kind)
+    vcfg = variant.config(dc.cfg)
+    with np.load(Path(vcfg.runtime.out) / "data.npz") as f:
+        corrupted = f["corrupted"]
+    return vcfg, load_data(vcfg), corrupted, variant
+
+
+def noisy_section(dc: RunContext) -> Section:
     dg = dc.cfg.diagnose
     percents = dg.percents("noisy_fractions")
     lines = [f"A copy of the training set with {dg.corrupt_fraction:.0%} of the rows corrupted goes through the whole "
@@ -609,7 +627,7 @@ def noisy_section(dc: DiagnoseContext) -> Section:
     with open_read(artifact_path(dc.run_dir, "train")) as f:
         clean = float(f.attrs["test_accuracy"])
     for kind in dg.corruption_list():
-        vcfg, vb, corrupted = noisy_run(dc, kind)
+        vcfg, vb, corrupted, variant = noisy_run(dc, kind)
         vdir = Path(vcfg.runtime.out)
         n = len(vb.y_train)
         assignment = assignment_of(vdir)
@@ -619,14 +637,14 @@ def noisy_section(dc: DiagnoseContext) -> Section:
                   "ddm": cluster_order(eq14, assignment, vcfg.seed)}
         orders["ddm-bal"] = class_balanced(orders["ddm"], vb.y_train.numpy())
         rankings = {"ddm": eq14}
-        soft = soft_label_scores(vcfg, vb, dc.device)
+        soft = soft_label_scores(dc.cfg, vb, variant)
         if soft is not None:
             rankings["ddm-soft"] = soft
             orders["ddm-soft"] = cluster_order(soft, assignment, vcfg.seed)
             orders["ddm-soft-bal"] = class_balanced(orders["ddm-soft"], vb.y_train.numpy())
             arrays[f"{kind}/ddm-soft_cluster_scores"] = soft
-        plan = build_plan(orders, percents, n, dg.removal_seeds)
-        res = run_plan(vcfg, vb, "noisy", plan)
+        plan = removal_plan(orders, percents, n, dg.removal_seeds)
+        res = retrain_plan(vcfg, vb, "noisy", plan)
         pr = np.array([precision_recall(k, corrupted) for k in plan.keep])  # [J, 2]
         method = np.asarray(plan.method)
         what = ("additive Gaussian noise, per-pixel std " f"{dg.noise_level:g}" if kind == "noise"
@@ -662,7 +680,7 @@ def noisy_section(dc: DiagnoseContext) -> Section:
 
 
 # ----------------------------------------------------------------------------- Table 7: transferability
-def transfer_section(dc: DiagnoseContext) -> Section:
+def transfer_section(dc: RunContext) -> Section:
     cfg, bundle, run_dir = dc.cfg, dc.bundle, dc.run_dir
     dg = cfg.diagnose
     percents = dg.percents("transfer_fractions")
@@ -678,8 +696,8 @@ def transfer_section(dc: DiagnoseContext) -> Section:
     assignment = assignment_of(run_dir)
     orders = {"random": random_orders(n, dg.removal_seeds, cfg.seed), "ddm-kl": cluster_order(kl, assignment, cfg.seed)}
     orders["ddm-kl-bal"] = class_balanced(orders["ddm-kl"], bundle.y_train.numpy())
-    plan = build_plan(orders, percents, n, dg.removal_seeds, student=True)
-    res = run_plan(cfg, bundle, "transfer", plan)
+    plan = removal_plan(orders, percents, n, dg.removal_seeds, student=True)
+    res = retrain_plan(cfg, bundle, "transfer", plan)
     kw = f"{dg.student_model} (width {dg.student_width})"
     lines = [f"Student {kw} distilled from the target with Eq. 15 (alpha {dg.kd_alpha:g}, temperature "
              f"{dg.kd_temperature:g}) on the same data and schedule. DDM's objective: the summed KL(teacher || student) "
@@ -700,3 +718,13 @@ def transfer_section(dc: DiagnoseContext) -> Section:
     arrays = {**plan_arrays(plan, res), "ddm_cluster_scores": kl}
     return Section("transfer", "Transferability to a distilled student (paper Table 7)", lines, [], arrays,
                    {"student": kw, "kd_alpha": dg.kd_alpha, "kd_temperature": dg.kd_temperature})
+
+
+def useless_variants(cfg: Config) -> list[Variant]:
+    """The learned-label synsets (unless ``--no-learned-labels``)."""
+    return list(filter(None, [soft_variant(cfg)]))
+
+
+register(Task("useless", useless_section, useless_variants))
+register(Task("noisy", noisy_section, noisy_variants))
+register(Task("transfer", transfer_section))

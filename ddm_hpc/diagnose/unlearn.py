@@ -2,7 +2,7 @@
 
 Table 4: test accuracy of theta_0, theta_tau, and theta_tau fine-tuned on *all* cluster synsets
 (DDM: reverse-matched, by descent; DDM-match: forward-matched, by ascent), the attribute stage's
-fine-tune (:func:`ddm_hpc.evaluate.unlearn_all_accuracy`). Exact retraining on nothing is theta_0.
+fine-tune (:func:`ddm_hpc.unlearn.unlearn_all_accuracy`). Exact retraining on nothing is theta_0.
 
 Single clusters (``--unlearn-clusters``, a seeded choice): each cluster is unlearned alone by
   * DDM: theta_tau fine-tuned on the cluster's synset (the attribute stage's leave-one-out model);
@@ -12,6 +12,9 @@ Single clusters (``--unlearn-clusters``, a seeded choice): each cluster is unlea
 and compared with exact retraining without it (the ground truth): accuracy on the removed
 cluster's own training images (the forget set), test accuracy, and the mean L2 distance of the test
 softmax to the exactly retrained model's (0 = indistinguishable from exact unlearning).
+
+Room: a task module of ``diagnose`` (imports ``config``, ``context``, ``data``, ``diagnose.base``,
+``diagnose.removal``, ``storage``, ``synsets``, ``unlearn``, ``variants``).
 """
 from __future__ import annotations
 
@@ -20,15 +23,16 @@ import logging
 import numpy as np
 import torch
 
-from ddm_hpc.attribute import FinetuneSpec, finetune_many, group_weights, removal_spec
+from ddm_hpc.config import Config
+from ddm_hpc.context import RunContext
 from ddm_hpc.data import dense
-from ddm_hpc.diagnose import DiagnoseContext, Section, ddm_match_run
-from ddm_hpc.diagnose.removal import Plan, assignment_of, predict, run_plan, trained_model
-from ddm_hpc.distill import read_synsets
-from ddm_hpc.evaluate import unlearn_all_accuracy
+from ddm_hpc.diagnose.base import Section, Task, register
+from ddm_hpc.diagnose.removal import RetrainPlan, assignment_of, predict, retrain_plan, trained_model
 from ddm_hpc.storage import artifact_path, open_read
-from ddm_hpc.train import TrajectoryReader
+from ddm_hpc.synsets import read_synsets
+from ddm_hpc.unlearn import FinetuneSpec, Unlearner, unlearn_all_accuracy
 from ddm_hpc.utils import generator
+from ddm_hpc.variants import Variant, forward_matching
 
 log = logging.getLogger(__name__)
 
@@ -76,43 +80,41 @@ def forget_accuracy(pred: np.ndarray, labels: np.ndarray, assignment: np.ndarray
     return np.array([(pred[i][assignment == c] == labels[assignment == c]).mean() for i, c in enumerate(clusters)])
 
 
-def unlearn_section(dc: DiagnoseContext) -> Section:
+def unlearn_variants(cfg: Config) -> list[Variant]:
+    """The forward-matched synsets (distilled only: Table 4 unlearns with them, nothing attributes)."""
+    return [forward_matching(("distill",))]
+
+
+def unlearn_section(dc: RunContext) -> Section:
     cfg, bundle, run_dir, device = dc.cfg, dc.bundle, dc.run_dir, dc.device
     with open_read(artifact_path(run_dir, "train")) as f:
         accs = f["trajectory/test_accuracy"][()]
-    match_dir = ddm_match_run(dc)
+    match = RunContext(unlearn_variants(cfg)[0].config(cfg), bundle, device)
     table4 = {"theta_0": float(accs[0]), "theta_tau": float(accs[-1]),
-              "ddm": unlearn_all_accuracy(cfg, bundle, run_dir, device),
-              "ddm-match": unlearn_all_accuracy(cfg, bundle, match_dir, device)}
+              "ddm": unlearn_all_accuracy(dc), "ddm-match": unlearn_all_accuracy(dc, match)}
 
     # single clusters
     assignment = assignment_of(run_dir)
     k = int(assignment.max()) + 1
     clusters = chosen_clusters(k, cfg.diagnose.unlearn_clusters, cfg.seed)
-    plan = Plan(np.stack([assignment != c for c in clusters]), np.zeros(len(clusters), dtype=np.int64),
-                ["exact"] * len(clusters), np.zeros(len(clusters)), outputs=True)
-    exact = run_plan(cfg, bundle, "unlearn", plan)
+    plan = RetrainPlan(np.stack([assignment != c for c in clusters]), np.zeros(len(clusters), dtype=np.int64),
+                       ["exact"] * len(clusters), np.zeros(len(clusters)), outputs=True)
+    exact = retrain_plan(cfg, bundle, "unlearn", plan)
 
-    reader = TrajectoryReader(artifact_path(run_dir, "train"))
-    theta = reader.params(reader.tau)
+    unlearner = Unlearner.of_run(dc)
+    steps, lr, n = unlearner.steps, unlearner.lr, len(clusters)
     model = trained_model(cfg, bundle, run_dir)
-    ac, tc = cfg.attribute, cfg.train
-    steps, lr = ac.finetune_steps or reader.tau, ac.finetune_lr or tc.lr
     level = read_synsets(run_dir, "cluster")
-    pert = torch.ones(len(clusters), k, dtype=torch.uint8)
-    pert[torch.arange(len(clusters)), torch.from_numpy(clusters)] = 0
-    w = group_weights(level, ac.finetune_scale, tc.lr, tc.momentum, tc.batch_size, lr)
+    pert = torch.ones(n, k, dtype=torch.uint8)
+    pert[torch.arange(n), torch.from_numpy(clusters)] = 0
     eval_x = torch.cat([dense(bundle.x_test), dense(bundle.x_train)])
     m_test = len(bundle.y_test)
-    ddm = finetune_many(model, theta, level.images.flatten(0, 1), level.flat_targets(),
-                        removal_spec(pert, level.images.shape[1], w), steps, lr, level.unlearn_direction, eval_x,
-                        len(clusters), device, "unlearn (DDM synsets)", cfg.runtime.progress)
+    ddm = unlearner.unlearn(level, pert, eval_x, desc="unlearn (DDM synsets)", chunk=n)
     spec, x, y = compact(ascent_spec(assignment, clusters), bundle.x_train, bundle.y_train)
-    ga = finetune_many(model, theta, x, y, spec, steps, lr, -1.0, eval_x, len(clusters), device,
-                       "unlearn (ascent on real)", cfg.runtime.progress)
-    spec, x, y = compact(remaining_spec(assignment, clusters, tc.batch_size, cfg.seed), bundle.x_train, bundle.y_train)
-    ft = finetune_many(model, theta, x, y, spec, steps, lr, 1.0, eval_x, len(clusters), device,
-                       "unlearn (fine-tune on the rest)", cfg.runtime.progress)
+    ga = unlearner.finetune(x, y, spec, -1.0, eval_x, "unlearn (ascent on real)", n)
+    spec, x, y = compact(remaining_spec(assignment, clusters, cfg.train.batch_size, cfg.seed), bundle.x_train,
+                         bundle.y_train)
+    ft = unlearner.finetune(x, y, spec, 1.0, eval_x, "unlearn (fine-tune on the rest)", n)
     base_test = predict(model, bundle.x_test, device).softmax(-1)
     base_pred = predict(model, bundle.x_train, device).argmax(1).numpy()
     labels, y_test = bundle.y_train.numpy(), bundle.y_test.numpy()
@@ -154,3 +156,6 @@ def unlearn_section(dc: DiagnoseContext) -> Section:
     arrays["single/rows"] = np.asarray(list(rows), dtype="S")
     return Section("unlearn", "Quick unlearning (paper Table 4) and single clusters against exact retraining", lines,
                    [], arrays, {f"table4/{k}": v for k, v in table4.items()})
+
+
+register(Task("unlearn", unlearn_section, unlearn_variants))

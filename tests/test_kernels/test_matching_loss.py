@@ -272,7 +272,8 @@ def test_distill_stage_kernel_path_equals_reference_path(monkeypatch):
     from ddm_hpc.config import DistillConfig, TrainConfig
     from ddm_hpc.distill import distill_groups
     from ddm_hpc.models import build_model
-    from ddm_hpc.train import MemoryTrajectory, train_trajectory
+    from ddm_hpc.train import train_trajectory
+    from ddm_hpc.trajectory import MemoryTrajectory
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(60, 1, 8, 8, generator=g)

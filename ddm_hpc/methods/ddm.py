@@ -1,0 +1,120 @@
+"""DDM and its variants as attribution methods: each reads the flat scores of a run's attribute stage.
+
+  ddm         this run's ``attribution.h5`` (flat search), one score matrix per objective.
+  ddm-match   the same pipeline with forward gradient matching, run in ``RUN/variants/ddm-match``
+              on this run's train.h5 and clusters.h5.
+  ddm-soft    reverse matching with learned soft labels (``--syn-labels learn``; not in the paper), run
+              in ``RUN/variants/ddm-soft`` on this run's train.h5 and clusters.h5.
+  ddm-seq     "DDM w/o cluster": clusters by sequence number (``RUN/variants/ddm-seq``, on this
+              run's train.h5). Its scores live on other clusters, so they are spread evenly over
+              each sequential cluster's members and summed per k-means cluster.
+
+DDM methods carry one score matrix per objective (``per_objective``): the Eq. 10 metric Dist_m
+locates with the Dist_m scores, as the paper does.
+
+Room: a method file (imports ``config``, ``context``, ``methods.base``, ``storage``, ``variants``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ddm_hpc.config import Config
+from ddm_hpc.context import RunContext
+from ddm_hpc.errors import ConfigError
+from ddm_hpc.methods.base import AttributionMethod, MethodResult
+from ddm_hpc.storage import artifact_path, open_read, read_attrs
+from ddm_hpc.variants import Variant, forward_matching, learned_labels, sequential_clusters
+
+
+def read_ddm_scores(run_dir: Path, note: str) -> MethodResult:
+    """A run's flat attribution scores (every objective) and its online/offline seconds."""
+    path = artifact_path(run_dir, "attribute")
+    with open_read(path) as f:
+        if str(f.attrs["query_mode"]) != "single":
+            raise ConfigError(f"{path} was made with --query-mode batch: evaluate needs per-query scores, rerun "
+                              "attribute with --query-mode single")
+        if "objectives" not in f:
+            raise ConfigError(f"{path} has no flat scores (it was run with --search hierarchical): rerun attribute "
+                              "with --search flat or both before evaluate")
+        per = {name: torch.from_numpy(f["objectives"][name]["scores"][()]) for name in f["objectives"]}
+        objective = str(f.attrs["objective"])
+        online = float(f.attrs.get("seconds_flat", f.attrs["seconds"]))
+    offline = float(read_attrs(artifact_path(run_dir, "distill"))["seconds"])
+    # the signed responsibility for LDS is the CE effect (dist2); the stored objective is reported too
+    main = per.get("dist2", per[objective])
+    return MethodResult(main, online, offline, {k: v for k, v in per.items() if k in ("dist1", "dist2", "dist3")},
+                        note=f"{note}; attribute objective {objective}")
+
+
+def spread_to_clusters(scores: torch.Tensor, src_assign: torch.Tensor, dst_assign: torch.Tensor, k: int
+                       ) -> torch.Tensor:
+    """Re-express [Q, K_src] cluster scores on other clusters: each source cluster's score is spread
+    evenly over its members, and the members' shares are summed per destination cluster -> [Q, k]."""
+    sizes = torch.bincount(src_assign, minlength=scores.shape[1]).clamp(min=1).to(scores.dtype)
+    per_sample = (scores / sizes)[:, src_assign]  # [Q, N]
+    return torch.zeros(scores.shape[0], k, dtype=scores.dtype).index_add_(1, dst_assign, per_sample)
+
+
+class _VariantDDM(AttributionMethod):
+    """DDM on a variant run of this one (:meth:`variant`), its scores read from the variant's attribution.h5."""
+
+    note: str = ""
+
+    def variant(self) -> Variant:
+        raise NotImplementedError
+
+    def variants(self, cfg: Config) -> list[Variant]:
+        return [self.variant()]
+
+    def synset_run(self, cfg: Config) -> Config:
+        return self.variant().config(cfg)
+
+    def score(self, ctx: RunContext) -> MethodResult:
+        return read_ddm_scores(self.variant().directory(ctx.cfg), self.note)
+
+
+class DDMSeq(_VariantDDM, name="ddm-seq", label="DDM w/o cluster", help="DDM with clusters by sequence number"):
+    note = "clusters by sequence number, mapped to k-means clusters by membership"
+
+    def variant(self) -> Variant:
+        return sequential_clusters()
+
+    def synset_run(self, cfg: Config) -> None:  # Table 4 unlearns on the run's own clusters only
+        return None
+
+    def score(self, ctx: RunContext) -> MethodResult:
+        out = self.variant().directory(ctx.cfg)
+        res = read_ddm_scores(out, self.note)
+        with open_read(artifact_path(out, "cluster")) as f:
+            seq_assign = torch.from_numpy(f["clusters/assignment"][()]).long()
+        mapped = {k: spread_to_clusters(v, seq_assign, ctx.assignment, ctx.k) for k, v in res.per_objective.items()}
+        return MethodResult(spread_to_clusters(res.scores, seq_assign, ctx.assignment, ctx.k), res.seconds,
+                            res.offline_seconds, mapped, res.note)
+
+
+class DDMMatch(_VariantDDM, name="ddm-match", label="DDM-match", help="forward gradient matching",
+               table4="DDM-match"):
+    note = "forward gradient matching, same clusters"
+
+    def variant(self) -> Variant:
+        return forward_matching()
+
+
+class DDM(AttributionMethod, name="ddm", label="DDM-full (reverse GM)", help="this run", scatter=True,
+          heatmap=True, table4="DDM"):
+    def synset_run(self, cfg: Config) -> Config:
+        return cfg
+
+    def score(self, ctx: RunContext) -> MethodResult:
+        return read_ddm_scores(ctx.run_dir, "this run (reverse gradient matching)")
+
+
+class DDMSoft(_VariantDDM, name="ddm-soft", label="DDM-full + learned labels",
+              help="this run's reverse matching with --syn-labels learn", scatter=True, heatmap=True,
+              table4="DDM + learned labels"):
+    note = "reverse gradient matching with learned soft labels, same clusters"
+
+    def variant(self) -> Variant:
+        return learned_labels()

@@ -1,0 +1,132 @@
+"""The recorded trajectory theta_0..theta_tau: written into ``train.h5`` by the train stage, read by every later one.
+
+``train.h5`` layout (the ``trajectory`` and ``params`` groups)::
+
+  trajectory/params        float32 [n_ckpt, P]  flat parameters, row 0 = theta_0, last = theta_tau
+  trajectory/epoch         int64 [n_ckpt]
+  trajectory/test_accuracy float32 [n_ckpt]      on the test subset
+  trajectory/train_loss    float32 [n_ckpt]      mean minibatch loss of the epoch (NaN for epoch 0)
+  params/{name,shape,ndim,offset,numel}          the table that unflattens a row
+
+:class:`TrajectoryReader` reads rows one at a time through a small cache (never the whole
+trajectory); :class:`MemoryTrajectory` is the same interface (:class:`Checkpoints`) over rows in memory.
+
+Room: imports ``storage``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from ddm_hpc.storage import ParamTable, artifact_path, open_read
+
+
+@dataclass
+class Trajectory:
+    """A trajectory in memory, as training records it."""
+
+    table: ParamTable
+    params: torch.Tensor  # float32 [n_ckpt, P] on CPU
+    epochs: list[int]
+    test_accuracy: list[float]
+    train_loss: list[float]
+
+
+def write_trajectory(f: h5py.File, traj: Trajectory) -> None:
+    """The ``trajectory`` and ``params`` groups of ``train.h5`` (layout in the module docstring)."""
+    g = f.create_group("trajectory")
+    g.create_dataset("params", data=traj.params.numpy(), chunks=(1, traj.params.shape[1]))
+    g.create_dataset("epoch", data=np.array(traj.epochs, dtype=np.int64))
+    g.create_dataset("test_accuracy", data=np.array(traj.test_accuracy, dtype=np.float32))
+    g.create_dataset("train_loss", data=np.array(traj.train_loss, dtype=np.float32))
+    traj.table.write(f.create_group("params"))
+
+
+class Checkpoints:
+    """The interface every stage reads a trajectory through: ``len``, ``tau``, ``flat(i)``, ``params(i)``."""
+
+    table: ParamTable
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def tau(self) -> int:
+        """Index of the last checkpoint (theta_tau)."""
+        return len(self) - 1
+
+    def flat(self, i: int) -> torch.Tensor:
+        """Row ``i`` as float32 [P] on the device."""
+        raise NotImplementedError
+
+    def params(self, i: int) -> dict[str, torch.Tensor]:
+        """Row ``i`` as name -> tensor (views of :meth:`flat`)."""
+        return self.table.unflatten(self.flat(i))
+
+
+class TrajectoryReader(Checkpoints):
+    """Reads trajectory rows from ``train.h5`` one at a time, keeping a small cache.
+
+    Never loads the whole trajectory: memory is ``cache`` rows of P float32.
+    """
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", cache: int = 8):
+        self.path = Path(path)
+        with open_read(self.path) as f:
+            self.table = ParamTable.read(f["params"])
+            self.epochs = f["trajectory/epoch"][()].tolist()
+            self.test_accuracy = f["trajectory/test_accuracy"][()].tolist()
+        self.device = torch.device(device)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._order: list[int] = []
+        self._max = cache
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> TrajectoryReader:
+        """The reader of ``RUN/train.h5``."""
+        return cls(artifact_path(run_dir, "train"), device)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def flat(self, i: int) -> torch.Tensor:
+        """Row ``i`` as float32 [P] on the reader's device."""
+        i = i % len(self)
+        if i not in self._cache:
+            with h5py.File(self.path, "r", locking=False) as f:
+                row = torch.from_numpy(f["trajectory/params"][i])
+            self._cache[i] = row.to(self.device)
+            self._order.append(i)
+            if len(self._order) > self._max:
+                self._cache.pop(self._order.pop(0))
+        return self._cache[i]
+
+
+class MemoryTrajectory(Checkpoints):
+    """A trajectory held in memory, with the reader interface the distill stage uses.
+
+    For small problems and tests: ``MemoryTrajectory(traj.table, traj.params)``.
+    """
+
+    def __init__(self, table: ParamTable, rows: torch.Tensor, device: torch.device | str = "cpu"):
+        self.table, self.rows, self.device = table, rows, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def flat(self, i: int) -> torch.Tensor:
+        return self.rows[i].to(self.device)
+
+
+def load_into(model: nn.Module, table: ParamTable, flat: torch.Tensor) -> nn.Module:
+    """Copy a flat parameter row into ``model`` (names must match the table)."""
+    params = table.unflatten(flat)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name].to(p.device))
+    return model

@@ -1,0 +1,225 @@
+"""Unlearning by fine-tuning: the one place that removes groups from theta_tau with their synsets (Eq. 9).
+
+For each perturbation p in {0,1}^G (p_k = 0: group k removed), a copy of theta_tau is fine-tuned
+for T full-batch steps on the synsets of the removed groups (descent for reverse-matched synsets,
+ascent for forward-matched ones, so both *remove* the groups' contribution), each removed group's
+synset weighted by ``--finetune-scale``. Many perturbations are fine-tuned together: stacked
+parameters, one ``vmap(grad(...))`` per step, chunked to fit memory (:func:`finetune_many`, which
+also fine-tunes on real rows for the baselines of ``diagnose unlearn``).
+
+:class:`Unlearner` resolves everything once for a run: theta_tau, T (``--finetune-steps``, 0 = tau),
+eta_f (``--finetune-lr``, 0 = the training lr), the per-group weights and the models per vmap call.
+The attribute stage, ``evaluate`` (Table 4), ``diagnose`` and the benchmarks all unlearn through it.
+
+Room: imports ``config``, ``context`` and ``synsets``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ddm_hpc.config import FINETUNE_BLOCK, TrainConfig
+from ddm_hpc.context import RunContext
+from ddm_hpc.synsets import SynsetLevel, read_synsets
+from ddm_hpc.utils import memory_budget_bytes, progress
+
+
+@dataclass
+class FinetuneSpec:
+    """Which rows each fine-tuned model trains on, and with what loss weight."""
+
+    rows: torch.Tensor  # int64 [M, R] index into the training rows (a flattened synset; padding: 0)
+    weights: torch.Tensor  # float32 [M, R] (0 = padding)
+
+
+def removal_spec(perturbations: torch.Tensor, ipc: int, group_weight: torch.Tensor | None = None) -> FinetuneSpec:
+    """For each row of ``perturbations`` (1 = kept), the synthetic images of its removed groups.
+
+    Each removed group contributes ``group_weight[k]`` (default 1) times the mean loss of its
+    ``ipc`` images, so removing more groups moves the model further.
+    """
+    k = perturbations.shape[1]
+    gw = torch.ones(k) if group_weight is None else group_weight.float()
+    removed = [torch.nonzero(p == 0)[:, 0] for p in perturbations]
+    width = max(1, max(len(r) for r in removed) * ipc)
+    rows = torch.zeros(len(removed), width, dtype=torch.long)
+    weights = torch.zeros(len(removed), width)
+    for i, r in enumerate(removed):
+        idx = (r[:, None] * ipc + torch.arange(ipc)[None, :]).reshape(-1)
+        rows[i, :len(idx)] = idx
+        weights[i, :len(idx)] = gw[r].repeat_interleave(ipc) / ipc
+    return FinetuneSpec(rows, weights)
+
+
+def group_weights(level: SynsetLevel, scale: str, train_lr: float, momentum: float, batch_size: int,
+                  finetune_lr: float) -> torch.Tensor:
+    """Per-group loss weight c_k of the fine-tune (``--finetune-scale``).
+
+    Training (Eq. 2) applies, per epoch, lr * (n_k / B) * mean grad(D_k) from cluster k, and
+    momentum mu stretches every step by 1/(1-mu). Cosine matching fixes only the direction of
+    grad(S_k), so ``matched`` rescales it: one fine-tune step of rate eta_f then moves theta by
+    that per-epoch amount, and T = tau steps undo tau epochs (Eq. 3).
+    """
+    if scale == "uniform":
+        return torch.ones(len(level.size))
+    eff_lr = train_lr / (1.0 - momentum)
+    ratio = level.grad_norm_real / level.grad_norm_syn.clamp(min=1e-12)
+    return (eff_lr / finetune_lr) * (level.size.float() / batch_size) * ratio
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of all module outputs for a forward pass of one image (a memory estimate)."""
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(x[:1])
+    for h in handles:
+        h.remove()
+    return total
+
+
+def auto_chunk(model: nn.Module, n_params: int, rows: int, sample: torch.Tensor, device: torch.device) -> int:
+    """How many models to fine-tune at once so params, grads and activations fit the budget."""
+    per_model = 4 * 4 * n_params + 3 * max(rows, 1) * activation_bytes(model, sample)
+    return int(max(1, min(512, memory_budget_bytes(device) // max(per_model, 1))))
+
+
+def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch.Tensor, syn_y: torch.Tensor,
+                  spec: FinetuneSpec, steps: int, lr: float, direction: float, eval_x: torch.Tensor,
+                  chunk: int, device: torch.device, desc: str = "fine-tune", show_progress: bool = True
+                  ) -> torch.Tensor:
+    """Fine-tune one copy of ``theta`` per row of ``spec`` and return its softmax outputs.
+
+    Args:
+        model: architecture; theta: name -> tensor, the start point (theta_tau).
+        syn_x: float32 [S, C, H, W] training rows (a flattened synset); syn_y: int64 [S] labels or float32 [S, L]
+            soft labels.
+        spec: per model, the rows it trains on and their weights (loss = sum of w * CE).
+        steps, lr: T full-batch SGD steps of rate lr; direction +1 descent, -1 ascent.
+        eval_x: float32 [E, C, H, W] images to evaluate the fine-tuned models on.
+        chunk: models per vmap call.
+
+    Returns:
+        float32 [M, E, L] softmax probabilities on CPU.
+    """
+    theta = {k: v.detach().to(device) for k, v in theta.items()}
+    syn_x, syn_y, eval_x = syn_x.to(device), syn_y.to(device), eval_x.to(device)
+
+    def loss(p, xb, yb, wb):
+        out = functional_call(model, p, (xb,))
+        return (F.cross_entropy(out, yb, reduction="none") * wb).sum()
+
+    step_fn = vmap(grad(loss), in_dims=(0, 0, 0, 0))
+    eval_fn = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
+    outs = []
+    starts = range(0, len(spec.rows), chunk)
+    for m0 in starts:
+        rows = spec.rows[m0:m0 + chunk].to(device)
+        w = spec.weights[m0:m0 + chunk].to(device)
+        m = len(rows)
+        params = {k: v.expand(m, *v.shape).clone() for k, v in theta.items()}
+        xb, yb = syn_x[rows], syn_y[rows]
+        label = f"{desc} {m0 + m}/{len(spec.rows)} models" if len(starts) > 1 else f"{desc} {m} models"
+        for _ in progress(range(steps), label, show_progress):
+            g = step_fn(params, xb, yb, w)
+            params = {k: v - (direction * lr) * g[k] for k, v in params.items()}
+        with torch.no_grad():
+            logits = torch.cat([eval_fn(params, eval_x[e:e + 256]) for e in range(0, len(eval_x), 256)], 1)
+        outs.append(logits.softmax(-1).float().cpu())
+    return torch.cat(outs)
+
+
+@dataclass
+class Unlearner:
+    """Removes groups from theta_tau by fine-tuning on their synsets, with steps, rate and weights resolved once.
+
+    Attributes:
+        model: the target architecture on ``device`` (its own parameters are not used).
+        theta: theta_tau, name -> tensor on ``device``.
+        steps: T, full-batch fine-tune steps.
+        lr: eta_f, the fine-tune rate.
+        scale: ``--finetune-scale`` (matched or uniform).
+        train: the training schedule (lr, momentum, batch size: the ``matched`` weights follow it).
+        batch_models: models per vmap call; 0 = :data:`~ddm_hpc.config.FINETUNE_BLOCK`, fewer if memory is short.
+        device, show_progress: where to compute and whether to show bars.
+    """
+
+    model: nn.Module
+    theta: dict[str, torch.Tensor]
+    steps: int
+    lr: float
+    scale: str
+    train: TrainConfig
+    batch_models: int
+    device: torch.device
+    show_progress: bool = True
+
+    @classmethod
+    def of_run(cls, ctx: RunContext) -> Unlearner:
+        """The run's unlearner: theta_tau of its ``train.h5``, ``--finetune-steps`` (0 = tau), ``--finetune-lr``
+        (0 = the training lr), ``--finetune-scale`` and ``--batch-models`` of its config."""
+        cfg = ctx.cfg
+        reader = ctx.trajectory(ctx.device)
+        return cls(ctx.build_model().to(ctx.device), reader.params(reader.tau), cfg.attribute.steps(reader.tau),
+                   cfg.finetune_rate, cfg.attribute.finetune_scale, cfg.train, cfg.attribute.batch_models, ctx.device,
+                   cfg.runtime.progress)
+
+    def weights(self, level: SynsetLevel) -> torch.Tensor:
+        """c_k, the loss weight of each group's synset (:func:`group_weights`)."""
+        t = self.train
+        return group_weights(level, self.scale, t.lr, t.momentum, t.batch_size, self.lr)
+
+    def spec(self, level: SynsetLevel, perturbations: torch.Tensor) -> FinetuneSpec:
+        """The synset rows and weights of every perturbation (1 = kept) of ``level``'s groups."""
+        return removal_spec(perturbations, level.images.shape[1], self.weights(level))
+
+    def unlearn(self, level: SynsetLevel, perturbations: torch.Tensor, eval_x: torch.Tensor, rows: slice = slice(None),
+                desc: str = "fine-tune", chunk: int = 0) -> torch.Tensor:
+        """Softmax outputs float32 [M, E, L] on ``eval_x`` of the models of perturbation rows ``rows``.
+
+        The removal spec is built from all rows (its padding width is global, so a block of rows is fine-tuned
+        the same whichever other rows share its task). ``chunk``: models per vmap call (0: ``batch_models``).
+        """
+        full = self.spec(level, perturbations)
+        spec = FinetuneSpec(full.rows[rows], full.weights[rows])
+        chunk = chunk or self.batch_models or min(FINETUNE_BLOCK, auto_chunk(
+            self.model, sum(v.numel() for v in self.theta.values()),
+            max(spec.rows.shape[1], min(len(eval_x), 256)), eval_x, self.device))
+        images = level.images
+        return finetune_many(self.model, self.theta, images.reshape(-1, *images.shape[2:]), level.flat_targets(),
+                             spec, self.steps, self.lr, level.unlearn_direction, eval_x, chunk, self.device, desc,
+                             self.show_progress)
+
+    def finetune(self, x: torch.Tensor, y: torch.Tensor, spec: FinetuneSpec, direction: float, eval_x: torch.Tensor,
+                 desc: str, chunk: int) -> torch.Tensor:
+        """Fine-tune on real rows ``x``/``y`` as ``spec`` says (same steps and rate): the simple alternatives."""
+        return finetune_many(self.model, self.theta, x, y, spec, self.steps, self.lr, direction, eval_x, chunk,
+                             self.device, desc, self.show_progress)
+
+
+def unlearn_all_accuracy(ctx: RunContext, synsets: RunContext | None = None) -> float:
+    """Test accuracy of theta_tau fine-tuned on *all* cluster synsets (Table 4's "unlearn everything").
+
+    Uses the attribute stage's fine-tune (same steps, rate, scale and direction) with every cluster
+    removed; exact retraining on nothing is theta_0, whose accuracy is the reference. ``synsets``: the run
+    whose synsets (and options) to use (a variant of ``ctx``, which shares its train.h5; default ``ctx``).
+    """
+    src = synsets or ctx
+    level = read_synsets(src.run_dir, "cluster")
+    unlearner = Unlearner.of_run(RunContext(src.cfg, ctx.bundle, ctx.device))
+    probs = unlearner.unlearn(level, torch.zeros(1, len(level.size)), ctx.bundle.x_test, desc="unlearn all", chunk=1)
+    return float((probs[0].argmax(1) == ctx.bundle.y_test).float().mean())
+
+
+__all__ = ["Unlearner", "FinetuneSpec", "removal_spec", "group_weights", "finetune_many", "auto_chunk",
+           "unlearn_all_accuracy"]

@@ -1,0 +1,110 @@
+"""Variant runs: runs derived from a run, which attribution methods and diagnostics declare and the pipeline makes.
+
+A :class:`Variant` is a declaration, not an action: a directory (relative to the run it derives
+from), the options it changes, the stages whose artifacts it shares with that run (hard links, so
+the same uids and no recomputation) and the stages it runs itself. Methods (``AttributionMethod.
+variants``) and diagnose tasks (``Task.variants``) return the variants they read; the pipeline
+(``ddm_hpc.pipeline.materialise``) links, runs and resumes them before the stage that needs them, so
+nothing below the pipeline runs a stage. A consumer finds its variant's run with
+:meth:`Variant.config` / :meth:`Variant.directory`, the same for the declarer and the pipeline.
+
+The variants ``evaluate`` and ``diagnose`` share (:func:`forward_matching`, :func:`learned_labels`,
+:func:`sequential_clusters`) live here, so either reuses what the other made.
+
+Room: imports ``config`` only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddm_hpc.config import Config, merge
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A run derived from another: its own directory, some options changed, some artifacts shared.
+
+    Attributes:
+        path: its run directory, relative to the run it derives from (e.g. ``variants/ddm-soft``).
+        overrides: nested config changes on top of that run's config (``{"distill": {"syn_labels": "learn"}}``).
+        shared: stages whose artifacts it takes from that run (or from ``sources``) as hard links.
+        stages: stages it runs itself (after the shared ones); its own artifacts made with other options are
+            recomputed, since a variant's directory belongs to whoever declares it.
+        sources: stage -> another variant to share that stage's artifact from (e.g. synsets distilled once for
+            several fine-tune settings).
+        parent: the variant it derives from (default: the run itself), e.g. a variant of a corrupted copy.
+        prepare: ``prepare(base, out)`` makes its inputs before its stages run (``base``: the run context of the
+            run it derives from; ``out``: its directory), e.g. the corrupted dataset of ``diagnose noisy``.
+    """
+
+    path: str
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+    shared: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()
+    sources: dict[str, Variant] = field(default_factory=dict, hash=False)
+    parent: Variant | None = None
+    prepare: Callable[..., None] | None = field(default=None, compare=False)
+
+    def base_directory(self, root: Config) -> Path:
+        """The directory of the run it derives from."""
+        return self.parent.directory(root) if self.parent is not None else Path(root.runtime.out)
+
+    def directory(self, root: Config) -> Path:
+        """Its run directory, for the root run ``root``."""
+        return self.base_directory(root) / self.path
+
+    def base_config(self, root: Config) -> Config:
+        """The config of the run it derives from."""
+        return self.parent.config(root) if self.parent is not None else root
+
+    def config(self, root: Config) -> Config:
+        """Its config: the base run's, with ``overrides``, in its own directory, never overwriting."""
+        d = merge(self.base_config(root).to_dict(), self.overrides)
+        d["runtime"]["out"] = str(self.directory(root))
+        d["runtime"]["overwrite"] = False
+        return Config.from_dict(d)
+
+    def source_directory(self, root: Config, stage: str) -> Path:
+        """Where its shared ``stage`` artifact comes from."""
+        return self.sources[stage].directory(root) if stage in self.sources else self.base_directory(root)
+
+    def with_stages(self, stages: tuple[str, ...]) -> Variant:
+        """The same variant running other stages (same directory and options)."""
+        return Variant(self.path, self.overrides, self.shared, stages, self.sources, self.parent, self.prepare)
+
+
+# Variants that replace only the synsets share the run's train.h5 and clusters.h5, and search flat over the
+# cluster synsets (the scores evaluate compares).
+FLAT_CLUSTERS = {"attribute": {"search": "flat"}, "distill": {"levels": "cluster"}}
+
+
+def synset_variant(name: str, distill: dict[str, Any], stages: tuple[str, ...] = ("distill", "attribute"),
+                   parent: Variant | None = None, attribute: dict[str, Any] | None = None,
+                   sources: dict[str, Variant] | None = None) -> Variant:
+    """``RUN/variants/<name>``: this run's trajectory and clusters (and, with ``sources``, other shared artifacts),
+    synsets distilled with ``distill`` options, flat search over the cluster synsets."""
+    over = merge(FLAT_CLUSTERS, {"distill": distill, **({"attribute": attribute} if attribute else {})})
+    shared = ("train", "cluster", *(s for s in ("distill",) if s in (sources or {})))
+    return Variant(f"variants/{name}", over, shared, stages, dict(sources or {}), parent)
+
+
+def forward_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
+    """``RUN/variants/ddm-match``: forward gradient matching (the paper's DDM-match) on this run's clusters."""
+    return synset_variant("ddm-match", {"method": "ddm-match"}, stages, parent)
+
+
+def learned_labels(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
+    """``RUN/variants/ddm-soft``: reverse matching with learned soft labels (``--syn-labels learn``)."""
+    return synset_variant("ddm-soft", {"syn_labels": "learn"}, stages, parent)
+
+
+def sequential_clusters() -> Variant:
+    """``RUN/variants/ddm-seq``: "DDM w/o cluster", clusters by sequence number (this run's trajectory only)."""
+    over = merge(FLAT_CLUSTERS, {"cluster": {"cluster_method": "sequential"}})
+    return Variant("variants/ddm-seq", over, ("train",), ("cluster", "distill", "attribute"))
+
+
+__all__ = ["Variant", "FLAT_CLUSTERS", "synset_variant", "forward_matching", "learned_labels", "sequential_clusters"]
