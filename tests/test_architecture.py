@@ -161,3 +161,9 @@ def test_readme_layout_names_every_module():
 def test_leaves_import_nothing_above_them(room):
     allowed = {"ddm_hpc", "ddm_hpc.errors"}
     assert _graph()[room] <= allowed, _graph()[room]
+
+
+def test_only_the_cli_imports_the_pipeline():
+    """Nothing below the pipeline runs a stage: methods and tasks declare variants, the pipeline makes them."""
+    graph = _graph()
+    assert {m for m, deps in graph.items() if "ddm_hpc.pipeline" in deps} == {"ddm_hpc.cli"}
