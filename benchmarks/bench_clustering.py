@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from ddm_hpc.cluster import cluster_feature_file, faiss_has_gpu, kmeans_global_file, kmeans_objective
-from ddm_hpc.features import FeatureFile, PeakRSS, write_feature_file
 from ddm_hpc.data import class_order
+from ddm_hpc.features import FeatureFile, write_feature_file
+from ddm_hpc.utils import PeakRSS
 
 
 def synthetic_chunks(labels: np.ndarray, dim: int, blobs: int, seed: int, rows: int = 65536):

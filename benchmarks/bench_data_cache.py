@@ -64,7 +64,7 @@ def _first_load(cfg_dict: dict, out) -> None:
     import torch
 
     from ddm_hpc.config import Config
-    from ddm_hpc.features import PeakRSS
+    from ddm_hpc.utils import PeakRSS
     from ddm_hpc.context import load_data
 
     import h5py  # noqa: F401  (imports before the baseline: only the loading counts)
@@ -82,7 +82,7 @@ def _epoch(cfg_dict: dict, out) -> None:
     import torch
 
     from ddm_hpc.config import Config
-    from ddm_hpc.features import PeakRSS
+    from ddm_hpc.utils import PeakRSS
     from ddm_hpc.context import load_data
 
     torch.set_num_threads(1)

@@ -7,7 +7,7 @@ memory; the baseline here is the loop a user would write: per perturbation, T au
 the plain module. Both start from the same parameters and data, the outputs are compared (max
 absolute difference of the softmax), and the ratio is measured in one run, after a warm-up.
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the resident-set increase above
-the start of the call (sampled, see ``ddm_hpc.features.PeakRSS``).
+the start of the call (sampled, see ``ddm_hpc.utils.PeakRSS``).
 
     python benchmarks/bench_finetune.py            # GPU size: 256 perturbations, T = 30, CIFAR-sized images
     python benchmarks/bench_finetune.py --quick    # CPU size: seconds per model
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ddm_hpc.unlearn import FinetuneSpec, auto_chunk, finetune_many
-from ddm_hpc.features import PeakRSS
+from ddm_hpc.utils import PeakRSS
 from ddm_hpc.models import build_model
 
 

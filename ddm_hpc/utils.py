@@ -1,4 +1,5 @@
-"""Small shared helpers: device choice, seeding, progress bars, memory budget, error lines, user plugins.
+"""Small shared helpers: device choice, seeding, progress bars, memory budget and peak-memory meter, error lines,
+user plugins.
 
 Room: a leaf beside ``errors`` (imports nothing else of ddm_hpc); every module may use it.
 """
@@ -9,7 +10,10 @@ import importlib
 import importlib.util
 import logging
 import os
+import resource
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,3 +134,72 @@ Ids = Sequence[int] | torch.Tensor | np.ndarray  # cluster or row ids, in any in
 def as_long(x: Ids) -> torch.Tensor:
     """Any integer sequence/array/tensor -> int64 tensor [n] on CPU."""
     return torch.as_tensor(np.asarray(x, dtype=np.int64).reshape(-1))
+
+
+def _rss_bytes() -> tuple[int, int]:
+    """(resident set size, private part) of this process now, in bytes (Linux /proc; zeros where
+    unavailable). The private part leaves out file-backed and shared pages (the page cache of
+    memory-mapped files, which the OS can drop and other processes share): the process's own memory."""
+    try:
+        with open("/proc/self/statm") as fh:
+            fields = fh.read().split()
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+class PeakRSS:
+    """Peak resident memory of a ``with`` block above the RSS at its start.
+
+    A background thread samples ``/proc/self/statm`` every ``interval`` seconds (short spikes
+    between samples can be missed); ``ru_maxrss`` (the kernel's exact high-water mark for the
+    process lifetime) gives a conservative upper bound when the block sets a new process peak.
+
+    Attributes:
+        baseline: RSS bytes at entry. peak: highest sampled RSS bytes. delta: peak - baseline.
+        private_delta: the same for private memory only (RSS less file-backed and shared pages, so
+            pages of a memory-mapped file that were read do not count).
+        maxrss_delta: ru_maxrss at exit - baseline (>= the true peak increase; an overestimate when
+            the process peaked higher before the block).
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.baseline = self.peak = 0
+        self.private_baseline = self.private_peak = 0
+        self.maxrss_delta = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._update()
+            time.sleep(self.interval)
+
+    def _update(self) -> None:
+        rss, private = _rss_bytes()
+        self.peak, self.private_peak = max(self.peak, rss), max(self.private_peak, private)
+
+    def __enter__(self) -> PeakRSS:
+        self.baseline, self.private_baseline = _rss_bytes()
+        self.peak, self.private_peak = self.baseline, self.private_baseline
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._update()
+        self.maxrss_delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.baseline
+
+    @property
+    def private_delta(self) -> int:
+        return self.private_peak - self.private_baseline

@@ -144,7 +144,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import h5py, tqdm
     import ddm_hpc.data as data
     import ddm_hpc.data.images as images
-    from ddm_hpc.features import PeakRSS
+    from ddm_hpc.utils import PeakRSS
     path, cache, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     images.CHUNK_BYTES, images.STATS_BYTES = 4 << 20, 2 << 20  # scaled down 8x with the file: 1364-row chunks
     with h5py.File(cache + "-tiny.h5", "w") as f:  # first-use allocations (h5py, torch ops) before the baseline

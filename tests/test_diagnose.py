@@ -239,7 +239,6 @@ def test_useless_table_recomputes_from_the_file(diagnosed):
 
 def test_retrainings_equal_a_direct_retraining(diagnosed):
     """The job layer's accuracy for a plan row is a direct exact retraining of that row's keep mask."""
-    from ddm_hpc.diagnose.removal import trained_model
     from ddm_hpc.models import build_target
     from ddm_hpc.retrain import retrain_keep
     from ddm_hpc.storage import ParamTable
@@ -250,7 +249,7 @@ def test_retrainings_equal_a_direct_retraining(diagnosed):
     bundle = load_data(cfg)
     sec = read_section(out / "diagnose" / "useless.h5")
     # full-data seed-0 retraining is theta_tau bit for bit, so its accuracy is the run's own
-    model = trained_model(cfg, bundle, out)
+    model = RunContext(cfg, bundle).trained_model()
     assert sec.arrays["accuracy"][0] == pytest.approx(accuracy(model, bundle.x_test, bundle.y_test))
     keep = np.unpackbits(sec.arrays["keep_bits"][-1], count=len(bundle.y_train)).astype(bool)
     seed = int(sec.arrays["seed"][-1])

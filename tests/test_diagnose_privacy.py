@@ -227,7 +227,6 @@ def test_privacy_section_end_to_end(smoke_run: Path, mnist_root: Path) -> None:
     from ddm_hpc.data import denormalize
     from ddm_hpc.diagnose.base import diagnose_dir
     from ddm_hpc.diagnose.privacy import nearest_grid, privacy_variants, synset_grid
-    from ddm_hpc.diagnose.removal import trained_model
     from ddm_hpc.pipeline import materialise
     from ddm_hpc.synsets import read_synsets
     from ddm_hpc.train import accuracy
@@ -276,7 +275,7 @@ def test_privacy_section_end_to_end(smoke_run: Path, mnist_root: Path) -> None:
                                          np.median(a["nn/real/ssim"])], rtol=1e-12)
 
     # membership inference: theta_tau's scores are -CE of the trained target; accuracy equals train.h5's
-    model = trained_model(dc.cfg, dc.bundle, dc.run_dir)
+    model = dc.trained_model()
     mem = torch.from_numpy(a["member_rows"])
     with torch.no_grad():
         ce = F.cross_entropy(model(dc.bundle.x_train[mem]), dc.bundle.y_train[mem], reduction="none")

@@ -222,7 +222,8 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from ddm_hpc.cluster import KMeansRunner, cluster_feature_file, cluster_per_class, kmeans_global_file
-    from ddm_hpc.features import FeatureFile, PeakRSS
+    from ddm_hpc.features import FeatureFile
+    from ddm_hpc.utils import PeakRSS
     path, mode = sys.argv[1], sys.argv[2]
     KMeansRunner().fit(np.random.default_rng(0).normal(size=(4000, 64)).astype(np.float32), 50, 0, 2)  # warm BLAS
     with FeatureFile(path) as ff, PeakRSS() as mem:

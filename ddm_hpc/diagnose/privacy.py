@@ -40,7 +40,6 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.data import denormalize
 from ddm_hpc.diagnose.base import Section, Task, diagnose_dir, register
 from ddm_hpc.diagnose.images import image_grid, write_png
-from ddm_hpc.diagnose.removal import trained_model
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.models import build_target
 from ddm_hpc.report import pyplot, save_figure
@@ -511,7 +510,7 @@ def privacy_section(dc: RunContext) -> Section:
     mia: dict[str, dict[str, object]] = {}
     for name in models:
         if name == "theta_tau":
-            model, train_loss = trained_model(dc.cfg, dc.bundle, dc.run_dir).to(dc.device), np.zeros(0)
+            model, train_loss = dc.trained_model(), np.zeros(0)
         else:
             s = synsets[name]
             model = build_target(cfg, bundle, seed=cfg.seed)

@@ -62,7 +62,7 @@ from ddm_hpc.models import build_model, build_target
 from ddm_hpc.retrain import retrain_keep
 from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read
 from ddm_hpc.train import accuracy, epoch_order
-from ddm_hpc.trajectory import TrajectoryReader, load_into
+from ddm_hpc.trajectory import load_into
 from ddm_hpc.utils import generator
 from ddm_hpc.variants import Variant, learned_labels
 
@@ -195,16 +195,10 @@ def kl_sum(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (t * (t.log() - student.clamp(min=1e-12).log())).sum((-1, -2))
 
 
-def training_loss(cfg: Config, bundle: DatasetBundle, run_dir: Path, device: torch.device) -> np.ndarray:
+def training_loss(cfg: Config, bundle: DatasetBundle, device: torch.device) -> np.ndarray:
     """float64 [N]: cross-entropy of every training sample under theta_tau (the ``loss`` ranking)."""
-    logits = predict(trained_model(cfg, bundle, run_dir), bundle.x_train, device)
+    logits = predict(RunContext(cfg, bundle, device).trained_model(), bundle.x_train, device)
     return F.cross_entropy(logits, bundle.y_train, reduction="none").double().numpy()
-
-
-def trained_model(cfg: Config, bundle: DatasetBundle, run_dir: Path) -> nn.Module:
-    """theta_tau of ``run_dir`` in the target architecture (CPU, eval mode)."""
-    reader = TrajectoryReader(artifact_path(run_dir, "train"))
-    return load_into(build_target(cfg, bundle), reader.table, reader.flat(reader.tau)).eval()
 
 
 def assignment_of(run_dir: Path) -> np.ndarray:
@@ -482,7 +476,7 @@ def useless_section(dc: RunContext) -> Section:
     eq14 = eq14_scores(cfg, bundle)
     with open_read(artifact_path(run_dir, "attribute")) as f:
         n_val = len(f["val_index"])
-    loss = training_loss(cfg, bundle, run_dir, dc.device)
+    loss = training_loss(cfg, bundle, dc.device)
     y = bundle.y_train.numpy()
     orders = {"random": random_orders(n, dg.removal_seeds, cfg.seed), "loss": sample_order(loss),
               "ddm": cluster_order(eq14, assignment, cfg.seed)}
@@ -632,7 +626,7 @@ def noisy_section(dc: RunContext) -> Section:
         n = len(vb.y_train)
         assignment = assignment_of(vdir)
         eq14 = eq14_scores(vcfg, vb)
-        loss = training_loss(vcfg, vb, vdir, dc.device)
+        loss = training_loss(vcfg, vb, dc.device)
         orders = {"random": random_orders(n, dg.removal_seeds, vcfg.seed), "loss": sample_order(loss),
                   "ddm": cluster_order(eq14, assignment, vcfg.seed)}
         orders["ddm-bal"] = class_balanced(orders["ddm"], vb.y_train.numpy())
@@ -685,7 +679,7 @@ def transfer_section(dc: RunContext) -> Section:
     dg = cfg.diagnose
     percents = dg.percents("transfer_fractions")
     n = len(bundle.y_train)
-    teacher = trained_model(cfg, bundle, run_dir).to(dc.device)
+    teacher = dc.trained_model()
     full = torch.ones(n, dtype=torch.bool)
     student = train_student(cfg, bundle, teacher, full, cfg.seed, dc.device)
     val = val_removal_probs(cfg, bundle)

@@ -27,7 +27,7 @@ from ddm_hpc.config import Config
 from ddm_hpc.context import RunContext
 from ddm_hpc.data import dense
 from ddm_hpc.diagnose.base import Section, Task, register
-from ddm_hpc.diagnose.removal import RetrainPlan, assignment_of, predict, retrain_plan, trained_model
+from ddm_hpc.diagnose.removal import RetrainPlan, assignment_of, predict, retrain_plan
 from ddm_hpc.storage import artifact_path, open_read
 from ddm_hpc.synsets import read_synsets
 from ddm_hpc.unlearn import FinetuneSpec, Unlearner, unlearn_all_accuracy
@@ -103,7 +103,7 @@ def unlearn_section(dc: RunContext) -> Section:
 
     unlearner = Unlearner.of_run(dc)
     steps, lr, n = unlearner.steps, unlearner.lr, len(clusters)
-    model = trained_model(cfg, bundle, run_dir)
+    model = dc.trained_model()
     level = read_synsets(run_dir, "cluster")
     pert = torch.ones(n, k, dtype=torch.uint8)
     pert[torch.arange(n), torch.from_numpy(clusters)] = 0
