@@ -7,7 +7,8 @@ two directories, then
 
 Left out as volatile: timings (``seconds*``), provenance that differs by construction (``uid``, ``upstream``,
 ``created``, ``git_revision``, ``versions``, ``device``) and hashes of them or of absolute paths
-(``stage_key``, ``key``, ``job_key``); absolute paths inside attrs are compared with each tree's root replaced.
+(``stage_key``, ``key``, ``job_key``); paths inside attrs are compared with each run directory's own path
+(absolute or as given) replaced.
 Attrs only NEW has are allowed (additions); anything else that differs is printed. Exit status 1 if any file
 differs or is missing.
 """
@@ -27,11 +28,15 @@ def _volatile(name: str) -> bool:
     return name in VOLATILE or "seconds" in name
 
 
-def _norm(value: object, roots: tuple[str, str]) -> object:
-    return value.replace(roots[0], "ROOT").replace(roots[1], "ROOT") if isinstance(value, str) else value
+def _norm(value: object, roots: tuple[str, ...]) -> object:
+    if not isinstance(value, str):
+        return value
+    for root in sorted(roots, key=len, reverse=True):  # the absolute path before its relative spelling
+        value = value.replace(root, "RUN")
+    return value
 
 
-def _attrs(old: h5py.HLObject, new: h5py.HLObject, where: str, roots: tuple[str, str]) -> list[str]:
+def _attrs(old: h5py.HLObject, new: h5py.HLObject, where: str, roots: tuple[str, ...]) -> list[str]:
     out = []
     for name, value in old.attrs.items():
         if _volatile(name):
@@ -43,7 +48,7 @@ def _attrs(old: h5py.HLObject, new: h5py.HLObject, where: str, roots: tuple[str,
     return out
 
 
-def compare_file(old: Path, new: Path, roots: tuple[str, str]) -> list[str]:
+def compare_file(old: Path, new: Path, roots: tuple[str, ...]) -> list[str]:
     """The differences between two HDF5 files (empty if none)."""
     out = []
     with h5py.File(old, "r", locking=False) as fo, h5py.File(new, "r", locking=False) as fn:
@@ -70,7 +75,7 @@ def main() -> int:
     ap.add_argument("old", type=Path)
     ap.add_argument("new", type=Path)
     args = ap.parse_args()
-    roots = (str(args.old.resolve().parents[1]), str(args.new.resolve().parents[1]))
+    roots = (str(args.old.resolve()), str(args.new.resolve()), str(args.old), str(args.new))
     files = sorted(p.relative_to(args.old) for p in args.old.rglob("*.h5") if not {"shards", ".data"} & set(p.parts))
     bad = 0
     for rel in files:

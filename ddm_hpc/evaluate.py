@@ -244,10 +244,9 @@ def table4(ctx: RunContext, results: dict[str, MethodResult]) -> dict[str, float
         accs = f["trajectory/test_accuracy"][()]
     out = {"theta_0": float(accs[0]), "theta_tau": float(accs[-1]), "ddm": unlearn_all_accuracy(ctx)}
     for name in results:
-        m = REGISTRY[name]
-        run = m.synset_run(ctx.cfg) if m.table4 else None
-        if name != "ddm" and run is not None:
-            out[name] = unlearn_all_accuracy(ctx, RunContext(run, ctx.bundle, ctx.device))
+        if name != "ddm" and REGISTRY[name].table4:
+            synsets = RunContext(REGISTRY[name].synset_run(ctx.cfg), ctx.bundle, ctx.device)
+            out[name] = unlearn_all_accuracy(ctx, synsets)
     return out
 
 
@@ -306,7 +305,7 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
             for obj, s in res.per_objective.items():
                 g.create_dataset(f"objectives/{obj}", data=s.float().numpy())
             g.attrs["note"] = res.note
-            g.attrs.update(label=m.label, scatter=m.scatter, heatmap=m.heatmap, table4_label=m.table4)
+            g.attrs.update(label=m.label, scatter=m.scatter, heatmap=m.heatmap, table4=m.table4)
             for metric in (*METRICS, "lds"):
                 g.attrs[metric], g.attrs[f"{metric}_sem"] = metrics[name][metric]
         r = f.create_group("reference")

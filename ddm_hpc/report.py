@@ -51,7 +51,7 @@ def _attr(name: str, attrs, key: str, default: object) -> object:
     if attrs is not None and key in attrs:
         return attrs[key]
     m = REGISTRY.get(name)
-    return getattr(m, {"table4_label": "table4"}.get(key, key), default) if m is not None else default
+    return getattr(m, key, default) if m is not None else default
 
 
 def method_label(name: str, attrs=None) -> str:
@@ -169,7 +169,7 @@ def table4(d: dict) -> list[str]:
                                           if n != "ddm"]
     for name in unlearned:
         attrs = d["methods"].get(name, {}).get("attrs")
-        cols.append((f"{_attr(name, attrs, 'table4_label', '') or method_label(name, attrs)}: fine-tuned on all "
+        cols.append((f"{_attr(name, attrs, 'table4', '') or method_label(name, attrs)}: fine-tuned on all "
                      "synsets", name))
     return ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols),
             "| " + " | ".join(f"{100 * t[k]:.1f} %" for _, k in cols) + " |"]

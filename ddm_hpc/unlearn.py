@@ -36,16 +36,18 @@ class FinetuneSpec:
     weights: torch.Tensor  # float32 [M, R] (0 = padding)
 
 
-def removal_spec(perturbations: torch.Tensor, ipc: int, group_weight: torch.Tensor | None = None) -> FinetuneSpec:
+def removal_spec(perturbations: torch.Tensor, ipc: int, group_weight: torch.Tensor | None = None,
+                 width: int = 0) -> FinetuneSpec:
     """For each row of ``perturbations`` (1 = kept), the synthetic images of its removed groups.
 
     Each removed group contributes ``group_weight[k]`` (default 1) times the mean loss of its
-    ``ipc`` images, so removing more groups moves the model further.
+    ``ipc`` images, so removing more groups moves the model further. Rows are padded to ``width``
+    (0 = the most any row removes, times ``ipc``: :func:`removal_width`).
     """
     k = perturbations.shape[1]
     gw = torch.ones(k) if group_weight is None else group_weight.float()
     removed = [torch.nonzero(p == 0)[:, 0] for p in perturbations]
-    width = max(1, max(len(r) for r in removed) * ipc)
+    width = width or removal_width(perturbations, ipc)
     rows = torch.zeros(len(removed), width, dtype=torch.long)
     weights = torch.zeros(len(removed), width)
     for i, r in enumerate(removed):
@@ -53,6 +55,11 @@ def removal_spec(perturbations: torch.Tensor, ipc: int, group_weight: torch.Tens
         rows[i, :len(idx)] = idx
         weights[i, :len(idx)] = gw[r].repeat_interleave(ipc) / ipc
     return FinetuneSpec(rows, weights)
+
+
+def removal_width(perturbations: torch.Tensor, ipc: int) -> int:
+    """Padded row width of :func:`removal_spec`: the most groups any perturbation removes, times ``ipc`` (>= 1)."""
+    return max(1, int((perturbations == 0).sum(1).max()) * ipc) if len(perturbations) else 1
 
 
 def group_weights(level: SynsetLevel, scale: str, train_lr: float, momentum: float, batch_size: int,
@@ -179,19 +186,16 @@ class Unlearner:
         t = self.train
         return group_weights(level, self.scale, t.lr, t.momentum, t.batch_size, self.lr)
 
-    def spec(self, level: SynsetLevel, perturbations: torch.Tensor) -> FinetuneSpec:
-        """The synset rows and weights of every perturbation (1 = kept) of ``level``'s groups."""
-        return removal_spec(perturbations, level.images.shape[1], self.weights(level))
-
     def unlearn(self, level: SynsetLevel, perturbations: torch.Tensor, eval_x: torch.Tensor, rows: slice = slice(None),
                 desc: str = "fine-tune", chunk: int = 0) -> torch.Tensor:
         """Softmax outputs float32 [M, E, L] on ``eval_x`` of the models of perturbation rows ``rows``.
 
-        The removal spec is built from all rows (its padding width is global, so a block of rows is fine-tuned
-        the same whichever other rows share its task). ``chunk``: models per vmap call (0: ``batch_models``).
+        The removal spec's padding width is that of all rows, so a block of rows is fine-tuned the same
+        whichever other rows share its task; only the block's rows are built. ``chunk``: models per vmap call
+        (0: ``batch_models``).
         """
-        full = self.spec(level, perturbations)
-        spec = FinetuneSpec(full.rows[rows], full.weights[rows])
+        ipc = level.images.shape[1]
+        spec = removal_spec(perturbations[rows], ipc, self.weights(level), removal_width(perturbations, ipc))
         chunk = chunk or self.batch_models or min(FINETUNE_BLOCK, auto_chunk(
             self.model, sum(v.numel() for v in self.theta.values()),
             max(spec.rows.shape[1], min(len(eval_x), 256)), eval_x, self.device))
@@ -221,5 +225,5 @@ def unlearn_all_accuracy(ctx: RunContext, synsets: RunContext | None = None) -> 
     return float((probs[0].argmax(1) == ctx.bundle.y_test).float().mean())
 
 
-__all__ = ["Unlearner", "FinetuneSpec", "removal_spec", "group_weights", "finetune_many", "auto_chunk",
+__all__ = ["Unlearner", "FinetuneSpec", "removal_spec", "removal_width", "group_weights", "finetune_many", "auto_chunk",
            "unlearn_all_accuracy"]

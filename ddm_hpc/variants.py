@@ -15,6 +15,7 @@ Room: imports ``config`` only.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,7 @@ class Variant:
 
     def with_stages(self, stages: tuple[str, ...]) -> Variant:
         """The same variant running other stages (same directory and options)."""
-        return Variant(self.path, self.overrides, self.shared, stages, self.sources, self.parent, self.prepare)
+        return dataclasses.replace(self, stages=stages)
 
 
 # Variants that replace only the synsets share the run's train.h5 and clusters.h5, and search flat over the
@@ -87,8 +88,9 @@ def synset_variant(name: str, distill: dict[str, Any], stages: tuple[str, ...] =
     """``RUN/variants/<name>``: this run's trajectory and clusters (and, with ``sources``, other shared artifacts),
     synsets distilled with ``distill`` options, flat search over the cluster synsets."""
     over = merge(FLAT_CLUSTERS, {"distill": distill, **({"attribute": attribute} if attribute else {})})
-    shared = ("train", "cluster", *(s for s in ("distill",) if s in (sources or {})))
-    return Variant(f"variants/{name}", over, shared, stages, dict(sources or {}), parent)
+    sources = dict(sources or {})
+    shared = ("train", "cluster", "distill") if "distill" in sources else ("train", "cluster")
+    return Variant(f"variants/{name}", over, shared, stages, sources, parent)
 
 
 def forward_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:

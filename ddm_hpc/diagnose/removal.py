@@ -378,8 +378,9 @@ def retrain_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: RetrainPla
         log.info("diagnose %s: %d exact retrainings (%d of %d cached)", name, len(missing), len(keys) - len(missing),
                  len(keys))
         one_each = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, shards=len(missing)))
-        res_path = run_sharded(f"diagnose-{name}", one_each, functools.partial(retrain_plan_task, plan=str(pending.resolve())),
-                               len(missing), functools.partial(merge_retrain_plan, plan=str(pending.resolve())), stage="train",
+        plan_file = str(pending.resolve())
+        res_path = run_sharded(f"diagnose-{name}", one_each, functools.partial(retrain_plan_task, plan=plan_file),
+                               len(missing), functools.partial(merge_retrain_plan, plan=plan_file), stage="train",
                                key_extra=pending_key, context={"bundle": bundle})
         new = _read_cache(Path(res_path), "accuracy")
         new["job_key"] = np.asarray([keys[j] for j in missing], dtype="S16")

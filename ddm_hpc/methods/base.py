@@ -72,7 +72,7 @@ class AttributionMethod:
         scatter: the report plots its predicted against the exact effect per query.
         heatmap: the report's class x class heat map shows it beside exact retraining.
         table4: Table 4's column for theta_tau fine-tuned on all of its synsets ("" = none); such a method
-            implements :meth:`synset_run`.
+            other than ``ddm`` (this run's own synsets, always in the table) implements :meth:`synset_run`.
     """
 
     name: ClassVar[str]

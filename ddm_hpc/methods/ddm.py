@@ -81,9 +81,6 @@ class DDMSeq(_VariantDDM, name="ddm-seq", label="DDM w/o cluster", help="DDM wit
     def variant(self) -> Variant:
         return sequential_clusters()
 
-    def synset_run(self, cfg: Config) -> None:  # Table 4 unlearns on the run's own clusters only
-        return None
-
     def score(self, ctx: RunContext) -> MethodResult:
         out = self.variant().directory(ctx.cfg)
         res = read_ddm_scores(out, self.note)
@@ -104,9 +101,6 @@ class DDMMatch(_VariantDDM, name="ddm-match", label="DDM-match", help="forward g
 
 class DDM(AttributionMethod, name="ddm", label="DDM-full (reverse GM)", help="this run", scatter=True,
           heatmap=True, table4="DDM"):
-    def synset_run(self, cfg: Config) -> Config:
-        return cfg
-
     def score(self, ctx: RunContext) -> MethodResult:
         return read_ddm_scores(ctx.run_dir, "this run (reverse gradient matching)")
 
