@@ -460,6 +460,13 @@ def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup,
     return path
 
 
+def check(cfg: Config) -> None:
+    """``--search`` hierarchical/both needs the class synsets ``--levels`` must distil (before distill runs)."""
+    if cfg.attribute.search != "flat" and "class" not in cfg.distill.level_list():
+        raise ConfigError(f"--search {cfg.attribute.search} needs class synsets but --levels is "
+                          f"{cfg.distill.levels!r}: pass --levels cluster,class or --search flat")
+
+
 def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     """Run the stage and write ``attribution.h5``; returns its path.
 

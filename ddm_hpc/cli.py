@@ -24,7 +24,7 @@ import yaml
 
 from ddm_hpc import graph, methods
 from ddm_hpc.config import PRESETS, SECTIONS, Config, merge
-from ddm_hpc.errors import DDMError
+from ddm_hpc.errors import ConfigError, DDMError
 from ddm_hpc.launch import status
 from ddm_hpc.pipeline import load_saved_config, run_command, summary
 from ddm_hpc.utils import load_plugins
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             print(status(ns.run_dir))
             return 0
         if ns.command == "show":
+            if not Path(ns.run_dir, "config.json").is_file():
+                raise ConfigError(f"{ns.run_dir} is not a run directory (no config.json): pass the --out of an "
+                                  "earlier run")
             print(summary(ns.run_dir, ns.n_show))
             return 0
         cfg = resolve_config(ns)

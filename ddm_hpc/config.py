@@ -325,6 +325,13 @@ class EvaluateConfig:
         "full-data reruns with other seeds: the noise floor of every metric"))
     n_masks: int = field(default=20, metadata=_help("random cluster subsets retrained for the LDS (0 = no LDS)"))
     alpha: float = field(default=0.5, metadata=_help("fraction of the clusters each LDS subset keeps"))
+    lds_alphas: str = field(default="", metadata=_help(
+        "further kept fractions, comma-separated, each an LDS of its own --n-masks random subsets (e.g. 0.9: a "
+        "tenth of the clusters removed, where first-order methods are expected to be strongest)", added=True))
+    gt_removal: str = field(default="drop", metadata=_help(
+        "exact-retraining protocol(s), comma-separated, the first one heads the report: drop (leave the removed "
+        "rows out of the full run's data order and re-batch the rest) or zero-weight (every minibatch keeps its "
+        "slots, the removed rows' loss weight is 0: only their contribution changes)", added=True))
     peer_checkpoints: int = field(default=5, metadata=_help(
         "trajectory checkpoints (evenly spaced, theta_tau last) TracIn and TRAK use"))
     proj_dim: int = field(default=512, metadata=_help("TRAK random-projection dimension"))
@@ -339,15 +346,41 @@ class EvaluateConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"--alpha must be in (0, 1), got {self.alpha}")
+        alphas = self.alpha_list()
+        if len(set(alphas)) != len(alphas):
+            raise ConfigError(f"--lds-alphas {self.lds_alphas!r} repeats a kept fraction (--alpha is {self.alpha:g}): "
+                              "list each fraction once")
+        removals = self.removal_list()
+        bad = [r for r in removals if r not in REMOVALS]
+        if bad or not removals or len(set(removals)) != len(removals):
+            raise ConfigError(f"--gt-removal {self.gt_removal!r}: list each of {', '.join(REMOVALS)} at most once, "
+                              "e.g. --gt-removal drop,zero-weight")
 
     def method_list(self) -> list[str]:
         return _csv(self.methods)
+
+    def alpha_list(self) -> list[float]:
+        """The LDS kept fractions: ``--alpha`` first, then ``--lds-alphas``."""
+        try:
+            extra = [float(v) for v in _csv(self.lds_alphas)]
+        except ValueError:
+            raise ConfigError(f"--lds-alphas must be comma-separated fractions, e.g. 0.9; got {self.lds_alphas!r}"
+                              ) from None
+        for a in extra:
+            if not 0.0 < a < 1.0:
+                raise ConfigError(f"--lds-alphas: each kept fraction must be in (0, 1), got {a:g}")
+        return [self.alpha, *extra]
+
+    def removal_list(self) -> list[str]:
+        """The ground-truth removal protocols (``--gt-removal``), the headline one first."""
+        return _csv(self.gt_removal)
 
     def removed_count(self, k: int) -> int:
         """Clusters retrained without one at a time (``--n-removed``; 0, or K and more, = all K)."""
         return k if self.n_removed == 0 or self.n_removed >= k else self.n_removed
 
 
+REMOVALS = ("drop", "zero-weight")  # ddm_hpc.retrain.REMOVALS: the ground-truth removal protocols
 DIAGNOSTICS = ("useless", "noisy", "unlearn", "privacy", "transfer", "pictures")
 
 

@@ -11,7 +11,13 @@ before this stage runs.
 
 ``evaluation.h5`` holds the ground truth (``gt/*``, layout in ``ddm_hpc.retrain``), the LDS subsets
 (``gt/masks``, ``gt/mask_outputs``), every method's scores (``methods/<name>``), the reference rows and
-Table 4; ``report.md`` is written from it alone (``ddm_hpc.report``).
+Table 4; ``report.md`` is written from it alone (``ddm_hpc.report``). With several removal protocols
+(``--gt-removal drop,zero-weight``) or kept fractions (``--lds-alphas 0.9``) the headline datasets
+above are the first protocol at ``--alpha``, and also
+  gt/protocols/<removal>/outputs              [n_removed, Q, L] that protocol's leave-one-outs
+  gt/protocols/<removal>/alpha_<i>/masks      bool [n_masks, K] (attrs alpha), outputs [n_masks, Q, L]
+  methods/<name> attrs '<removal>/<metric>', '<removal>/lds@<alpha>' (+ '_sem')
+  reference attrs 'protocols:<removal>/<row>/<metric>', 'protocols:apart/dist1', 'protocols:apart/rank'.
 
 Room: a stage (imports ``config``, ``context``, ``data``, ``launch``, ``methods``, ``metrics``, ``report``,
 ``retrain``, ``storage``, ``unlearn``, ``variants``).
@@ -29,17 +35,34 @@ import h5py
 import numpy as np
 import torch
 
-from ddm_hpc.config import Config
+from ddm_hpc.config import Config, EvaluateConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import StageError
 from ddm_hpc.launch import run_sharded, shard_key, shard_range
 from ddm_hpc.methods import REGISTRY, MethodResult, resolve, score_methods
-from ddm_hpc.metrics import (METRICS, gt_objectives, located_clusters, located_values, mean_sem, oracle_values,
-                             predicted_subset_effect, random_subset_masks, spearman)
+from ddm_hpc.metrics import (
+    METRICS,
+    gt_objectives,
+    located_clusters,
+    located_values,
+    mean_sem,
+    oracle_values,
+    predicted_subset_effect,
+    random_subset_masks,
+    spearman,
+)
 from ddm_hpc.report import method_label, method_order, write_report
 from ddm_hpc.retrain import GroundTruth, fill_ground_truth, query_probs, retrain_without
-from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read, read_attrs, upstream_uids, write_provenance
+from ddm_hpc.storage import (
+    ParamTable,
+    artifact_path,
+    atomic_h5,
+    open_read,
+    read_attrs,
+    upstream_uids,
+    write_provenance,
+)
 from ddm_hpc.unlearn import unlearn_all_accuracy
 from ddm_hpc.utils import generator, progress
 from ddm_hpc.variants import Variant
@@ -53,13 +76,17 @@ class RetrainJob:
     """One exact retraining: leave out ``removed`` clusters, init and data order from seed + offset.
 
     kind: 'base' (full data, offset 0), 'loo' (one cluster), 'noise' (full data, offset >= 1) or
-    'mask' (a random LDS subset); ``index`` is the cluster id, noise offset or mask row.
+    'mask' (a random LDS subset); ``index`` is the cluster id, noise offset or mask row; ``removal``
+    the protocol (``--gt-removal``); ``alpha`` the position in ``EvaluateConfig.alpha_list()`` of a mask's
+    kept fraction.
     """
 
     kind: str
     index: int
     removed: tuple[int, ...]
     seed_offset: int
+    removal: str = "drop"
+    alpha: int = 0
 
 
 def removed_clusters(cfg: Config, k: int) -> torch.Tensor:
@@ -70,35 +97,59 @@ def removed_clusters(cfg: Config, k: int) -> torch.Tensor:
     return torch.randperm(k, generator=generator(cfg.seed, 73))[:n].sort().values
 
 
-def lds_masks(cfg: Config, k: int) -> torch.Tensor:
-    """bool [n_masks, K] random cluster subsets (True = kept) for the LDS."""
+def lds_masks(cfg: Config, k: int, alpha: int = 0) -> torch.Tensor:
+    """bool [n_masks, K] random cluster subsets (True = kept) for the LDS at kept fraction
+    ``cfg.evaluate.alpha_list()[alpha]``; the same subsets under every removal protocol."""
     ec = cfg.evaluate
     if ec.n_masks == 0:
         return torch.zeros(0, k, dtype=torch.bool)
-    return random_subset_masks(k, ec.n_masks, ec.alpha, generator(cfg.seed, 71))
+    gen = generator(cfg.seed, 71) if alpha == 0 else generator(cfg.seed, 71, alpha)
+    return random_subset_masks(k, ec.n_masks, ec.alpha_list()[alpha], gen)
 
 
 def retrain_jobs(cfg: Config, k: int) -> list[RetrainJob]:
-    """Every retraining the evaluate stage needs, in a fixed order (the shard layout depends on it)."""
+    """Every retraining the evaluate stage needs, in a fixed order (the shard layout depends on it).
+
+    The headline protocol's jobs come first in the order runs made before ``--gt-removal`` and
+    ``--lds-alphas`` existed use (base, leave-one-out, noise, LDS subsets), then its subsets at the
+    further kept fractions, then every further protocol's leave-one-out and subsets (base and noise reruns
+    remove nothing, so the protocols share them)."""
     ec = cfg.evaluate
-    jobs = [RetrainJob("base", 0, (), 0)]
-    jobs += [RetrainJob("loo", int(c), (int(c),), s) for c in removed_clusters(cfg, k) for s in range(ec.gt_seeds)]
-    jobs += [RetrainJob("noise", s, (), s) for s in range(1, ec.noise_seeds + 1)]
-    for m, mask in enumerate(lds_masks(cfg, k)):
-        rem = tuple(int(i) for i in torch.nonzero(~mask)[:, 0])
-        jobs += [RetrainJob("mask", m, rem, s) for s in range(ec.gt_seeds)]
+    removals, n_alphas = ec.removal_list(), len(ec.alpha_list())
+
+    def loo(removal: str) -> list[RetrainJob]:
+        return [RetrainJob("loo", int(c), (int(c),), s, removal) for c in removed_clusters(cfg, k)
+                for s in range(ec.gt_seeds)]
+
+    def masks(removal: str, a: int) -> list[RetrainJob]:
+        out = []
+        for m, mask in enumerate(lds_masks(cfg, k, a)):
+            rem = tuple(int(i) for i in torch.nonzero(~mask)[:, 0])
+            out += [RetrainJob("mask", m, rem, s, removal, a) for s in range(ec.gt_seeds)]
+        return out
+
+    head = removals[0]
+    jobs = [RetrainJob("base", 0, (), 0, head), *loo(head)]
+    jobs += [RetrainJob("noise", s, (), s, head) for s in range(1, ec.noise_seeds + 1)]
+    jobs += [j for a in range(n_alphas) for j in masks(head, a)]
+    for removal in removals[1:]:
+        jobs += loo(removal) + [j for a in range(n_alphas) for j in masks(removal, a)]
     return jobs
 
 
 RETRAIN_OPTIONS = ("n_removed", "gt_seeds", "noise_seeds", "n_masks", "alpha")
+ADDED_RETRAIN_OPTIONS = ("lds_alphas", "gt_removal")  # in the key only away from their defaults
 
 
 def retrain_key(cfg: Config, query_pos: torch.Tensor) -> str:
     """Hash of everything the retrainings depend on: data/model/train/cluster options, the train and
     cluster artifacts, the retraining options of ``evaluate`` and the queries (not the methods)."""
-    extra = json.dumps({"evaluate": {k: getattr(cfg.evaluate, k) for k in RETRAIN_OPTIONS},
-                        "clusters": upstream_uids(cfg.runtime.out, "distill"), "queries": query_pos.tolist()},
-                       sort_keys=True)
+    ec = cfg.evaluate
+    opts = {k: getattr(ec, k) for k in RETRAIN_OPTIONS}
+    opts.update({k: getattr(ec, k) for k in ADDED_RETRAIN_OPTIONS
+                 if getattr(ec, k) != EvaluateConfig.__dataclass_fields__[k].default})
+    extra = json.dumps({"evaluate": opts, "clusters": upstream_uids(cfg.runtime.out, "distill"),
+                        "queries": query_pos.tolist()}, sort_keys=True)
     return shard_key(cfg, "cluster", extra)
 
 
@@ -122,7 +173,8 @@ def retrain_task(cfg: Config, shard: int, n_shards: int, bundle: DatasetBundle |
     probs, secs = [], []
     for i in progress(range(i0, i1), f"retrain[{i0}:{i1} of {len(jobs)}]", cfg.runtime.progress and i1 - i0 > 1):
         t0 = time.perf_counter()
-        flat = retrain_without(cfg, bundle, assignment, list(jobs[i].removed), jobs[i].seed_offset, device)
+        job = jobs[i]
+        flat = retrain_without(cfg, bundle, assignment, list(job.removed), job.seed_offset, device, job.removal)
         probs.append(query_probs(model, table, flat, query_x).numpy())
         secs.append(time.perf_counter() - t0)
     return {"probs": np.stack(probs).astype(np.float32), "job": np.arange(i0, i1, dtype=np.int64),
@@ -168,13 +220,25 @@ def run_retrainings(cfg: Config, query_pos: torch.Tensor, bundle: DatasetBundle 
 
 @dataclass
 class Retrained:
-    """Merged retraining results (see :func:`load_retrained`)."""
+    """Merged retraining results (see :func:`load_retrained`).
+
+    ``gt``, ``masks`` and ``mask_outputs`` are the headline protocol at ``--alpha`` (what Table 1 scores);
+    ``outputs`` and ``subsets`` hold every protocol and kept fraction (:meth:`view` selects one).
+    """
 
     gt: GroundTruth
     removed: torch.Tensor  # int64 [n_removed]
     masks: torch.Tensor  # bool [n_masks, K]
     mask_outputs: torch.Tensor  # float32 [n_masks, Q, L]
     seconds_per_retrain: float
+    outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # removal -> [n_removed, Q, L]
+    subsets: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    def view(self, removal: str, alpha: float) -> Retrained:
+        """The same retrainings with ``removal``'s leave-one-outs and its subsets at kept fraction ``alpha``."""
+        masks, mask_outputs = self.subsets[(removal, alpha)]
+        gt = dataclasses.replace(self.gt, outputs=self.outputs[removal])
+        return dataclasses.replace(self, gt=gt, masks=masks, mask_outputs=mask_outputs)
 
 
 def load_retrained(cfg: Config, k: int, query_pos: torch.Tensor) -> Retrained:
@@ -188,15 +252,25 @@ def load_retrained(cfg: Config, k: int, query_pos: torch.Tensor) -> Retrained:
         secs = f["seconds"][()]
     jobs = retrain_jobs(cfg, k)
     ec = cfg.evaluate
-    kind = np.array([j.kind for j in jobs])
     q, n_cls = probs.shape[1:]
     removed = removed_clusters(cfg, k)
-    masks = lds_masks(cfg, k)
-    loo, noise, mk = probs[kind == "loo"], probs[kind == "noise"], probs[kind == "mask"]
-    outputs = loo.view(len(removed), ec.gt_seeds, q, n_cls).mean(1)
-    mask_out = mk.view(len(masks), ec.gt_seeds, q, n_cls).mean(1)
-    gt = GroundTruth(probs[0], outputs, noise, ec.gt_seeds, float(secs.sum()))
-    return Retrained(gt, removed, masks, mask_out, float(secs.mean()))
+
+    def rows(kind: str, removal: str | None = None, alpha: int | None = None) -> torch.Tensor:
+        pick = [i for i, j in enumerate(jobs) if j.kind == kind and removal in (None, j.removal)
+                and alpha in (None, j.alpha)]
+        return probs[pick]
+
+    outputs, subsets = {}, {}
+    for removal in ec.removal_list():
+        outputs[removal] = rows("loo", removal).view(len(removed), ec.gt_seeds, q, n_cls).mean(1)
+        for a, alpha in enumerate(ec.alpha_list()):
+            masks = lds_masks(cfg, k, a)
+            subsets[(removal, alpha)] = (masks, rows("mask", removal, a).view(len(masks), ec.gt_seeds, q,
+                                                                              n_cls).mean(1))
+    head = ec.removal_list()[0]
+    gt = GroundTruth(probs[0], outputs[head], rows("noise"), ec.gt_seeds, float(secs.sum()))
+    masks, mask_out = subsets[(head, ec.alpha)]
+    return Retrained(gt, removed, masks, mask_out, float(secs.mean()), outputs, subsets)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -237,6 +311,41 @@ def reference_rows(r: Retrained, labels: torch.Tensor) -> dict[str, dict[str, tu
     return rows
 
 
+def protocol_metrics(results: dict[str, MethodResult], r: Retrained, labels: torch.Tensor, cfg: Config
+                     ) -> dict[str, dict[str, tuple[float, float]]]:
+    """Every method under every removal protocol and LDS kept fraction: name -> {'<removal>/<metric>': (mean, sem),
+    '<removal>/lds@<alpha>': (mean, sem)}."""
+    ec = cfg.evaluate
+    out: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in results}
+    for removal in ec.removal_list():
+        for a, alpha in enumerate(ec.alpha_list()):
+            view = r.view(removal, alpha)
+            for name, res in results.items():
+                m = method_metrics(res, view, labels)
+                if a == 0:
+                    out[name].update({f"{removal}/{metric}": m[metric] for metric in METRICS})
+                out[name][f"{removal}/lds@{alpha:g}"] = m["lds"]
+    return out
+
+
+def protocol_reference(r: Retrained, labels: torch.Tensor, cfg: Config) -> dict[str, tuple[float, float]]:
+    """Reference rows per protocol ('<removal>/<row>/<metric>') and, with two protocols, how far apart their
+    retrained outputs lie: 'apart/dist1' (x100, L2 between the two softmaxes, mean over clusters and queries)
+    and 'apart/rank' (per query, Spearman across clusters between the two protocols' CE changes)."""
+    ec = cfg.evaluate
+    out: dict[str, tuple[float, float]] = {}
+    for removal in ec.removal_list():
+        for row, vals in reference_rows(r.view(removal, ec.alpha), labels).items():
+            out.update({f"{removal}/{row}/{metric}": v for metric, v in vals.items()})
+    removals = ec.removal_list()
+    if len(removals) == 2:
+        a, b = (r.outputs[x].double() for x in removals)
+        out["apart/dist1"] = mean_sem(((a - b).norm(dim=-1) * 100.0).mean(0))
+        ce = {x: gt_objectives(r.outputs[x], r.gt.base, labels)["dist2"] for x in removals}
+        out["apart/rank"] = mean_sem(spearman(ce[removals[0]], ce[removals[1]]))
+    return out
+
+
 def table4(ctx: RunContext, results: dict[str, MethodResult]) -> dict[str, float]:
     """Paper Table 4: test accuracy of theta_0, theta_tau, theta_tau fine-tuned on all of this run's synsets (DDM),
     and on all synsets of each scored method that declares a Table 4 column."""
@@ -270,9 +379,10 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     ctx = RunContext(cfg, bundle)
     run_dir, query_pos, k, labels, queries = ctx.run_dir, ctx.query_pos, ctx.k, ctx.query_y, ctx.queries
     n_jobs = len(retrain_jobs(cfg, k))
-    log.info("evaluate: %d exact retrainings (K=%d leave-one-out x %d seeds, %d noise seeds, %d LDS subsets), "
-             "%d queries", n_jobs, len(removed_clusters(cfg, k)), cfg.evaluate.gt_seeds, cfg.evaluate.noise_seeds,
-             cfg.evaluate.n_masks, len(query_pos))
+    log.info("evaluate: %d exact retrainings (K=%d leave-one-out x %d seeds, %d noise seeds, %d LDS subsets per kept "
+             "fraction %s; removal %s), %d queries", n_jobs, len(removed_clusters(cfg, k)), cfg.evaluate.gt_seeds,
+             cfg.evaluate.noise_seeds, cfg.evaluate.n_masks, ",".join(f"{a:g}" for a in cfg.evaluate.alpha_list()),
+             cfg.evaluate.gt_removal, len(query_pos))
     run_retrainings(cfg, query_pos, ctx.bundle)
     retrained = load_retrained(cfg, k, query_pos)
     retrain_seconds = retrained.gt.seconds  # summed over the retrainings, whenever they ran
@@ -284,6 +394,10 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     results = score_methods(ctx, cfg.evaluate.method_list())
     metrics = {name: method_metrics(res, retrained, labels) for name, res in results.items()}
     refs = reference_rows(retrained, labels)
+    ec = cfg.evaluate
+    several = len(ec.removal_list()) * len(ec.alpha_list()) > 1
+    by_protocol = protocol_metrics(results, retrained, labels, cfg) if several else {}
+    protocol_refs = protocol_reference(retrained, labels, cfg) if several else {}
     t4 = table4(ctx, results)
 
     path = artifact_path(run_dir, "evaluate")
@@ -294,6 +408,17 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
         f["gt"].create_dataset("mask_outputs", data=retrained.mask_outputs.float().numpy())
         f["gt"].attrs.update(seconds=retrain_seconds, seconds_per_retrain=retrained.seconds_per_retrain,
                              base_drift=drift, n_retrainings=n_jobs)
+        if several:  # every protocol's leave-one-outs and every kept fraction's subsets
+            f["gt"].attrs.update(removals=",".join(ec.removal_list()), alphas=np.asarray(ec.alpha_list()))
+            for removal, outs in retrained.outputs.items():
+                g = f.create_group(f"gt/protocols/{removal}")
+                g.create_dataset("outputs", data=outs.float().numpy())
+                for a, alpha in enumerate(ec.alpha_list()):
+                    masks, mask_out = retrained.subsets[(removal, alpha)]
+                    sub = g.create_group(f"alpha_{a}")
+                    sub.attrs["alpha"] = alpha
+                    sub.create_dataset("masks", data=masks.numpy())
+                    sub.create_dataset("outputs", data=mask_out.float().numpy())
         for name, res in results.items():
             m = REGISTRY[name]
             g = f.create_group(f"methods/{name}")
@@ -308,10 +433,14 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
             g.attrs.update(label=m.label, scatter=m.scatter, heatmap=m.heatmap, table4=m.table4)
             for metric in (*METRICS, "lds"):
                 g.attrs[metric], g.attrs[f"{metric}_sem"] = metrics[name][metric]
+            for key, (mean, sem) in by_protocol.get(name, {}).items():
+                g.attrs[key], g.attrs[f"{key}_sem"] = mean, sem
         r = f.create_group("reference")
         for row, vals in refs.items():
             for metric, (mean, sem) in vals.items():
                 r.attrs[f"{row}/{metric}"], r.attrs[f"{row}/{metric}_sem"] = mean, sem
+        for key, (mean, sem) in protocol_refs.items():
+            r.attrs[f"protocols:{key}"], r.attrs[f"protocols:{key}_sem"] = mean, sem
         f.create_group("table4").attrs.update(t4)
         write_provenance(f, cfg, "evaluate", time.perf_counter() - t0)
     report = write_report(path, run_dir / "report.md", plots=cfg.evaluate.plots)

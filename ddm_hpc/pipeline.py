@@ -13,12 +13,15 @@ Room: the top of the library (imports ``config``, ``context``, ``data``, ``graph
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,7 +32,14 @@ from ddm_hpc.context import RunContext, load_data
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.launch import execute
-from ddm_hpc.storage import artifact_path, plan_stage, read_attrs, require_upstream, stage_status, write_json_atomic
+from ddm_hpc.storage import (
+    artifact_path,
+    plan_stage,
+    read_attrs,
+    require_upstream,
+    stage_status,
+    write_json_atomic,
+)
 from ddm_hpc.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -60,9 +70,13 @@ def preflight(cfg: Config, bundle: DatasetBundle, decisions: dict[str, str]) -> 
     """Checks that need the data but no training, so bad options fail in seconds."""
     n_test, acfg = len(bundle.y_test), cfg.attribute
     if decisions.get("attribute") == "run":
-        if acfg.query_positions() is None and acfg.n_queries > n_test:
+        explicit = acfg.query_positions()
+        if explicit is None and acfg.n_queries > n_test:
             raise ConfigError(f"--n-queries {acfg.n_queries} exceeds the {n_test} test images: lower it or raise "
                               "--n-test")
+        bad = [q for q in explicit or [] if not 0 <= q < n_test]
+        if bad:
+            raise ConfigError(f"--query-index {bad} outside the test subset of {n_test} images: use 0..{n_test - 1}")
     if decisions.get("cluster") == "run" and cfg.cluster.small_class == "error":
         counts = torch.bincount(bundle.y_train, minlength=bundle.num_classes)
         c = int(counts.argmin())
@@ -103,18 +117,50 @@ def run_stages(cfg: Config, stages: tuple[str, ...] = graph.RUN) -> dict[str, fl
     return timings
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
+    """Hold ``RUN/.lock`` (an exclusive ``flock``, released by the kernel when the process dies, so a killed
+    command never leaves it behind) while ``command`` writes the run directory.
+
+    Raises:
+        ConfigError: another command holds it (its pid and command named): two commands never interleave
+            their artifacts or shards in one run directory.
+    """
+    run_dir = Path(run_dir)
+    made = not run_dir.exists()
+    path = run_dir / ".lock"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ConfigError(f"{run_dir} is in use by {holder}: wait for it to finish, or pass another --out"
+                              ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} (ddm-hpc {command})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if made and [p.name for p in run_dir.iterdir()] == [".lock"]:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a command that failed before writing leaves nothing
+
+
 def run_command(cfg: Config, command: str) -> dict[str, float]:
     """``ddm-hpc <command>``: ``run`` (every stage of ``graph.RUN``), one of those stages, or a stage outside
     ``run`` (evaluate, diagnose) after the missing pipeline stages it reads (without ``--overwrite``: that
-    applies to the stage asked for). Returns seconds per stage run."""
+    applies to the stage asked for). Holds the run directory's lock (:func:`run_lock`) while stages run.
+    Returns seconds per stage run."""
     stages = graph.RUN if command == "run" else (command,)
     for stage in dict.fromkeys(up for s in stages for up in (*graph.stage(s).upstream, s)):
         check(cfg, stage)  # every stage it may run, upstream ones included
     timings: dict[str, float] = {}
-    if command != "run" and not graph.stage(command).in_run:
-        keep = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False))
-        timings = run_stages(keep, graph.RUN)
-    timings.update(run_stages(cfg, stages))
+    with run_lock(cfg.runtime.out, command):
+        if command != "run" and not graph.stage(command).in_run:
+            keep = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=False))
+            timings = run_stages(keep, graph.RUN)
+        timings.update(run_stages(cfg, stages))
     return timings
 
 

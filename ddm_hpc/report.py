@@ -108,8 +108,11 @@ def _context_lines(run_dir: Path, d: dict) -> list[str]:
                  f"images), {model.get('model')} width {model.get('width')}, {train.get('epochs')} epochs, seed "
                  f"{cfg.get('seed')}; K = {len(d['methods'][next(iter(d['methods']))]['scores'][0])} clusters, "
                  f"{len(d['labels'])} queries.")
+    removal = str(cfg.get("evaluate", {}).get("gt_removal", "drop")).split(",")[0]
+    how = ("full run's minibatches, the removed clusters' rows weighing 0" if removal == "zero-weight" else
+           "full run's data order minus the removed clusters")
     lines.append(f"- Ground truth: {int(ga.get('n_retrainings', 0))} exact retrainings from the same theta_0 with the "
-                 f"full run's data order minus the removed clusters ({len(d['removed'])} leave-one-cluster-out x "
+                 f"{how} ({len(d['removed'])} leave-one-cluster-out x "
                  f"{int(d['attrs'].get('n_gt_seeds', 1))} seed(s), {d['n_noise']} noise reruns, {d['n_masks']} LDS "
                  f"subsets keeping {cfg.get('evaluate', {}).get('alpha', 0.5):g} of the clusters), {ga.get('seconds_per_retrain', float('nan')):.1f} s each, "
                  f"{ga.get('seconds', float('nan')) / 60:.1f} min in all. The full-data retraining reproduces "
@@ -159,6 +162,41 @@ def findings(d: dict) -> list[str]:
                    f"{ref['mean over clusters/dist1']:.2f} (x100, mean over clusters); a full-data rerun with another "
                    f"seed changes it by {ref['noise floor (seed reruns)/dist1']:.2f}.")
     return out
+
+
+def protocol_table(d: dict) -> list[str]:
+    """Every method under each removal protocol (Dist1) and each (protocol, kept fraction) (LDS), with each
+    protocol's oracle, mean over clusters and noise floor, and how far the protocols' outputs lie apart."""
+    ga = d["gt_attrs"]
+    if "removals" not in ga:
+        return []
+    removals = str(ga["removals"]).split(",")
+    alphas = [float(a) for a in np.atleast_1d(ga["alphas"])]
+    cols = [(f"Dist1 {r}", f"{r}/dist1", 2) for r in removals]
+    cols += [(f"LDS α={a:g} {r}", f"{r}/lds@{a:g}", 3) for a in alphas for r in removals]
+    lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in method_order(d["methods"]):
+        a = d["methods"][name]["attrs"]
+        cells = [_fmt(a[k], a[f"{k}_sem"], dg) if k in a else "n/a" for _, k, dg in cols]
+        lines.append(f"| {method_label(name, a)} | " + " | ".join(cells) + " |")
+    ref = d["reference"]
+    for row in ("oracle", "mean over clusters", "noise floor (seed reruns)"):
+        cells = []
+        for _, k, dg in cols:
+            key = f"protocols:{k.split('/')[0]}/{row}/dist1"
+            cells.append(_fmt(ref[key], ref[f"{key}_sem"], dg) if "lds@" not in k and key in ref else "-")
+        lines.append(f"| *{row}* | " + " | ".join(cells) + " |")
+    if "protocols:apart/dist1" in ref:
+        r0, r1 = removals
+        effect = [ref.get(f"protocols:{r}/mean over clusters/dist1", float("nan")) for r in removals]
+        noise = ref.get(f"protocols:{r0}/noise floor (seed reruns)/dist1", float("nan"))
+        lines += ["", f"- {r0} against {r1}: the two protocols' retrained softmaxes lie "
+                  f"{ref['protocols:apart/dist1']:.2f} ± {ref['protocols:apart/dist1_sem']:.2f} apart (Dist1 x100, mean "
+                  f"over clusters and queries); removing a cluster moves the output by {effect[0]:.2f} ({r0}) and "
+                  f"{effect[1]:.2f} ({r1}), a full-data rerun with another seed by {noise:.2f}. Per query, the two "
+                  f"protocols rank the clusters' CE changes with Spearman {ref['protocols:apart/rank']:.3f} ± "
+                  f"{ref['protocols:apart/rank_sem']:.3f}."]
+    return lines
 
 
 def table4(d: dict) -> list[str]:
@@ -282,8 +320,15 @@ def write_report(eval_path: str | Path, out: str | Path, plots: bool = True) -> 
              "in every column. LDS: Spearman correlation, per query, between the method's predicted effect of "
              "removing half of the clusters and the exact change of the query's cross-entropy. Mean ± s.e.m. over "
              "queries. Seconds: online = answering these queries given the offline artifacts; offline = "
-             "distillation, paid once.", "", *table1(d), "", *findings(d), "",
-             "## Unlearning everything (paper Table 4)", "", *table4(d), ""]
+             "distillation, paid once.", "", *table1(d), "", *findings(d), ""]
+    protocols = protocol_table(d)
+    if protocols:
+        lines += ["## Ground-truth protocols and drop fractions", "",
+                  "The same methods against each exact-retraining protocol (drop: the removed rows leave the data "
+                  "order and the rest is re-batched; zero-weight: every minibatch keeps its slots and the removed rows "
+                  "weigh 0) and at each LDS kept fraction α (α = 0.9: a tenth of the clusters removed), each with its "
+                  "own random subsets. Mean ± s.e.m. over queries.", "", *protocols, ""]
+    lines += ["## Unlearning everything (paper Table 4)", "", *table4(d), ""]
     if plots:
         with h5py.File(run_dir / "clusters.h5", "r", locking=False) as f:
             cluster_class = f["clusters/class"][()]
@@ -303,25 +348,67 @@ def write_report(eval_path: str | Path, out: str | Path, plots: bool = True) -> 
     return out
 
 
+def _columns_over_runs(runs: list[dict], names: list[str], cols: list[tuple[str, str, int]]) -> list[str]:
+    """Rows ``names`` x columns (header, attr key, digits) as mean ± std over ``runs``; per column the best mean
+    and every mean within twice the larger of the two stds of it are bold (ties: not told apart by the seeds)."""
+    stats = {}
+    for name in names:
+        for _, key, _ in cols:
+            v = np.array([r["methods"][name]["attrs"].get(key, np.nan) for r in runs], dtype=np.float64)
+            stats[name, key] = (float(v.mean()), float(v.std(ddof=1)))
+    lines = ["| Method | " + " | ".join(h for h, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    best = {}
+    for _, key, _ in cols:
+        finite = [n for n in names if math.isfinite(stats[n, key][0])]
+        best[key] = max(finite, key=lambda n: stats[n, key][0]) if finite else None
+    for name in names:
+        cells = []
+        for _, key, dg in cols:
+            mean, std = stats[name, key]
+            cell = _fmt(mean, std, dg)
+            top = best[key]
+            if top is not None and math.isfinite(mean):
+                bm, bs = stats[top, key]
+                if bm - mean <= 2 * max(bs, std):
+                    cell = f"**{cell}**"
+            cells.append(cell)
+        lines.append(f"| {method_label(name, runs[0]['methods'][name]['attrs'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def seed_table(eval_paths: list[str | Path]) -> list[str]:
     """Methods x metrics as mean ± std over runs (e.g. the same options with other ``--seed``s).
 
     Each run contributes its per-query mean; the std is over runs (ddof 1), so it measures how much
     a conclusion depends on the seed (data subset, init, clusters, queries), which s.e.m. over one
-    run's queries does not.
+    run's queries does not. Bold: the best mean of a column and every mean closer to it than twice the
+    larger std (a tie). Runs evaluated under several protocols or kept fractions get a second table.
     """
     runs = [read_evaluation(p) for p in eval_paths]
     if len(runs) < 2:
         raise ValueError("seed_table needs at least two evaluation.h5 files (runs with different --seed)")
     names = [m for m in method_order(runs[0]["methods"]) if all(m in r["methods"] for r in runs)]
-    lines = [f"Mean ± std over {len(runs)} runs: " + ", ".join(str(p) for p in eval_paths), "",
-             "| Method | Dist1 (x100) ↑ | Dist2 ↑ | Dist3 ↑ | LDS ↑ |", "|---|---|---|---|---|"]
-    for name in names:
-        cells = []
-        for m, dg in zip((*METRICS, "lds"), (2, 3, 4, 3)):
-            v = np.array([r["methods"][name]["attrs"][m] for r in runs], dtype=np.float64)
-            cells.append(_fmt(float(v.mean()), float(v.std(ddof=1)), dg))
-        lines.append(f"| {method_label(name, runs[0]['methods'][name]['attrs'])} | " + " | ".join(cells) + " |")
+    cols = [(h, m, dg) for h, m, dg in zip(("Dist1 (x100) ↑", "Dist2 ↑", "Dist3 ↑", "LDS ↑"), (*METRICS, "lds"),
+                                           (2, 3, 4, 3))]
+    lines = [f"Mean ± std over {len(runs)} runs: " + ", ".join(str(p) for p in eval_paths) + ". Bold: the best "
+             "mean of the column and the means within twice the spread of it (ties).", "",
+             *_columns_over_runs(runs, names, cols)]
+    protocols = [str(r["gt_attrs"].get("removals", "")) for r in runs]
+    if protocols[0] and len(set(protocols)) == 1:
+        ga = runs[0]["gt_attrs"]
+        removals, alphas = protocols[0].split(","), [float(a) for a in np.atleast_1d(ga["alphas"])]
+        pcols = [(f"Dist1 {r}", f"{r}/dist1", 2) for r in removals]
+        pcols += [(f"LDS α={a:g} {r}", f"{r}/lds@{a:g}", 3) for a in alphas for r in removals]
+        lines += ["", "By ground-truth protocol and LDS kept fraction α:", "", *_columns_over_runs(runs, names, pcols)]
+        ref_keys = [("protocols:apart/dist1", "the two protocols' outputs apart (Dist1 x100)")]
+        ref_keys += [(f"protocols:{r}/mean over clusters/dist1", f"removing a cluster, {r} (Dist1 x100)")
+                     for r in removals]
+        ref_keys += [(f"protocols:{removals[0]}/noise floor (seed reruns)/dist1", "a seed rerun (Dist1 x100)"),
+                     ("protocols:apart/rank", "Spearman between the protocols' CE changes")]
+        for key, text in ref_keys:
+            v = np.array([r["reference"].get(key, np.nan) for r in runs], dtype=np.float64)
+            if np.isfinite(v).all():
+                lines.append(f"- {text}: {v.mean():.3f} ± {v.std(ddof=1):.3f}")
     return lines
 
 

@@ -1,9 +1,18 @@
 """Exact retraining: the ground truth every attribution is measured against.
 
 Every retraining starts from the *same* theta_0 as the full run (``build_target`` with the same
-seed) and uses the same schedule and the full run's per-epoch data order with the removed rows
-dropped (``train_trajectory(keep=...)``), so a retrained model differs from the full one by the
-data removed, not by a reshuffle. With nothing removed it reproduces theta_tau bit for bit.
+seed) and uses the same schedule and the full run's per-epoch data order. Two removal protocols
+(``--gt-removal``, :data:`REMOVALS`):
+
+  * ``drop``: the removed rows are dropped from that order and the rest re-batched
+    (``train_trajectory(keep=...)``), so every minibatch after the first removed row changes its
+    composition;
+  * ``zero-weight``: every minibatch keeps its slots and the removed rows' loss weight is 0
+    (``train_trajectory(weights=...)``, loss ``(1/B) sum_i w_i l_i``), so the only change is the
+    removed data's contribution: the protocol under which data weights have a metagradient
+    (``ddm_hpc.replay``).
+
+With nothing removed either reproduces theta_tau bit for bit.
 
 Seeds: seed offset s trains with init *and* data order from ``cfg.seed + s``. Ground truth with
 n seeds averages the leave-out softmax over offsets 0..n-1 (each run with its own seed's order);
@@ -34,7 +43,7 @@ import h5py
 import torch
 from torch import nn
 
-from ddm_hpc.config import Config
+from ddm_hpc.config import REMOVALS, Config
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.models import build_target
@@ -65,12 +74,13 @@ def keep_mask(assignment: Ids, removed: Ids) -> torch.Tensor:
 
 
 def retrain_without(cfg: Config, bundle: DatasetBundle, assignment: Ids, removed: Ids, seed_offset: int = 0,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+                    device: torch.device | str = "cpu", removal: str = "drop") -> torch.Tensor:
     """Retrain exactly from theta_0 on D minus the union of the ``removed`` clusters.
 
     The init and the per-epoch data order come from ``cfg.seed + seed_offset``; removed rows are
-    dropped from that order (no reshuffle). With ``removed`` empty and offset 0 the result is the
-    full run's theta_tau, bit for bit (on the same device).
+    dropped from that order (no reshuffle) or, with ``removal='zero-weight'``, kept in their slots with loss
+    weight 0. With ``removed`` empty and offset 0 the result is the full run's theta_tau, bit for bit (on
+    the same device).
 
     Args:
         cfg: run config (model, train schedule, seed).
@@ -79,6 +89,7 @@ def retrain_without(cfg: Config, bundle: DatasetBundle, assignment: Ids, removed
         removed: cluster ids to leave out (may be empty).
         seed_offset: added to ``cfg.seed`` for init and data order.
         device: where to train.
+        removal: ``drop`` or ``zero-weight`` (:data:`REMOVALS`).
 
     Returns:
         float32 [P] final flat parameters (theta_tau of the retrained model) on CPU.
@@ -86,16 +97,19 @@ def retrain_without(cfg: Config, bundle: DatasetBundle, assignment: Ids, removed
     if len(as_long(assignment)) != len(bundle.y_train):
         raise ConfigError(f"cluster assignment has {len(as_long(assignment))} rows but the training set has "
                           f"{len(bundle.y_train)}: cluster and train with the same --n-train")
-    return retrain_keep(cfg, bundle, keep_mask(assignment, removed), seed_offset, device)
+    return retrain_keep(cfg, bundle, keep_mask(assignment, removed), seed_offset, device, removal)
 
 
 def retrain_keep(cfg: Config, bundle: DatasetBundle, keep: torch.Tensor, seed_offset: int = 0,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+                 device: torch.device | str = "cpu", removal: str = "drop") -> torch.Tensor:
     """Retrain exactly from theta_0 on the training rows where ``keep`` (bool [N]) is True.
 
-    Same init, schedule and per-epoch order as the full run (seed ``cfg.seed + seed_offset``), the
-    dropped rows left out of that order. Returns float32 [P] theta_tau on CPU.
+    Same init, schedule and per-epoch order as the full run (seed ``cfg.seed + seed_offset``); the other
+    rows are left out of that order (``drop``) or keep their slots with loss weight 0 (``zero-weight``).
+    Returns float32 [P] theta_tau on CPU.
     """
+    if removal not in REMOVALS:
+        raise ConfigError(f"--gt-removal {removal!r}: choose from {', '.join(REMOVALS)}")
     if len(keep) != len(bundle.y_train):
         raise ConfigError(f"keep mask has {len(keep)} rows but the training set has {len(bundle.y_train)}")
     if not bool(keep.any()):
@@ -104,9 +118,10 @@ def retrain_keep(cfg: Config, bundle: DatasetBundle, keep: torch.Tensor, seed_of
     model = build_target(cfg, bundle, seed=seed)
     # Record only theta_0 and theta_tau and skip test accuracy: neither changes the training.
     tcfg = dataclasses.replace(cfg.train, save_every=cfg.train.epochs)
+    split = {"keep": keep.bool()} if removal == "drop" else {"weights": keep.float()}
     traj = train_trajectory(model, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], tcfg,
-                            seed, torch.device(device), keep=keep.bool(), show_progress=False,
-                            loader_workers=cfg.runtime.loader_workers)
+                            seed, torch.device(device), show_progress=False,
+                            loader_workers=cfg.runtime.loader_workers, **split)
     return traj.params[-1]
 
 

@@ -192,3 +192,27 @@ def test_an_added_option_at_its_default_keeps_the_stage_keys():
         assert sized.stage_dict(stage)["data"]["image_size"] == 64
         assert default.stage_key(stage) != sized.stage_key(stage)
     assert Config.from_dict({"data": {"image_size": 0}}).stage_key("train") == default.stage_key("train")
+
+
+def test_a_second_command_on_a_locked_run_directory_fails_in_one_line(tmp_path, capsys):
+    """Two commands never write one run directory at once: the second is refused naming the holder; the lock
+    goes with the process (flock), and a command that fails before writing leaves no directory behind."""
+    from ddm_hpc.pipeline import run_lock
+
+    run = tmp_path / "run"
+    with run_lock(run, "run"):
+        code, _, err = _run(["train", "--preset", "smoke", "--out", str(run)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "in use by pid" in err and "ddm-hpc run" in err and "--out" in err
+    assert not run.exists()  # the holder made it and wrote nothing: removed
+    code, _, err = _run(["show", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "not a run directory" in err
+
+
+def test_incompatible_options_fail_before_any_stage(tmp_path, capsys, mnist_root):
+    code, _, err = _run(["run", "--preset", "smoke", "--levels", "cluster", "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "--search both needs class synsets" in err and not (tmp_path / "a").exists()
+    code, _, err = _run(["run", "--preset", "smoke", "--query-index", "99999", "--data-root", str(mnist_root),
+                         "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "--query-index [99999] outside the test subset" in err
+    assert not (tmp_path / "b" / "train.h5").exists()

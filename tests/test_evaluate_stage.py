@@ -254,3 +254,96 @@ def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
         (out,) = materialise(cfg, [variant])
         assert read_attrs(artifact_path(out, "distill"))["uid"] == read_attrs(artifact_path(soft, "distill"))["uid"]
         assert torch.equal(read_ddm_scores(out, "").scores, ref) == same, steps
+
+
+# ----------------------------------------------------------------------------- removal protocols, kept fractions
+PROTO_ARGS = ["--preset", "smoke", "--n-masks", "4", "--noise-seeds", "1", "--methods", "random,clustering,replay",
+              "--gt-removal", "drop,zero-weight", "--lds-alphas", "0.9", "--no-progress", "--no-plots"]
+
+
+@pytest.fixture(scope="module")
+def protocols(tmp_path_factory, mnist_root):
+    out = tmp_path_factory.mktemp("protocols")
+    assert main(["evaluate", *PROTO_ARGS, "--data-root", str(mnist_root), "--out", str(out)]) == 0
+    return out
+
+
+def test_protocol_jobs_extend_the_default_layout(tmp_path):
+    """Runs made before --gt-removal/--lds-alphas keep their shard layout and key: the headline protocol's jobs
+    come first, in the old order; the other protocol shares base and noise and removes the same clusters."""
+    base = {"evaluate": {"n_masks": 3, "noise_seeds": 1}, "runtime": {"out": str(tmp_path)}}
+    old = retrain_jobs(Config.from_dict(base), 6)
+    both = Config.from_dict({**base, "evaluate": {**base["evaluate"], "gt_removal": "drop,zero-weight",
+                                                  "lds_alphas": "0.9"}})
+    jobs = retrain_jobs(both, 6)
+    assert jobs[:len(old)] == old
+    zero = [j for j in jobs if j.removal == "zero-weight"]
+    assert [j.kind for j in zero].count("loo") == 6 and [j.kind for j in zero].count("mask") == 6
+    drop_rm = sorted(j.removed for j in jobs if j.removal == "drop" and j.kind != "base" and j.kind != "noise")
+    assert drop_rm == sorted(j.removed for j in zero)  # the same removals under both protocols
+    assert all(len(j.removed) == 1 for j in jobs if j.kind == "mask" and j.alpha == 1)  # alpha 0.9 keeps 5 of 6
+    qpos = torch.arange(3)
+    assert retrain_key(Config.from_dict({**base, "evaluate": {**base["evaluate"], "gt_removal": "drop",
+                                                              "lds_alphas": ""}}), qpos) == \
+        retrain_key(Config.from_dict(base), qpos)
+    assert retrain_key(both, qpos) != retrain_key(Config.from_dict(base), qpos)
+    for bad in ({"gt_removal": "drop,drop"}, {"gt_removal": "reshuffle"}, {"lds_alphas": "0.5"},
+                {"lds_alphas": "1.5"}, {"lds_alphas": "x"}):
+        with pytest.raises(ConfigError, match="--gt-removal|--lds-alphas"):
+            EvaluateConfig(**bad)
+
+
+def test_protocol_metrics_recompute_from_the_file(protocols):
+    """Every protocol's Dist1 and every (protocol, alpha) LDS follow from the stored datasets."""
+    with h5py.File(protocols / "evaluation.h5") as f:
+        assert f["gt"].attrs["removals"] == "drop,zero-weight"
+        base, labels, removed = f["gt/base"][()], f["query_label"][()], f["gt/removed"][()]
+        np.testing.assert_array_equal(f["gt/protocols/drop/outputs"][()], f["gt/outputs"][()])  # headline = drop
+        drop, zero = f["gt/protocols/drop/outputs"][()], f["gt/protocols/zero-weight/outputs"][()]
+        assert not np.array_equal(drop, zero) and np.abs(drop - zero).max() < 0.5
+        for name in f["methods"]:
+            g = f["methods"][name]
+            d1_scores = g["objectives/dist1"][()] if "objectives" in g else g["scores"][()]
+            for removal in ("drop", "zero-weight"):
+                out = f[f"gt/protocols/{removal}/outputs"][()]
+                pick = np.argmax(d1_scores[:, removed], 1)
+                want = np.mean([100 * np.linalg.norm(out[r, q] - base[q]) for q, r in enumerate(pick)])
+                assert g.attrs[f"{removal}/dist1"] == pytest.approx(want, rel=1e-5), (name, removal)
+                for a in ("alpha_0", "alpha_1"):
+                    sub = f[f"gt/protocols/{removal}/{a}"]
+                    masks, mask_out = sub["masks"][()], sub["outputs"][()]
+                    pred = (~masks).astype(np.float64) @ g["scores"][()].T.astype(np.float64)
+                    rho = spearman(torch.from_numpy(pred), torch.from_numpy(_ce(mask_out, labels))).numpy()
+                    key = f"{removal}/lds@{sub.attrs['alpha']:g}"
+                    assert g.attrs[key] == pytest.approx(np.nanmean(rho), rel=1e-6, abs=1e-9), (name, key)
+        ref = f["reference"].attrs
+        apart = 100 * np.linalg.norm(drop - zero, axis=-1).mean(0).mean()
+        assert ref["protocols:apart/dist1"] == pytest.approx(apart, rel=1e-5)
+    text = (protocols / "report.md").read_text()
+    assert "## Ground-truth protocols and drop fractions" in text and "LDS α=0.9 zero-weight" in text
+    assert "Replay (exact, anchor)" in text
+
+
+def test_zero_weight_base_is_theta_tau_and_replay_is_near_the_oracle(protocols):
+    """The zero-weight full-data rerun is theta_tau bit for bit (all-ones weights = the plain mean), and the
+    replay anchor locates clusters at least as well as the clustering baseline on the smoke run."""
+    with h5py.File(protocols / "evaluation.h5") as f:
+        assert f["gt"].attrs["base_drift"] < 1e-6
+        rep, clu = f["methods/replay"].attrs, f["methods/clustering"].attrs
+        assert rep["zero-weight/lds@0.5"] > 0.5 and rep["zero-weight/dist1"] >= clu["zero-weight/dist1"] - 1e-6
+        assert "replayed theta_tau matches train.h5 to 0" in rep["note"]
+
+
+def test_seed_table_has_the_protocol_columns_and_marks_ties(protocols):
+    from ddm_hpc.report import seed_table
+
+    path = protocols / "evaluation.h5"
+    lines = seed_table([path, path])  # the same run twice: std 0, so only equal means tie
+    text = "\n".join(lines)
+    assert "By ground-truth protocol and LDS kept fraction α:" in text and "LDS α=0.9 zero-weight" in text
+    with h5py.File(path) as f:
+        best = max(f["methods"], key=lambda n: f["methods"][n].attrs["zero-weight/dist1"])
+        worst = min(f["methods"], key=lambda n: f["methods"][n].attrs["zero-weight/dist1"])
+        b, w = (f["methods"][n].attrs["zero-weight/dist1"] for n in (best, worst))
+    assert f"**{b:.2f} ± 0.00**" in text and f"| {w:.2f} ± 0.00 |" in text or b == w
+    assert "the two protocols' outputs apart" in text

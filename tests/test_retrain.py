@@ -76,6 +76,36 @@ def test_retrain_without_union_of_clusters_equals_keep_mask_run():
         retrain_without(CONV_CFG, bundle, assign, [99])
 
 
+def test_zero_weight_removal_keeps_every_minibatch_and_zeroes_the_removed_loss():
+    """zero-weight: an independent SGD loop over the full run's minibatches (removed rows in their slots, loss
+    (1/B) sum of the kept rows' losses) gives the retrained parameters; it differs from drop (re-batched),
+    and with nothing removed it is the full run bit for bit."""
+    from ddm_hpc.train import epoch_order
+
+    bundle = _bundle(96, 8)
+    assign = _assignment(bundle.y_train, 2)
+    removed = torch.tensor([1, 4])
+    got = retrain_without(CONV_CFG, bundle, assign, removed, removal="zero-weight")
+    keep = ~torch.isin(assign, removed)
+    model = build_target(CONV_CFG, bundle)
+    tc = CONV_CFG.train
+    opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    for epoch in range(1, tc.epochs + 1):
+        for rows in epoch_order(96, CONV_CFG.seed, epoch).split(tc.batch_size):
+            per = F.cross_entropy(model(bundle.x_train[rows]), bundle.y_train[rows], reduction="none")
+            loss = per[keep[rows]].sum() / len(rows)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    want = ParamTable.from_module(model).flatten(dict(model.named_parameters()))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # summation order of the masked sum differs
+    assert (got - retrain_without(CONV_CFG, bundle, assign, removed)).abs().max() > 1e-4  # drop re-batches
+    assert torch.equal(retrain_without(CONV_CFG, bundle, assign, [], removal="zero-weight"),
+                       retrain_without(CONV_CFG, bundle, assign, []))
+    with pytest.raises(ConfigError, match="--gt-removal"):
+        retrain_without(CONV_CFG, bundle, assign, removed, removal="reshuffle")
+
+
 def test_query_probs_are_softmax_of_the_loaded_parameters():
     bundle = _bundle(96, 8)
     model = build_target(CONV_CFG, bundle)

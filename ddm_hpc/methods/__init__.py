@@ -8,8 +8,10 @@ Methods other than DDM have one responsibility score; Dist1 and Dist2 locate its
 
 Rooms: ``base`` (the interface and the registry), one file per family of built-in methods:
 ``baselines`` (random, predict, clustering), ``ddm`` (ddm, ddm-match, ddm-soft, ddm-seq), ``tracin``
-and ``trak`` (the peers, with what they share in ``peers``). Importing this package registers them,
-in the order of ``config.DEFAULT_METHODS``. A new method is one more file (see ``base``).
+and ``trak`` (the peers, with what they share in ``peers``), and ``replay`` (exact metagradients, the
+upper anchor; not in the default ``--methods``: it costs about two trainings per query). Importing this
+package registers them, in the order of ``config.DEFAULT_METHODS``, replay last. A new method is one more
+file (see ``base``).
 """
 from ddm_hpc.methods.base import REGISTRY, AttributionMethod, MethodResult, describe, method, resolve, score_methods
 from ddm_hpc.methods.baselines import cluster_means
@@ -17,6 +19,8 @@ from ddm_hpc.methods.ddm import read_ddm_scores, spread_to_clusters
 from ddm_hpc.methods.peers import to_clusters
 from ddm_hpc.methods.tracin import tracin_scores
 from ddm_hpc.methods.trak import trak_scores
+from ddm_hpc.methods.replay import query_objectives  # registers replay, after the default methods
 
 __all__ = ["AttributionMethod", "MethodResult", "REGISTRY", "method", "resolve", "describe", "score_methods",
-           "cluster_means", "read_ddm_scores", "spread_to_clusters", "to_clusters", "tracin_scores", "trak_scores"]
+           "cluster_means", "read_ddm_scores", "spread_to_clusters", "to_clusters", "tracin_scores", "trak_scores",
+           "query_objectives"]
