@@ -257,7 +257,8 @@ def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
 
 
 # ----------------------------------------------------------------------------- removal protocols, kept fractions
-PROTO_ARGS = ["--preset", "smoke", "--n-masks", "4", "--noise-seeds", "1", "--methods", "random,clustering,replay",
+PROTO_ARGS = ["--preset", "smoke", "--n-masks", "4", "--noise-seeds", "1", "--methods",
+              "random,clustering,ddm-hier,replay",
               "--gt-removal", "drop,zero-weight", "--lds-alphas", "0.9", "--no-progress", "--no-plots"]
 
 
@@ -347,3 +348,20 @@ def test_seed_table_has_the_protocol_columns_and_marks_ties(protocols):
         b, w = (f["methods"][n].attrs["zero-weight/dist1"] for n in (best, worst))
     assert f"**{b:.2f} ± 0.00**" in text and f"| {w:.2f} ± 0.00 |" in text or b == w
     assert "the two protocols' outputs apart" in text
+
+
+def test_hierarchical_row_locates_the_searchs_pick(protocols):
+    """ddm-hier (Eq. 11) scores the cluster the class-first search picks: Dist1 is exact retraining without
+    ``hierarchy/cluster``; its LDS reads the class scores spread over their clusters."""
+    with h5py.File(protocols / "attribution.h5") as a, h5py.File(protocols / "evaluation.h5") as f:
+        pick = a["hierarchy/cluster"][()]
+        cls = a["hierarchy/class_scores"][()]
+        with h5py.File(protocols / "clusters.h5") as c:
+            cluster_class = c["clusters/class"][()]
+        base, out, removed = f["gt/base"][()], f["gt/outputs"][()], f["gt/removed"][()]
+        row = {int(r): i for i, r in enumerate(removed)}
+        want = np.mean([100 * np.linalg.norm(out[row[int(k)], q] - base[q]) for q, k in enumerate(pick)])
+        g = f["methods/ddm-hier"]
+        assert g.attrs["dist1"] == pytest.approx(want, rel=1e-5)
+        sizes = np.bincount(cluster_class)
+        np.testing.assert_allclose(g["scores"][()], cls[:, cluster_class] / sizes[cluster_class], rtol=1e-6)

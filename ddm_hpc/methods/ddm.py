@@ -8,6 +8,9 @@
   ddm-seq     "DDM w/o cluster": clusters by sequence number (``RUN/variants/ddm-seq``, on this
               run's train.h5). Its scores live on other clusters, so they are spread evenly over
               each sequential cluster's members and summed per k-means cluster.
+  ddm-hier    this run's class-first hierarchical search (Eq. 11): Dist1/2/3 locate the cluster it
+              picks inside the class it picks; its LDS reads the class scores spread evenly over each
+              class's clusters (the search has no score for clusters outside the chosen class).
 
 DDM methods carry one score matrix per objective (``per_objective``): the Eq. 10 metric Dist_m
 locates with the Dist_m scores, as the paper does.
@@ -112,3 +115,42 @@ class DDMSoft(_VariantDDM, name="ddm-soft", label="DDM-full + learned labels",
 
     def variant(self) -> Variant:
         return learned_labels()
+
+
+def hierarchical_scores(run_dir: Path, cluster_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """A run's hierarchical search as [Q, K] matrices: (located, spread, objective).
+
+    ``located``: the within-class cluster scores of the chosen class, ``-inf`` elsewhere (its argmax is the
+    search's pick); ``spread``: each class score divided evenly over that class's clusters.
+    """
+    path = artifact_path(run_dir, "attribute")
+    with open_read(path) as f:
+        if "hierarchy" not in f:
+            raise ConfigError(f"{path} has no hierarchical search (it was run with --search flat): rerun attribute "
+                              "with --search hierarchical or both")
+        h = f["hierarchy"]
+        cls_scores = torch.from_numpy(h["class_scores"][()]).double()
+        chosen = torch.from_numpy(h["class"][()]).long()
+        inside = torch.from_numpy(h["cluster_scores"][()]).double()
+        objective = str(f.attrs["objective"])
+    k = len(cluster_class)
+    sizes = torch.bincount(cluster_class, minlength=cls_scores.shape[1]).clamp(min=1).double()
+    spread = cls_scores[:, cluster_class] / sizes[cluster_class]
+    located = torch.full((len(chosen), k), float("-inf"), dtype=torch.float64)
+    for q, c in enumerate(chosen.tolist()):
+        ids = torch.nonzero(cluster_class == c)[:, 0]
+        located[q, ids] = inside[q, :len(ids)]
+    return located.float(), spread.float(), objective
+
+
+class DDMHier(AttributionMethod, name="ddm-hier", label="DDM-full, class-first search (Eq. 11)",
+              help="this run's hierarchical search: the class first, then its clusters"):
+    def score(self, ctx: RunContext) -> MethodResult:
+        located, spread, objective = hierarchical_scores(ctx.run_dir, ctx.cluster_class)
+        with open_read(artifact_path(ctx.run_dir, "attribute")) as f:
+            online = float(f.attrs.get("seconds_hierarchical", 0.0))
+        offline = float(read_attrs(artifact_path(ctx.run_dir, "distill"))["seconds"])
+        dist3 = torch.where(torch.isinf(located), located, -located)  # the least influential inside the class
+        return MethodResult(spread, online, offline, {"dist1": located, "dist2": located, "dist3": dist3},
+                            note=f"hierarchical search on the {objective} objective: every Dist_m locates its pick "
+                                 "inside the chosen class; LDS from the class scores spread over their clusters")
