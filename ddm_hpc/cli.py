@@ -101,7 +101,13 @@ def _read_config_file(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise DDMError(f"--config {path}: no such file; pass a YAML or JSON file of options")
     text = p.read_text()
-    data = (yaml.safe_load(text) or {}) if p.suffix in (".yaml", ".yml") else json.loads(text)
+    try:
+        data = (yaml.safe_load(text) or {}) if p.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        where = getattr(e, "problem_mark", None) or getattr(e, "lineno", None)
+        line = f" at line {where.line + 1}" if hasattr(where, "line") else (f" at line {where}" if where else "")
+        raise DDMError(f"--config {path}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}{line}: "
+                       "fix the file (sections of options, e.g. 'train: {epochs: 10}')") from None
     if not isinstance(data, dict):
         raise DDMError(f"--config {path}: expected a mapping of sections (data:, model:, ...)")
     return data

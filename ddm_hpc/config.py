@@ -581,16 +581,45 @@ class Config:
         kwargs: dict[str, Any] = {}
         for key, val in d.items():
             if key == "seed":
+                if isinstance(val, bool) or not isinstance(val, int) and not (isinstance(val, float) and val.is_integer()):
+                    raise ConfigError(f"--seed must be an integer, got {val!r}: fix it in the config file or flag")
                 kwargs["seed"] = int(val)
             elif key in SECTIONS:
                 known = {f.name for f in dataclasses.fields(SECTIONS[key])}
                 bad = set(val) - known
                 if bad:
                     raise ConfigError(f"unknown option(s) {sorted(bad)} in config section {key!r}; known: {sorted(known)}")
-                kwargs[key] = SECTIONS[key](**val)
+                kwargs[key] = SECTIONS[key](**{name: _typed(SECTIONS[key], name, v) for name, v in val.items()})
             else:
                 raise ConfigError(f"unknown config section {key!r}; known: seed, {', '.join(SECTIONS)}")
         return cls(**kwargs)
+
+
+def _typed(section: type, name: str, value: Any) -> Any:
+    """``value`` as the field's declared type (int, float, str, bool), or a one-line ConfigError naming the option.
+
+    Integral floats (``10.0`` from JSON) become ints; anything else of the wrong type (``"ten"``, ``2.5`` for an
+    integer option, a list) is refused before any stage runs."""
+    kind = {f.name: f.type for f in dataclasses.fields(section)}[name]
+    flag = f"--{name.replace('_', '-')}"
+    ok = True
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == "str":  # numbers (``query_index: 5`` in YAML) and paths read as their text
+        if isinstance(value, (int, float, os.PathLike)) and not isinstance(value, bool):
+            value = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+        ok = isinstance(value, str)
+    if not ok:
+        want = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(kind, kind)
+        raise ConfigError(f"{flag} must be {want}, got {value!r}: fix it in the config file, preset or flag")
+    return value
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

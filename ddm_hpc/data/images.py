@@ -56,7 +56,17 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def checked_unit(raw: torch.Tensor, where: str) -> torch.Tensor:
-    """:func:`to_unit` of raw source images, with a warning if float images leave [0, 1]."""
+    """:func:`to_unit` of raw source images, with a warning if float images leave [0, 1].
+
+    Raises:
+        DataError: NaN or infinite pixels (training on them diverges, and the message would blame the lr).
+    """
+    if raw.dtype.is_floating_point and raw.numel():
+        bad = ~torch.isfinite(raw)
+        if bad.any():
+            rows = torch.nonzero(bad.reshape(len(raw), -1).any(1))[:, 0]
+            raise DataError(f"{where}: {int(bad.sum())} NaN/inf pixel value(s) in {len(rows)} image(s) (first rows "
+                            f"{rows[:5].tolist()}): clean or drop those images")
     if raw.dtype != torch.uint8 and raw.numel() and (raw.min() < 0 or raw.max() > 1):
         logger.warning("%s: float images span [%g, %g], not [0, 1]; using them as is", where, raw.min(), raw.max())
     return to_unit(raw)
