@@ -285,6 +285,11 @@ def run_sharded(name: str, cfg: Config, task_fn: TaskFn, n_items: int, merge_fn:
     n = resolve_shards(cfg, n_items)
     key = shard_key(cfg, stage or name, key_extra)
     paths = shard_paths(run_dir, name, n)
+    if cfg.runtime.overwrite and shard_dir(run_dir, name).exists():
+        # --overwrite recomputes whatever exists: shards left by an earlier run are not reused (a rerun without
+        # --overwrite resumes them), since their key cannot see a corrupt-then-restored upstream file
+        log.info("%s: --overwrite: discarding the shards of an earlier run in %s", name, shard_dir(run_dir, name))
+        remove_shards(run_dir, name)
     pending = [s for s, p in enumerate(paths) if not shard_done(p, key, n)]
     if len(pending) < n:
         log.info("%s: %d of %d shards already complete, running %d", name, n - len(pending), n, len(pending))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ddm_hpc.errors import ConfigError
+from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.storage import artifact_path, open_read
 
 
@@ -50,7 +50,13 @@ def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
             raise ConfigError(f"synsets.h5 has no {level!r} synsets: re-run distill with --levels cluster,class")
         g = f[level]
         learned = str(f.attrs.get("syn_labels", "hard")) == "learn" and "targets" in g
-        return SynsetLevel(*(torch.from_numpy(g[k][()]) for k in ("images", "labels", "group_class",
-                                                                   "grad_norm_real", "grad_norm_syn", "size")),
-                           unlearn_direction=float(f.attrs["unlearn_direction"]),
-                           targets=torch.from_numpy(g["targets"][()]) if learned else None)
+        out = SynsetLevel(*(torch.from_numpy(g[k][()]) for k in ("images", "labels", "group_class",
+                                                                  "grad_norm_real", "grad_norm_syn", "size")),
+                          unlearn_direction=float(f.attrs["unlearn_direction"]),
+                          targets=torch.from_numpy(g["targets"][()]) if learned else None)
+    for name in ("images", "grad_norm_real", "grad_norm_syn", "targets"):
+        t = getattr(out, name)
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise StageError(f"{artifact_path(run_dir, 'distill')}: {level} {name} hold NaN/inf, so the file is "
+                             "corrupt: rerun distill with --overwrite")
+    return out

@@ -51,3 +51,22 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys, case, files, args, messag
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("ddm-hpc: error: ") and message in err, err
     assert not out.exists()  # nothing written
+
+
+def test_corrupt_synsets_are_refused_in_one_line(tmp_path, capsys, mnist_root):
+    import h5py
+
+    out = tmp_path / "run"
+    common = ["--preset", "smoke", "--no-progress", "--data-root", str(mnist_root), "--out", str(out)]
+    assert main(["run", *common]) == 0
+    with h5py.File(out / "synsets.h5", "r+") as f:
+        images = f["cluster/images"]
+        bad = images[()]
+        bad[0, 0, 0, :4] = np.nan
+        images[...] = bad
+    capsys.readouterr()
+    assert main(["attribute", "--overwrite", *common]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ddm-hpc: error:")]
+    assert len(err) == 1 and "NaN/inf" in err[0] and "corrupt" in err[0] and "rerun distill" in err[0]
+    assert main(["distill", "--overwrite", *common]) == 0  # recomputed from the (intact) trajectory
+    assert main(["attribute", "--overwrite", *common]) == 0

@@ -289,3 +289,16 @@ def test_slurm_executor_without_sbatch_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match=r"sbatch/srun not found on PATH.*--executor local$"):
         run_sharded("toy", toy_cfg(tmp_path, executor="slurm", shards=2), toy_task, 20, toy_merge, stage="train")
+
+
+def test_overwrite_discards_complete_shards_of_an_earlier_run(tmp_path):
+    """--overwrite recomputes whatever exists: complete shards with the current key are not reused (their key
+    cannot see an upstream file corrupted and restored in between); without it they are (resume)."""
+    cfg = toy_cfg(tmp_path, shards=2)
+    run_sharded("toy", cfg, toy_task, 20, None, stage="train")
+    (tmp_path / "calls.txt").unlink()
+    run_sharded("toy", cfg, toy_task, 20, None, stage="train")
+    assert not (tmp_path / "calls.txt").exists()
+    again = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=True))
+    run_sharded("toy", again, toy_task, 20, None, stage="train")
+    assert sorted((tmp_path / "calls.txt").read_text().split()) == ["0", "1"]
