@@ -41,28 +41,11 @@ from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import StageError
 from ddm_hpc.launch import run_sharded, shard_key, shard_range
 from ddm_hpc.methods import REGISTRY, MethodResult, resolve, score_methods
-from ddm_hpc.metrics import (
-    METRICS,
-    gt_objectives,
-    located_clusters,
-    located_values,
-    mean_sem,
-    oracle_values,
-    predicted_subset_effect,
-    random_subset_masks,
-    spearman,
-)
+from ddm_hpc.metrics import (METRICS, gt_objectives, located_clusters, located_values, mean_sem, oracle_values,
+                             predicted_subset_effect, random_subset_masks, spearman)
 from ddm_hpc.report import method_label, method_order, write_report
 from ddm_hpc.retrain import GroundTruth, fill_ground_truth, query_probs, retrain_without
-from ddm_hpc.storage import (
-    ParamTable,
-    artifact_path,
-    atomic_h5,
-    open_read,
-    read_attrs,
-    upstream_uids,
-    write_provenance,
-)
+from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read, read_attrs, upstream_uids, write_provenance
 from ddm_hpc.unlearn import unlearn_all_accuracy
 from ddm_hpc.utils import generator, progress
 from ddm_hpc.variants import Variant

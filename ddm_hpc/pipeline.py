@@ -32,14 +32,7 @@ from ddm_hpc.context import RunContext, load_data
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.launch import execute
-from ddm_hpc.storage import (
-    artifact_path,
-    plan_stage,
-    read_attrs,
-    require_upstream,
-    stage_status,
-    write_json_atomic,
-)
+from ddm_hpc.storage import artifact_path, plan_stage, read_attrs, require_upstream, stage_status, write_json_atomic
 from ddm_hpc.variants import Variant
 
 log = logging.getLogger(__name__)
