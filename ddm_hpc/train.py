@@ -40,13 +40,7 @@ from ddm_hpc.config import Config, TrainConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.data import DatasetBundle, MappedImages, MinibatchReader
 from ddm_hpc.models import model_factory
-from ddm_hpc.storage import (
-    ParamTable,
-    artifact_path,
-    atomic_h5,
-    read_attrs,
-    write_provenance,
-)
+from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, read_attrs, write_provenance
 from ddm_hpc.trajectory import Trajectory, write_trajectory
 from ddm_hpc.utils import generator, progress
 
