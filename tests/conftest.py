@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Reproducible cuBLAS on a GPU (utils.configure_cuda sets it too, but it must be there before the first cuBLAS
+# call of the process, which a test may make before any device is resolved)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 REPO = Path(__file__).resolve().parents[1]
 # The project's data sits beside the repo (../shared/data); DDM_DATA_ROOT overrides.
 DATA_ROOT = Path(os.environ.get("DDM_DATA_ROOT", REPO.parent / "shared" / "data"))
