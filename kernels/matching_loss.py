@@ -397,10 +397,13 @@ def triton_usable() -> str | None:
     gcc or clang) and the Python headers (``Python.h``). A node without them fails at the first launch,
     deep inside the distill stage; ``--kernel auto`` checks first and takes the reference instead.
     """
+    if getattr(getattr(triton.knobs, "build", None), "impl", None):
+        return None  # a custom build function replaces Triton's compiler call
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
     if not cc or not shutil.which(cc.split()[0]):
         return "no C compiler for Triton's launcher (set CC, or install gcc or clang)"
-    include = sysconfig.get_paths().get("include", "")
+    scheme = sysconfig.get_default_scheme()  # the include directory as triton.runtime.build finds it
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme).get("include", "")
     if not os.path.exists(os.path.join(include, "Python.h")):
         return f"no Python.h under {include} for Triton's launcher (install the python3-dev package)"
     return None
