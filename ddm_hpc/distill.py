@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from kernels import matching_loss
+from kernels import matching_loss, triton_usable
 
 from ddm_hpc.config import Config, DistillConfig
 from ddm_hpc.context import RunContext
@@ -344,6 +345,19 @@ def loss_history_of(group_history: np.ndarray) -> np.ndarray:
 
 SYNSET_DATASETS = ("images", "labels", "targets", "group_class", "init_loss", "final_loss", "grad_norm_real", "grad_norm_syn",
                    "size")
+
+
+def check(cfg: Config) -> None:
+    """``--kernel triton`` only where the fused kernels can run: CUDA (with a compiler for Triton) or the interpreter."""
+    if cfg.runtime.kernel != "triton" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    device = cfg.runtime.torch_device()
+    if device.type != "cuda":
+        raise ConfigError(f"--kernel triton needs a CUDA device, but --device {cfg.runtime.device} resolves to {device}: use "
+                          "--kernel auto or reference (or TRITON_INTERPRET=1 for Triton's interpreter)")
+    why = triton_usable()
+    if why:
+        raise ConfigError(f"--kernel triton: {why}; or use --kernel auto or reference")
 
 
 def distill_items(cfg: Config) -> list[tuple[str, int]]:

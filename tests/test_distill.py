@@ -216,3 +216,29 @@ def test_trajectory_reader_caches_every_row_that_fits(tmp_path, monkeypatch):
     assert TrajectoryReader(path, cache=3)._max == 3
     monkeypatch.setattr(trajectory, "memory_budget_bytes", lambda device, fraction: 0)
     assert TrajectoryReader(path)._max == TrajectoryReader.SMALL_CACHE
+
+
+def test_kernel_triton_without_cuda_fails_before_anything_runs(tmp_path, monkeypatch):
+    """--kernel triton on a CPU: one line naming the cause and the fix, from the option checks (no training first)."""
+    from ddm_hpc.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = main(["distill", "--device", "cpu", "--kernel", "triton", "--out", str(tmp_path / "r")])
+    assert code == 2 and not (tmp_path / "r").exists()
+
+
+def test_kernel_option_reaches_the_matching_loss(monkeypatch):
+    """distill_groups(kernel=...) hands --kernel to every matching_loss call."""
+    import ddm_hpc.distill as distill
+
+    seen = []
+    real_fn = distill.matching_loss
+    monkeypatch.setattr(distill, "matching_loss", lambda *a, **k: seen.append(k["backend"]) or real_fn(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 1, 8, 8, generator=g), torch.arange(30) % 3
+    traj = train_trajectory(_tiny_model(), x, y, x[:10], y[:10], TrainConfig(epochs=1, batch_size=10), 0,
+                            torch.device("cpu"), show_progress=False)
+    distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, y.clone(), torch.arange(3),
+                   DistillConfig(distill_steps=2, batch_real=4), 0, torch.device("cpu"), show_progress=False,
+                   kernel="reference")
+    assert seen and set(seen) == {"reference"}
