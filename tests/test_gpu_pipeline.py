@@ -76,9 +76,10 @@ def test_pipeline_on_cuda_writes_finite_artifacts(cuda_run):
     with h5py.File(out / "evaluation.h5") as f:
         for name in ("random", "clustering", "ddm"):
             assert np.isfinite(f[f"methods/{name}/scores"][()]).all(), name
-        # the full-data retraining reproduces theta_tau on the same GPU: its softmax is the attribute stage's
-        # up to float32 rounding of a different evaluation batch
-        assert f["gt"].attrs["base_drift"] < 1e-5
+        # the full-data retraining reproduces theta_tau on the same GPU (the bit-identity itself is checked by
+        # test_rerun_on_the_same_gpu_is_bit_identical); its softmax is the attribute stage's up to the rounding
+        # of another evaluation batch size, for which cuDNN may pick another (TF32) algorithm: ~1e-4
+        assert f["gt"].attrs["base_drift"] < 1e-3
 
 
 def test_faiss_on_the_gpu_when_installed(cuda_run):
