@@ -117,13 +117,14 @@ GLOBAL_K=$([[ "$FAISS_GPU" == 1 ]] && echo 10000 || echo 0)  # 1.28 M x 10 000 k
 # ------------------------------------------------------------------------------------------- tests
 if [[ "$CHECK" == 1 ]]; then
     step kernel-tests 120 "$PY" -m pytest --collect-only -q tests/test_kernels tests/test_devices.py
-    step gpu-tests 150 "$PY" -m pytest --collect-only -q -m gpu tests
+    step gpu-tests 180 "$PY" -m pytest --collect-only -q -m gpu tests
 else
     step kernel-tests 120 "$PY" -m pytest -q -rfEs $XDIST --dist load --junitxml="$OUT/pytest_kernels.xml" \
         tests/test_kernels tests/test_devices.py
     # loadfile: a file's tests share one worker, so its module fixture (the CUDA pipeline run) runs once
-    step gpu-tests 150 "$PY" -m pytest -q -rfEs $XDIST --dist loadfile --junitxml="$OUT/pytest_gpu.xml" -m "gpu or not gpu" \
-        tests/test_gpu_pipeline.py tests/test_launch.py::test_merged_artifacts_bit_identical_for_1_3_7_shards
+    step gpu-tests 180 "$PY" -m pytest -q -rfEs $XDIST --dist loadfile --junitxml="$OUT/pytest_gpu.xml" -m "gpu or not gpu" \
+        tests/test_gpu_pipeline.py tests/test_gpu_speedup.py \
+        tests/test_launch.py::test_merged_artifacts_bit_identical_for_1_3_7_shards
 fi
 
 # ------------------------------------------------------------------------------------------- benchmarks
