@@ -4,12 +4,14 @@ VENV    ?= .venv
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 ARGS    ?=
+# FAISS build: cpu, or gpu on a CUDA node (make install EXTRA=gpu; setup.py's extras)
+EXTRA   ?= cpu
 
 .PHONY: install run test clean
 
 $(STAMP): setup.py constraints.txt
 	$(PY) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt -e . pytest
+	$(PIP) install --quiet -c constraints.txt -e .[$(EXTRA)] pytest
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,13 +13,21 @@ setup(
         "triton",
         "numpy",
         "h5py",
-        "faiss-cpu",
+        # FAISS comes from an extra: faiss-cpu and faiss-gpu both install the module `faiss`, so a
+        # default faiss-cpu could not be swapped for faiss-gpu by `.[gpu]` (pip would unpack both)
         "submitit",
         "tqdm",
         "PyYAML",
         "matplotlib",
         "traker",
     ],
-    extras_require={"test": ["pytest"], "bench": ["scikit-learn"]},
+    extras_require={
+        "test": ["pytest"],
+        "bench": ["scikit-learn"],
+        "cpu": ["faiss-cpu"],  # every CPU machine, CI: pip install -c constraints.txt -e .[cpu]
+        # a CUDA node: k-means on the GPU (cluster.faiss_has_gpu); the wheel brings its CUDA 12 runtime and
+        # cuBLAS (nvidia-*-cu12), beside torch's CUDA 13 ones; needs an NVIDIA driver >= 525
+        "gpu": ["faiss-gpu"],
+    },
     entry_points={"console_scripts": ["ddm-hpc=ddm_hpc.cli:main"]},
 )

@@ -15,10 +15,12 @@ the start of the call (sampled, see ``ddm_hpc.utils.PeakRSS``).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--one", nargs=3, metavar=("ARCH", "PATH", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if os.environ.get("DDM_ARGCHECK"):  # benchmarks/gpu_suite.sh --check: the suite's flags parse; nothing runs
+        print(f"{Path(__file__).name}: arguments ok")
+        return
     dev = torch.device(args.device)
     if args.quick:
         args.steps, args.eval, args.width = 5, 16, args.width or 16

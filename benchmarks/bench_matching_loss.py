@@ -266,6 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if os.environ.get("DDM_ARGCHECK"):  # benchmarks/gpu_suite.sh --check: the suite's flags parse; nothing runs
+        print(f"{Path(__file__).name}: arguments ok")
+        return
     print(f"torch {torch.__version__}; distance={args.distance} sign={args.sign} include_1d={args.include_1d}")
     rows = run_gpu(args) if torch.cuda.is_available() else run_cpu(args)
     if args.csv is not None:

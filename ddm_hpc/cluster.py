@@ -77,7 +77,11 @@ class KMeansRunner:
     """
 
     def __init__(self, use_gpu: bool = False, temp_memory_bytes: int | None = None) -> None:
-        import faiss  # deferred: see the module docstring
+        try:
+            import faiss  # deferred: see the module docstring
+        except ImportError:
+            raise ConfigError("k-means needs FAISS, which is not installed: pip install -c constraints.txt -e .[cpu] "
+                              "(or .[gpu] on a CUDA node)") from None
 
         self.faiss = faiss
         self.res = None

@@ -465,6 +465,9 @@ class DiagnoseConfig:
         return _percent_list(getattr(self, name), name.replace("_", "-"))
 
 
+KERNELS = ("auto", "triton", "reference")  # --kernel choices (kernels.matching_loss's ``backend``)
+
+
 @dataclass
 class RuntimeConfig:
     """Where and how to run; not part of any stage key (results do not depend on it)."""
@@ -509,9 +512,19 @@ class RuntimeConfig:
     plugins: str = field(default="", metadata=_help(
         "comma-separated modules or .py files imported first, here and in every job, for what they register "
         "(attribution methods for --methods, models for --model), e.g. 'mylab.ddm_methods,./toy.py'"))
+    kernel: str = field(default="auto", metadata=_help(
+        "matching-loss implementation of the distill stage: triton (the fused Triton kernels; needs CUDA tensors, "
+        "a C compiler and Python headers on the node), reference (pure torch, kernels/reference.py), or auto "
+        "(triton on CUDA when Triton can compile there, else reference; the choice is logged once). Results agree "
+        "to float rounding (~1e-6)", added=True))
+    deterministic: bool = field(default=True, metadata=_help(
+        "on CUDA: deterministic cuDNN/cuBLAS algorithms and torch.use_deterministic_algorithms (warn-only), so "
+        "a rerun on the same GPU model and software reproduces every bit; --no-deterministic lets cuDNN benchmark "
+        "for speed (reruns then differ in the last bits). No effect on CPU", added=True))
 
     def __post_init__(self) -> None:
         _choice(self, "executor", ("local", "debug", "slurm"))
+        _choice(self, "kernel", KERNELS)
         _choice(self, "data_cache", ("memory", "mmap"))
         if self.shards < 1:
             raise ConfigError(f"--shards must be >= 1, got {self.shards}")
@@ -526,8 +539,8 @@ class RuntimeConfig:
         return self.workers or os.cpu_count() or 1
 
     def torch_device(self) -> torch.device:
-        """The device every stage computes on (``--device``; auto = cuda if present)."""
-        return resolve_device(self.device)
+        """The device every stage computes on (``--device``; auto = cuda if usable), set up per ``--deterministic``."""
+        return resolve_device(self.device, self.deterministic)
 
 
 SECTIONS: dict[str, type] = {

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from kernels import matching_loss
+from kernels import matching_loss, triton_usable
 
 from ddm_hpc.config import Config, DistillConfig
 from ddm_hpc.context import RunContext
@@ -58,9 +59,10 @@ from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import run_sharded, shard_range
 from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
 from ddm_hpc.trajectory import Checkpoints
-from ddm_hpc.utils import generator, progress
+from ddm_hpc.utils import generator, progress, to_device
 
 log = logging.getLogger(__name__)
+POSTFIX_EVERY = 10  # steps between the progress bar's loss readings (each one waits for the device)
 
 
 @dataclass
@@ -188,10 +190,11 @@ class Matcher:
 
     def __init__(self, model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: torch.Tensor,
                  groups: torch.Tensor, n_groups: int, dcfg: DistillConfig, device: torch.device,
-                 group_ids: torch.Tensor | None = None):
-        self.model, self.reader, self.dcfg, self.device = model, reader, dcfg, device
+                 group_ids: torch.Tensor | None = None, kernel: str = "auto"):
+        self.model, self.reader, self.dcfg, self.device, self.kernel = model, reader, dcfg, device, kernel
         # The real images stay where they are (host memory for large sets); each block's sampled rows are
-        # gathered there and moved to the device, so device memory holds a block, not the dataset.
+        # gathered there and moved to the device (through pinned memory, without blocking the host: the
+        # copy overlaps the previous block's work), so device memory holds a block, not the dataset.
         self.x, self.y = x, y
         self.group_ids = torch.arange(n_groups) if group_ids is None else group_ids
         self.members, self.sizes = group_members(groups, n_groups, self.group_ids)  # this shard's groups only
@@ -206,7 +209,8 @@ class Matcher:
         ``images``: one tensor [ipc, C, H, W] per group; ``labels``: int64 [G, ipc] hard labels, or one
         float tensor [ipc, L] of soft labels per group; ``gen``: one generator per group;
         ``chunk``: groups per block (the first block starts at the first group). If ``backward``,
-        accumulates d loss / d images. Norms are over all parameters.
+        accumulates d loss / d images. Norms are over all parameters. The three tensors stay on the device:
+        nothing here waits for the GPU.
         """
         t_real, t_syn = pair
         p_real = {k: v.detach() for k, v in self.reader.params(t_real).items()}
@@ -217,20 +221,20 @@ class Matcher:
             g1 = min(g0 + chunk, self.n_groups)
             r = rows[g0:g1].to(self.x.device)
             with torch.no_grad():
-                real = per_group_grads(self.model, p_real, self.x[r].to(self.device), self.y[r].to(self.device),
-                                       w[g0:g1].to(self.device), self.impl)
+                real = per_group_grads(self.model, p_real, to_device(self.x[r], self.device),
+                                       to_device(self.y[r], self.device), to_device(w[g0:g1], self.device), self.impl)
             syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
             syn = per_group_grads(self.model, p_syn, syn_x, lab, ones)
             loss = matching_loss(real, syn, sign=self.dcfg.sign, include_1d=self.dcfg.include_1d,
-                                 distance=self.dcfg.distance)
+                                 distance=self.dcfg.distance, backend=self.kernel)
             if backward:
                 loss.sum().backward()
             out.append(loss.detach())
             real_norm.append(_group_norm(real))
             syn_norm.append(_group_norm([g.detach() for g in syn]))
-        return torch.cat(out).float().cpu(), torch.cat(real_norm).cpu(), torch.cat(syn_norm).cpu()
+        return torch.cat(out).float(), torch.cat(real_norm), torch.cat(syn_norm)
 
 
 def _group_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -257,7 +261,7 @@ def init_images(x: torch.Tensor, members: torch.Tensor, sizes: torch.Tensor, ipc
 def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: torch.Tensor,
                    groups: torch.Tensor, group_class: torch.Tensor, dcfg: DistillConfig, seed: int,
                    device: torch.device, desc: str = "distill", show_progress: bool = True,
-                   group_ids: torch.Tensor | None = None) -> Synset:
+                   group_ids: torch.Tensor | None = None, kernel: str = "auto") -> Synset:
     """Learn ``ipc`` synthetic images for each group.
 
     Args:
@@ -270,8 +274,13 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         group_ids: int64 [g] consecutive groups to distil (a shard's blocks), starting on a block
             boundary; default all. Each group's result is then the same whichever other blocks
             are distilled with it.
+        kernel: the matching loss's implementation (``--kernel``: auto, triton, reference).
+
+    The step loop never waits for the device: losses stay there until the end (one copy of the
+    [G, steps] history), and the progress bar's loss is read every ``POSTFIX_EVERY`` steps, only when
+    the bar is shown.
     """
-    matcher = Matcher(model, reader, x, y, groups, len(group_class), dcfg, device, group_ids)
+    matcher = Matcher(model, reader, x, y, groups, len(group_class), dcfg, device, group_ids, kernel)
     ids = matcher.group_ids.tolist()
     n_groups = len(ids)
     images = init_images(x, matcher.members, matcher.sizes, dcfg.ipc, dcfg.init,
@@ -304,22 +313,23 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         with torch.no_grad():
             labels = label_fn()
         parts = [matcher.losses(images, labels, p, gen, chunk, backward=False) for p in eval_pairs]
-        return tuple(torch.stack(x).mean(0).numpy() for x in zip(*parts))
+        return tuple(torch.stack(x).mean(0).cpu().numpy() for x in zip(*parts))
 
     init_loss, _, _ = evaluate()
     pairs = trajectory_pairs(pairing, reader.tau, dcfg.step_length, generator(seed, 33), dcfg.distill_steps)
     batch_gen = [generator(seed, 34, k) for k in ids]
     history = []
     bar = progress(pairs, desc, show_progress)
-    for pair in bar:
+    shown = not getattr(bar, "disable", True)
+    for step, pair in enumerate(bar):
         opt.zero_grad(set_to_none=True)
         loss, _, _ = matcher.losses(images, label_fn(), pair, batch_gen, chunk, backward=True)
         opt.step()
         history.append(loss)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{float(loss.mean()):.4f}")
+        if shown and step % POSTFIX_EVERY == 0:
+            bar.set_postfix(loss=f"{float(loss.mean()):.4f}")  # a device sync: only for a visible bar
     final_loss, real_norm, syn_norm = evaluate()
-    per_group = (torch.stack(history, 1) if history else torch.zeros(n_groups, 0)).numpy().astype(np.float32)
+    per_group = (torch.stack(history, 1).cpu() if history else torch.zeros(n_groups, 0)).numpy().astype(np.float32)
     with torch.no_grad():
         targets = torch.stack(label_fn()) if dcfg.syn_labels == "learn" else F.one_hot(hard, n_cls).float()
     return Synset(matcher.group_ids.clone(), torch.stack([im.detach().cpu() for im in images]), hard.cpu(),
@@ -335,6 +345,19 @@ def loss_history_of(group_history: np.ndarray) -> np.ndarray:
 
 SYNSET_DATASETS = ("images", "labels", "targets", "group_class", "init_loss", "final_loss", "grad_norm_real", "grad_norm_syn",
                    "size")
+
+
+def check(cfg: Config) -> None:
+    """``--kernel triton`` only where the fused kernels can run: CUDA (with a compiler for Triton) or the interpreter."""
+    if cfg.runtime.kernel != "triton" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    device = cfg.runtime.torch_device()
+    if device.type != "cuda":
+        raise ConfigError(f"--kernel triton needs a CUDA device, but --device {cfg.runtime.device} resolves to {device}: use "
+                          "--kernel auto or reference (or TRITON_INTERPRET=1 for Triton's interpreter)")
+    why = triton_usable()
+    if why:
+        raise ConfigError(f"--kernel triton: {why}; or use --kernel auto or reference")
 
 
 def distill_items(cfg: Config) -> list[tuple[str, int]]:
@@ -381,7 +404,7 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
         groups, gclass = levels[level]
         s = distill_groups(model, reader, bundle.x_train, bundle.y_train, groups, gclass, cfg.distill,
                            cfg.seed + 1000 * i, device, f"distill[{level} {lo}:{hi}]", cfg.runtime.progress,
-                           group_ids=torch.arange(lo, hi))
+                           group_ids=torch.arange(lo, hi), kernel=cfg.runtime.kernel)
         seconds = time.perf_counter() - t1
         log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,
                  n, s.init_loss.mean(), s.final_loss.mean(), seconds)

@@ -44,9 +44,9 @@ Stages never launch jobs themselves; they call one of two functions here.
     compute in blocks that never straddle shards.
 
 Executors (``--executor``): ``local`` runs shards in this process (``--workers 1``, default) or in
-``--workers`` spawned processes; ``debug`` goes through submitit's in-process debug executor (the
-SLURM code path without a cluster); ``slurm`` submits job arrays with submitit's
-``AutoExecutor.map_array``. SLURM parameters come from ``--profile slurm/<cluster>.yaml`` and the
+``--workers`` spawned processes (worker i computes on ``cuda:(i % GPUs)`` when ``--device`` is ``auto``
+or ``cuda``); ``debug`` goes through submitit's in-process debug executor (the SLURM code path without
+a cluster); ``slurm`` submits job arrays with submitit's ``AutoExecutor.map_array``. SLURM parameters come from ``--profile slurm/<cluster>.yaml`` and the
 ``--slurm-*`` flags (flags win); see slurm/README.md. Long tasks are
 ``submitit.helpers.Checkpointable``: on preemption or timeout SLURM requeues them, and the
 requeued task skips a shard that completed meanwhile.
@@ -90,7 +90,7 @@ from ddm_hpc import graph
 from ddm_hpc.config import Config
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.storage import atomic_h5, read_attrs, upstream_uids, write_json_atomic
-from ddm_hpc.utils import load_plugins
+from ddm_hpc.utils import load_plugins, set_worker_index
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,11 @@ def _run_here(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key
     threads = max(1, (os.cpu_count() or 1) // workers)
     task = ShardTask(name, cfg, task_fn, n, n_items, key, threads=threads)
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    indices = ctx.Queue()  # worker i computes on cuda:(i % GPUs) (utils.set_worker_index)
+    for i in range(workers):
+        indices.put(i)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(indices,)) as pool:
         futs = {pool.submit(task, s, None, logs / f"shard-{s:05d}-of-{n:05d}.log"): s for s in pending}
         for fut in concurrent.futures.as_completed(futs):
             s = futs[fut]
@@ -349,6 +353,15 @@ def _run_here(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key
             except Exception as e:  # noqa: BLE001 (BrokenProcessPool included: a killed worker)
                 failures[s] = (job_error_line(e), str(logs / f"shard-{s:05d}-of-{n:05d}.log"))
     return failures
+
+
+def _init_worker(indices: Any) -> None:
+    """Pool initializer: take this worker's index (0..workers-1) from the queue, so that ``--device auto``/``cuda``
+    resolves to GPU ``index % device_count`` here and the workers spread over the node's GPUs."""
+    try:
+        set_worker_index(indices.get(timeout=10))
+    except Exception:  # noqa: BLE001 - no index left (a replacement worker): the default device
+        set_worker_index(None)
 
 
 def _run_slurm(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key: str, pending: list[int],

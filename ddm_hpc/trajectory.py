@@ -8,8 +8,10 @@
   trajectory/train_loss    float32 [n_ckpt]      mean minibatch loss of the epoch (NaN for epoch 0)
   params/{name,shape,ndim,offset,numel}          the table that unflattens a row
 
-:class:`TrajectoryReader` reads rows one at a time through a small cache (never the whole
-trajectory); :class:`MemoryTrajectory` is the same interface (:class:`Checkpoints`) over rows in memory.
+:class:`TrajectoryReader` reads rows one at a time through a cache sized to what fits (every row when
+tau + 1 rows take at most a tenth of the device's free memory, else 8), so the distill stage, which draws
+its pairs from all tau + 1 checkpoints, reads each row from HDF5 and copies it to the device once;
+:class:`MemoryTrajectory` is the same interface (:class:`Checkpoints`) over rows in memory.
 
 Room: imports ``storage``.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ddm_hpc.storage import ParamTable, artifact_path, open_read
+from ddm_hpc.utils import memory_budget_bytes, to_device
 
 
 @dataclass
@@ -70,12 +73,17 @@ class Checkpoints:
 
 
 class TrajectoryReader(Checkpoints):
-    """Reads trajectory rows from ``train.h5`` one at a time, keeping a small cache.
+    """Reads trajectory rows from ``train.h5`` one at a time, keeping a cache of ``cache`` rows.
 
-    Never loads the whole trajectory: memory is ``cache`` rows of P float32.
+    ``cache`` None (the default): every row if all of them take at most ``CACHE_FRACTION`` of the device's
+    free memory (host RAM for the CPU), else ``SMALL_CACHE``. Memory is at most that many rows of P float32;
+    rows enter when first read, never all at once.
     """
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", cache: int = 8):
+    CACHE_FRACTION = 0.1
+    SMALL_CACHE = 8
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", cache: int | None = None):
         self.path = Path(path)
         with open_read(self.path) as f:
             self.table = ParamTable.read(f["params"])
@@ -84,7 +92,9 @@ class TrajectoryReader(Checkpoints):
         self.device = torch.device(device)
         self._cache: dict[int, torch.Tensor] = {}
         self._order: list[int] = []
-        self._max = cache
+        self._max = self.SMALL_CACHE if cache is None else cache
+        if cache is None and len(self) * self.table.total * 4 <= memory_budget_bytes(self.device, self.CACHE_FRACTION):
+            self._max = len(self)
 
     @classmethod
     def of_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> TrajectoryReader:
@@ -100,7 +110,7 @@ class TrajectoryReader(Checkpoints):
         if i not in self._cache:
             with h5py.File(self.path, "r", locking=False) as f:
                 row = torch.from_numpy(f["trajectory/params"][i])
-            self._cache[i] = row.to(self.device)
+            self._cache[i] = to_device(row, self.device)
             self._order.append(i)
             if len(self._order) > self._max:
                 self._cache.pop(self._order.pop(0))

@@ -79,7 +79,11 @@ def group_weights(level: SynsetLevel, scale: str, train_lr: float, momentum: flo
 
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of all module outputs for a forward pass of one image (a memory estimate)."""
+    """Bytes of all module outputs for a forward pass of one image of ``x`` (a memory estimate).
+
+    The image is moved to the model's device first (``x`` may sit on the host while the model is on a GPU).
+    """
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), x.device)
     total = 0
 
     def hook(_m, _i, out):
@@ -89,7 +93,7 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     with torch.no_grad():
-        model(x[:1])
+        model(x[:1].to(device))
     for h in handles:
         h.remove()
     return total

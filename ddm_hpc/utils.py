@@ -1,5 +1,14 @@
-"""Small shared helpers: device choice, seeding, progress bars, memory budget and peak-memory meter, error lines,
-user plugins.
+"""Small shared helpers: device choice (and the CUDA settings made once a GPU is chosen), seeding, progress bars,
+memory budget and peak-memory meter, host-to-device copies, error lines, user plugins.
+
+Device choice (:func:`resolve_device`). ``auto`` takes the GPU when torch can use one; when the machine
+has an NVIDIA GPU that torch cannot use (driver older than the CUDA build, no driver library, a CPU-only
+torch) it says so in one warning and runs on the CPU. The first time a CUDA device is chosen in a process
+:func:`configure_cuda` fixes how it computes: with ``--deterministic`` (the default) cuDNN picks
+deterministic algorithms without benchmarking, ``torch.use_deterministic_algorithms(True, warn_only=True)``
+holds for every op (an op without a deterministic CUDA implementation warns instead of failing), and
+``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless already set) makes cuBLAS reductions reproducible. Worker
+processes of ``--workers N`` (:func:`set_worker_index`) take ``cuda:(i % device_count)``.
 
 Room: a leaf beside ``errors`` (imports nothing else of ddm_hpc); every module may use it.
 """
@@ -28,17 +37,124 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; a CUDA device asked for without one is an error."""
+# Files that exist when the machine has an NVIDIA GPU and driver, whether or not torch can use them.
+NVIDIA_PROBES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
+CUBLAS_WORKSPACE = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG for reproducible cuBLAS (PyTorch's reproducibility notes)
+_worker_index: int | None = None
+_warned_unusable = False
+_cuda_mode: bool | None = None  # the deterministic setting made by configure_cuda, once
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why torch cannot use the NVIDIA GPU this machine appears to have; None if CUDA works or no GPU is there.
+
+    A GPU "appears" when one of :data:`NVIDIA_PROBES` exists (or ``CUDA_VISIBLE_DEVICES`` names one). The
+    reason is torch's own error from initialising CUDA (e.g. "The NVIDIA driver on your system is too old").
+    """
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        hint = "this torch build has no CUDA (torch.version.cuda is None); install the CUDA build in constraints.txt"
+    else:
+        hint = None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    present = any(os.path.exists(p) for p in NVIDIA_PROBES) or visible not in ("", "-1")
+    if not present:
+        return None
+    if hint:
+        return hint
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - torch's message is the reason
+        return one_line(e)
+    return "torch.cuda.is_available() is False"
+
+
+def set_worker_index(index: int | None) -> None:
+    """Make this process worker ``index`` of ``--workers``: ``auto``/``cuda`` then resolve to ``cuda:(index % n)``."""
+    global _worker_index
+    _worker_index = index
+
+
+def resolve_device(name: str, deterministic: bool = True) -> torch.device:
+    """The device named by ``--device``, with CUDA set up (:func:`configure_cuda`) when it is a GPU.
+
+    ``auto`` -> cuda if torch can use it, else cpu (with one warning naming the cause when the machine has an
+    NVIDIA GPU torch cannot use). ``auto`` and ``cuda`` in worker ``i`` of ``--workers`` give ``cuda:(i % n)``
+    for n visible GPUs; ``cuda:N`` is taken as given.
+
+    Raises:
+        ConfigError: not a device name, a CUDA device without a usable GPU, or an index past the visible GPUs.
+    """
+    global _warned_unusable
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            reason = cuda_unusable_reason()
+            if reason and not _warned_unusable:
+                _warned_unusable = True
+                log.warning("--device auto: an NVIDIA GPU is present but torch cannot use it (%s); running on the "
+                            "CPU. Fix the driver or the torch build, or pass --device cpu to say so", reason)
+            return torch.device("cpu")
+        name = "cuda"
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for but no CUDA GPU is visible: use --device cpu or auto")
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        reason = cuda_unusable_reason() or "no CUDA GPU is visible"
+        raise ConfigError(f"--device {name} asked for but {reason}: use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if dev.index is None:
+        dev = torch.device("cuda", (_worker_index or 0) % count)
+    elif dev.index >= count:
+        raise ConfigError(f"--device {name}: only {count} GPU(s) visible; use cuda:0..cuda:{count - 1}")
+    configure_cuda(dev, deterministic)
     return dev
+
+
+def configure_cuda(device: torch.device, deterministic: bool = True) -> None:
+    """Make ``device`` the current GPU and, once per process, fix how CUDA computes (module docstring).
+
+    ``deterministic``: cuDNN deterministic and not benchmarking, deterministic algorithms (warn-only) and
+    ``CUBLAS_WORKSPACE_CONFIG``; False: cuDNN benchmarks and picks its fastest algorithm (results may then
+    differ between runs in the last bits). The first call's choice holds for the process.
+    """
+    _configure_cuda_once(deterministic)
+    torch.cuda.set_device(device)
+
+
+def _configure_cuda_once(deterministic: bool) -> None:
+    """The process-wide CUDA settings, made by the first call only."""
+    global _cuda_mode
+    if _cuda_mode is not None:
+        if _cuda_mode != deterministic:
+            log.warning("CUDA already set up with deterministic=%s in this process; keeping it", _cuda_mode)
+        return
+    _cuda_mode = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    log.info("CUDA: %s algorithms (cudnn.deterministic=%s, cudnn.benchmark=%s, CUBLAS_WORKSPACE_CONFIG=%s)",
+             "deterministic" if deterministic else "fastest", torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG", "unset"))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for a GPU goes through pinned memory, without blocking the host.
+
+    Safe to drop the source at once: the pinned copy belongs to PyTorch's caching host allocator, which
+    reuses it only after the copy has finished.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def generator(seed: int, *salt: int) -> torch.Generator:

@@ -97,3 +97,14 @@ def test_global_clusters_through_the_pipeline(tmp_path, mnist_root):
     assert any(len(set(y[a == k].tolist())) > 1 for k in range(len(cls)))  # global clusters may mix classes
     with h5py.File(out / "attribution.h5") as f:
         assert f["scores"].shape[1] == len(cls)
+
+
+def test_missing_faiss_names_the_extra(monkeypatch):
+    """FAISS comes from setup.py's cpu or gpu extra: without it, k-means fails with the install line."""
+    import sys
+
+    from ddm_hpc.cluster import KMeansRunner
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install -c constraints.txt -e \.\[cpu\].*\.\[gpu\]"):
+        KMeansRunner()

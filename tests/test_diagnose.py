@@ -248,7 +248,7 @@ def test_retrainings_equal_a_direct_retraining(diagnosed):
     out, cfg = diagnosed
     bundle = load_data(cfg)
     sec = read_section(out / "diagnose" / "useless.h5")
-    # full-data seed-0 retraining is theta_tau bit for bit, so its accuracy is the run's own
+    # full-data seed-0 retraining is theta_tau bit for bit (CPU; a GPU with --deterministic), so its accuracy is the run's own
     model = RunContext(cfg, bundle).trained_model()
     assert sec.arrays["accuracy"][0] == pytest.approx(accuracy(model, bundle.x_test, bundle.y_test))
     keep = np.unpackbits(sec.arrays["keep_bits"][-1], count=len(bundle.y_train)).astype(bool)

@@ -169,3 +169,76 @@ def test_matching_loss_decreases_on_tiny_problem(method):
     # every group improves on its fixed evaluation pairs, and the mean drops clearly
     assert (syn.final_loss < syn.init_loss).all(), (syn.init_loss, syn.final_loss)
     assert syn.final_loss.mean() < 0.9 * syn.init_loss.mean()
+
+
+def test_shown_progress_bar_gives_the_same_synsets(monkeypatch):
+    """The loss on the bar is read every POSTFIX_EVERY steps (a device sync); the synsets do not depend on it."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(60, 1, 8, 8, generator=g), torch.arange(60) % 3
+    traj = train_trajectory(_tiny_model(), x, y, x[:10], y[:10], TrainConfig(epochs=2, batch_size=20, lr=0.05), 0,
+                            torch.device("cpu"), show_progress=False)
+    dcfg = DistillConfig(distill_steps=12, lr_img=0.5, batch_real=8)
+
+    def run(show):
+        return distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, torch.arange(60) % 6,
+                              torch.tensor([0, 1, 2] * 2), dcfg, 0, torch.device("cpu"), show_progress=show)
+
+    quiet = run(False)
+    monkeypatch.setenv("DDM_PROGRESS", "1")
+    shown = run(True)
+    assert torch.equal(quiet.images, shown.images)
+    np.testing.assert_array_equal(quiet.group_history, shown.group_history)
+
+
+def test_trajectory_reader_caches_every_row_that_fits(tmp_path, monkeypatch):
+    """The distill stage draws pairs from all tau + 1 rows: a reader caches them all when they fit (each row read
+    from HDF5 once), else SMALL_CACHE rows; an explicit size is kept."""
+    import h5py
+
+    from ddm_hpc import trajectory
+    from ddm_hpc.trajectory import TrajectoryReader, write_trajectory
+
+    traj = train_trajectory(_tiny_model(), torch.randn(40, 1, 8, 8), torch.arange(40) % 3, torch.randn(5, 1, 8, 8),
+                            torch.arange(5) % 3, TrainConfig(epochs=12, batch_size=20), 0, torch.device("cpu"),
+                            show_progress=False)
+    path = tmp_path / "train.h5"
+    with h5py.File(path, "w") as f:
+        write_trajectory(f, traj)
+        f.attrs["complete"] = True  # what atomic_h5 marks a finished artifact with
+    reader = TrajectoryReader(path)
+    assert len(reader) == 13 and reader._max == 13
+    opened = []
+    real_file = h5py.File
+    monkeypatch.setattr(trajectory.h5py, "File", lambda *a, **k: opened.append(a) or real_file(*a, **k))
+    for i in list(range(13)) * 2:
+        assert torch.equal(reader.flat(i), traj.params[i])
+    assert len(opened) == 13  # each row read once
+    assert TrajectoryReader(path, cache=3)._max == 3
+    monkeypatch.setattr(trajectory, "memory_budget_bytes", lambda device, fraction: 0)
+    assert TrajectoryReader(path)._max == TrajectoryReader.SMALL_CACHE
+
+
+def test_kernel_triton_without_cuda_fails_before_anything_runs(tmp_path, monkeypatch):
+    """--kernel triton on a CPU: one line naming the cause and the fix, from the option checks (no training first)."""
+    from ddm_hpc.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = main(["distill", "--device", "cpu", "--kernel", "triton", "--out", str(tmp_path / "r")])
+    assert code == 2 and not (tmp_path / "r").exists()
+
+
+def test_kernel_option_reaches_the_matching_loss(monkeypatch):
+    """distill_groups(kernel=...) hands --kernel to every matching_loss call."""
+    import ddm_hpc.distill as distill
+
+    seen = []
+    real_fn = distill.matching_loss
+    monkeypatch.setattr(distill, "matching_loss", lambda *a, **k: seen.append(k["backend"]) or real_fn(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 1, 8, 8, generator=g), torch.arange(30) % 3
+    traj = train_trajectory(_tiny_model(), x, y, x[:10], y[:10], TrainConfig(epochs=1, batch_size=10), 0,
+                            torch.device("cpu"), show_progress=False)
+    distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, y.clone(), torch.arange(3),
+                   DistillConfig(distill_steps=2, batch_real=4), 0, torch.device("cpu"), show_progress=False,
+                   kernel="reference")
+    assert seen and set(seen) == {"reference"}

@@ -48,11 +48,14 @@ def test_evaluation_schema(evaluated):
             s = f["methods"][name]["scores"]
             assert s.shape == (q, k) and s.dtype == np.float32 and np.isfinite(s[()]).all(), name
             assert float(f["methods"][name]["seconds"][()]) >= 0
-        # on CPU the full-data retraining is theta_tau bit for bit, so its softmax is the attribute stage's
-        # (up to float32 rounding: attribute evaluates the queries in a larger batch)
-        assert f["gt"].attrs["base_drift"] < 1e-6
+        # the full-data retraining is theta_tau bit for bit (on the CPU, and on a GPU with --deterministic), so its
+        # softmax is the attribute stage's
+        # (up to float32 rounding: attribute evaluates the queries in a larger batch; on a GPU that batch size may
+        # take another, TF32, cuDNN algorithm: ~1e-4)
+        tol = 1e-3 if torch.cuda.is_available() else 1e-6
+        assert f["gt"].attrs["base_drift"] < tol
         with h5py.File(evaluated / "attribution.h5") as a:
-            np.testing.assert_allclose(f["gt/base"][()], a["base_probs"][()], atol=1e-6)
+            np.testing.assert_allclose(f["gt/base"][()], a["base_probs"][()], atol=tol)
             np.testing.assert_array_equal(f["query_index"][()], a["query_index"][()])
         # DDM's per-objective scores are the attribute stage's flat scores, unchanged
             for obj in ("dist1", "dist2", "dist3"):

@@ -122,7 +122,10 @@ def test_distill_groups_subset_equals_full_run(base_run, mnist_root):
 
 
 def test_merged_artifacts_bit_identical_for_1_3_7_shards(base_run, tmp_path, mnist_root):
-    """distill + attribute (flat and hierarchical) give the same files for 1, 3 and 7 shards."""
+    """distill + attribute (flat and hierarchical) give the same files for 1, 3 and 7 shards.
+
+    Promised bit for bit on every device this runs on (``--device auto``): the CPU, and a CUDA GPU with
+    ``--deterministic`` (the default; README "Determinism"): each block is computed the same way in any shard."""
     from ddm_hpc.pipeline import run_stages
 
     runs = {}
@@ -202,6 +205,26 @@ def test_toy_stage_on_each_executor(tmp_path, executor, workers):
     path = run_sharded("toy", cfg, toy_task, 20, toy_merge, stage="train")
     np.testing.assert_array_equal(np.load(path), np.arange(20) ** 2)
     assert not (tmp_path / "shards").exists()
+
+
+def worker_task(cfg: Config, shard: int, n_shards: int) -> dict[str, np.ndarray]:
+    """The worker index this shard ran under (utils.set_worker_index) and the process id."""
+    from ddm_hpc import utils
+
+    return {"worker": np.array(-1 if utils._worker_index is None else utils._worker_index), "pid": np.array(os.getpid())}
+
+
+def test_workers_get_distinct_indices_for_their_gpus(tmp_path):
+    """--workers 2: each process takes its own index 0 or 1 (so --device auto/cuda is cuda:(i % GPUs) there)."""
+    cfg = toy_cfg(tmp_path, workers=2, shards=4)
+    paths = run_sharded("toy", cfg, worker_task, 4, stage="train")
+    by_pid = {}
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            by_pid.setdefault(int(f["pid"][()]), set()).add(int(f["worker"][()]))
+    assert all(len(v) == 1 for v in by_pid.values()), by_pid  # one index per process
+    indices = sorted(i for v in by_pid.values() for i in v)
+    assert set(indices) <= {0, 1} and len(indices) == len(set(indices)), by_pid
 
 
 def test_failed_shard_reported_others_kept_rerun_redoes_only_missing(tmp_path, monkeypatch):

@@ -116,8 +116,9 @@ def test_general_float_sign(sign, distance):
 def test_gpu_tiling(monkeypatch, blocks, shapes, distance):
     """Several row blocks per parameter and several column steps per row (the GPU tiling)."""
     monkeypatch.setattr(ml, "_BLOCKS_OVERRIDE", blocks)
-    plan = ml._plan(shapes, True, torch.device("cpu" if DEVICE == "cpu" else "cuda"), DEVICE == "cpu", blocks)
-    assert (plan.block_r, plan.block_c) == blocks and plan.n_segments > len(shapes)
+    plan = ml._plan(shapes, True, DEVICE == "cpu", blocks)
+    assert all((layer.block_r, layer.block_c) == blocks for layer in plan.layers)
+    assert sum(layer.n_row_blocks for layer in plan.layers) > len(shapes)
     real, syn = _grads(2, shapes)
     _assert_matches_reference(real, syn, include_1d=True, distance=distance)
 
@@ -303,3 +304,87 @@ def test_distill_stage_kernel_path_equals_reference_path(monkeypatch):
     reference = run()
     torch.testing.assert_close(kernel.images, reference.images, rtol=1e-4, atol=1e-5)
     assert abs(kernel.final_loss - reference.final_loss).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- --kernel, launches, device guard
+def test_backend_reference_never_runs_the_kernel():
+    real, syn = _grads(2, [CONV])
+    loss = matching_loss(real, syn, backend="reference")
+    assert not isinstance(loss.grad_fn, ml.MatchingLossFunction._backward_cls)
+    torch.testing.assert_close(loss, matching_loss_reference(real, syn), atol=0, rtol=0)
+
+
+def test_backend_triton_refuses_what_it_cannot_run(monkeypatch):
+    """--kernel triton: a one-line error naming the cause and the fix, never a silent fallback."""
+    real, syn = _grads(2, [CONV], device="cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"--kernel triton: tensors on cpu.*use --kernel auto or reference"):
+        matching_loss(real, syn, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(matching_loss(real, syn, backend="triton").grad_fn, ml.MatchingLossFunction._backward_cls)
+    real64, syn64 = _grads(2, [CONV], dtype=torch.float64, device="cpu")
+    with pytest.raises(ValueError, match="float64"):
+        matching_loss(real64, syn64, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        matching_loss(real, syn, backend="fast")
+
+
+def test_triton_usable_names_a_missing_compiler(monkeypatch):
+    """auto takes the reference on a CUDA node where Triton cannot build its launcher, and says why."""
+    check = ml.triton_usable.__wrapped__  # the uncached check
+    if ml.shutil.which("gcc") or ml.shutil.which("clang"):
+        assert check() in (None, f"no Python.h under {ml.sysconfig.get_paths()['include']} for Triton's launcher "
+                                 "(install the python3-dev package)")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(ml.shutil, "which", lambda name: None)
+    assert "no C compiler" in check()
+    monkeypatch.setattr(ml.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(ml.sysconfig, "get_paths", lambda **kw: {"include": "/nonexistent"})
+    assert "Python.h" in check()
+
+
+def test_device_guard_targets_the_tensors_gpu():
+    """Launches run under torch.cuda.device(the tensors' device), not the current device (built without CUDA)."""
+    guard = ml._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(ml._device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+def test_grid_is_one_dimensional_and_not_bounded_by_65535(monkeypatch):
+    """K = 70 000 clusters: one program per (row block, cluster) on grid x; plane = K x ROWS passed whole."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, args, kw))
+            return launch
+
+    monkeypatch.setattr(ml, "_kernel_variant", lambda name, interpret: Recorder())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    k, shapes = 70_000, [(3, 2), (5, 4)]
+    real = [torch.zeros(k, *s) for s in shapes]
+    syn = [torch.zeros(k, *s, requires_grad=True) for s in shapes]
+    matching_loss(real, syn).sum().backward()
+    assert len(launches) == 4  # forward and backward, one launch per counted parameter
+    for grid, args, kw in launches:
+        assert len(grid) == 1 and grid[0] == k  # 1 row block per layer here
+        plane = args[-5]  # ..., plane, n_row_blocks, sign, abs_sign, eps
+        assert plane == k * 8 and isinstance(plane, int)
+        assert kw["COLS"] in (2, 4) and kw["BLOCK_R"] >= 1
+
+
+@pytest.mark.gpu
+def test_more_than_65535_clusters_on_gpu():
+    """The compiled kernels with K past CUDA's grid-y limit agree with the reference."""
+    real, syn = _grads(70_000, [(4, 3, 3), (10, 8), (6,)], device="cuda")
+    _assert_matches_reference(real, syn, include_1d=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu_with_first_current():
+    """Tensors on cuda:1 while cuda:0 is current: the launch goes to cuda:1 and agrees with the reference."""
+    torch.cuda.set_device(0)
+    real, syn = _grads(7, [CONV, LINEAR], device="cuda:1")
+    _assert_matches_reference(real, syn)
