@@ -63,19 +63,21 @@ def removal_width(perturbations: torch.Tensor, ipc: int) -> int:
 
 
 def group_weights(level: SynsetLevel, scale: str, train_lr: float, momentum: float, batch_size: int,
-                  finetune_lr: float) -> torch.Tensor:
+                  finetune_lr: float, epochs_per_step: float = 1.0) -> torch.Tensor:
     """Per-group loss weight c_k of the fine-tune (``--finetune-scale``).
 
     Training (Eq. 2) applies, per epoch, lr * (n_k / B) * mean grad(D_k) from cluster k, and
     momentum mu stretches every step by 1/(1-mu). Cosine matching fixes only the direction of
     grad(S_k), so ``matched`` rescales it: one fine-tune step of rate eta_f then moves theta by
-    that per-epoch amount, and T = tau steps undo tau epochs (Eq. 3).
+    what the cluster contributed over one recorded trajectory step, ``epochs_per_step`` epochs
+    (``--save-every``; epochs / tau), and T = tau steps undo the whole training (Eq. 3).
     """
     if scale == "uniform":
         return torch.ones(len(level.size))
     eff_lr = train_lr / (1.0 - momentum)
     ratio = level.grad_norm_real / level.grad_norm_syn.clamp(min=1e-12)
-    return (eff_lr / finetune_lr) * (level.size.float() / batch_size) * ratio
+    w = (eff_lr / finetune_lr) * (level.size.float() / batch_size) * ratio
+    return w if epochs_per_step == 1.0 else w * epochs_per_step
 
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -174,6 +176,7 @@ class Unlearner:
     batch_models: int
     device: torch.device
     show_progress: bool = True
+    epochs_per_step: float = 1.0  # training epochs per recorded trajectory step (epochs / tau)
 
     @classmethod
     def of_run(cls, ctx: RunContext) -> Unlearner:
@@ -183,12 +186,12 @@ class Unlearner:
         reader = ctx.trajectory(ctx.device)
         return cls(ctx.build_model().to(ctx.device), reader.params(reader.tau), cfg.attribute.steps(reader.tau),
                    cfg.finetune_rate, cfg.attribute.finetune_scale, cfg.train, cfg.attribute.batch_models, ctx.device,
-                   cfg.runtime.progress)
+                   cfg.runtime.progress, cfg.train.epochs / max(reader.tau, 1))
 
     def weights(self, level: SynsetLevel) -> torch.Tensor:
         """c_k, the loss weight of each group's synset (:func:`group_weights`)."""
         t = self.train
-        return group_weights(level, self.scale, t.lr, t.momentum, t.batch_size, self.lr)
+        return group_weights(level, self.scale, t.lr, t.momentum, t.batch_size, self.lr, self.epochs_per_step)
 
     def unlearn(self, level: SynsetLevel, perturbations: torch.Tensor, eval_x: torch.Tensor, rows: slice = slice(None),
                 desc: str = "fine-tune", chunk: int = 0) -> torch.Tensor:

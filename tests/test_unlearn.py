@@ -28,6 +28,22 @@ def test_matched_group_weights_follow_eq2():
     # (0.01 / 0.1) / 0.01 * n/B * |real|/|syn| = 10 * [0.5, 1] * [0.5, 0.25]
     torch.testing.assert_close(w, torch.tensor([2.5, 2.5]))
     assert group_weights(level, "uniform", 0.01, 0.9, 64, 0.01).tolist() == [1.0, 1.0]
+    # --save-every 3: each recorded step spans 3 epochs, so one fine-tune step undoes 3 epochs' contribution
+    torch.testing.assert_close(group_weights(level, "matched", 0.01, 0.9, 64, 0.01, epochs_per_step=3.0), 3 * w)
+
+
+def test_unlearner_scales_matched_weights_by_epochs_per_recorded_step(tmp_path, mnist_root):
+    from ddm_hpc import train
+    from ddm_hpc.config import Config
+    from ddm_hpc.context import RunContext
+    from ddm_hpc.unlearn import Unlearner
+
+    cfg = Config.from_dict({"data": {"n_train": 100, "n_test": 20, "data_root": str(mnist_root)},
+                            "model": {"width": 4}, "train": {"epochs": 4, "save_every": 2},
+                            "runtime": {"out": str(tmp_path), "progress": False}})
+    train.run(cfg)
+    u = Unlearner.of_run(RunContext(cfg))
+    assert u.steps == 2 and u.epochs_per_step == 2.0  # tau = 2 recorded steps of 2 epochs each
 
 
 @pytest.mark.parametrize("direction", [1.0, -1.0])
