@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_runs import compare_file  # noqa: E402
+from compare_runs import compare_file
 
 SMOKE = ["--preset", "smoke", "--no-progress"]
 STAGE_ARGS = {
@@ -121,7 +121,7 @@ def kill_and_resume(stage: str, ref: Path, snap: Path, delay: float, trial: Path
             proc.wait()
             result.interrupted += 1
             result.phases[phase(log.read_text())] += 1
-    rerun = subprocess.run(command(stage, trial, data_root), env=_env(), capture_output=True, text=True)
+    rerun = subprocess.run(command(stage, trial, data_root), env=_env(), capture_output=True, text=True, check=False)
     if rerun.returncode != 0:
         tail = (rerun.stderr.strip().splitlines() or ["?"])[-1]
         result.failures.append(f"{trial.name}: rerun exit {rerun.returncode}: {tail}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import fault_injection as fi  # noqa: E402
+import fault_injection as fi
 
 STAGES = ("train", "distill", "attribute", "evaluate")
 
