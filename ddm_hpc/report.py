@@ -111,12 +111,17 @@ def _context_lines(run_dir: Path, d: dict) -> list[str]:
                  f"{cfg.get('seed')}; K = {len(d['methods'][next(iter(d['methods']))]['scores'][0])} clusters, "
                  f"{len(d['labels'])} queries.")
     removal = str(cfg.get("evaluate", {}).get("gt_removal", "drop")).split(",")[0]
+    more = ""
+    if "removals" in ga:
+        alphas = ", ".join(f"{a:g}" for a in np.atleast_1d(ga["alphas"]))
+        more = (f"; the same again for each kept fraction ({alphas}) and each protocol ({ga['removals']}), "
+                "the headline tables being the first of each")
     how = ("full run's minibatches, the removed clusters' rows weighing 0" if removal == "zero-weight" else
            "full run's data order minus the removed clusters")
     lines.append(f"- Ground truth: {int(ga.get('n_retrainings', 0))} exact retrainings from the same theta_0 with the "
                  f"{how} ({len(d['removed'])} leave-one-cluster-out x "
                  f"{int(d['attrs'].get('n_gt_seeds', 1))} seed(s), {d['n_noise']} noise reruns, {d['n_masks']} LDS "
-                 f"subsets keeping {cfg.get('evaluate', {}).get('alpha', 0.5):g} of the clusters), {ga.get('seconds_per_retrain', float('nan')):.1f} s each, "
+                 f"subsets keeping {cfg.get('evaluate', {}).get('alpha', 0.5):g} of the clusters{more}), {ga.get('seconds_per_retrain', float('nan')):.1f} s each, "
                  f"{ga.get('seconds', float('nan')) / 60:.1f} min in all. The full-data retraining reproduces "
                  f"theta_tau to {ga.get('base_drift', float('nan')):.1g} in softmax.")
     return lines
