@@ -208,8 +208,8 @@ class ResumeFiles:
         if not path.exists():
             return None
         try:
-            st = torch.load(path, weights_only=True)
-            rows = [torch.load(p, weights_only=True) for p in sorted(self.dir.glob("row_*.pt"))]
+            st = torch.load(path, map_location="cpu", weights_only=True)
+            rows = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(self.dir.glob("row_*.pt"))]
         except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # truncated or not ours
             log.warning("train: ignoring unreadable resume state in %s (%s: %s); training from epoch 0",
                         self.dir, type(e).__name__, e)
