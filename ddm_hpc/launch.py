@@ -118,8 +118,16 @@ def shard_range(n: int, shard: int, n_shards: int) -> tuple[int, int]:
 
 
 def resolve_shards(cfg: Config, n_items: int) -> int:
-    """Number of tasks for ``n_items`` items: ``--shards``, at most one per item, at least 1."""
-    return max(1, min(cfg.runtime.shards, n_items))
+    """Number of tasks for ``n_items`` items: ``--shards``, at most one per item, at least 1 (a cap is logged)."""
+    n = max(1, min(cfg.runtime.shards, n_items))
+    if n < cfg.runtime.shards:
+        log.info("--shards %d: only %d work item(s) here, so %d shard(s)", cfg.runtime.shards, n_items, n)
+    return n
+
+
+def temp_files(run_dir: str | Path) -> list[Path]:
+    """Temp files (``.<name>.tmp.<pid>``) under ``run_dir``: what killed writers left behind (never read)."""
+    return sorted(p for p in Path(run_dir).rglob(".*.tmp.*") if p.is_file())
 
 
 def shard_dir(run_dir: str | Path, name: str) -> Path:
@@ -571,6 +579,12 @@ def status(run_dir: str | Path) -> str:
         for fj in failed:
             info = json.loads(fj.read_text())
             lines.append(f"    FAILED shard {info['shard']}: {info['error']} (log: {info['log']})")
+    left = temp_files(run_dir)
+    if left:
+        size = sum(p.stat().st_size for p in left) / 2**20
+        lines.append(f"  {len(left)} temp file(s) of interrupted writers ({size:.1f} MiB, never read; the next command "
+                     f"on this directory removes them): {', '.join(str(p.relative_to(run_dir)) for p in left[:3])}"
+                     + (" ..." if len(left) > 3 else ""))
     return "\n".join(lines)
 
 
@@ -586,5 +600,5 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
-__all__ = ["execute", "run_sharded", "shard_range", "resolve_shards", "shard_paths", "shard_key",
+__all__ = ["execute", "run_sharded", "shard_range", "resolve_shards", "shard_paths", "shard_key", "temp_files",
            "slurm_parameters", "load_profile", "status", "EXECUTORS"]

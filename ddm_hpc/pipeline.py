@@ -31,7 +31,7 @@ from ddm_hpc.config import Config
 from ddm_hpc.context import RunContext, load_data
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
-from ddm_hpc.launch import execute
+from ddm_hpc.launch import execute, temp_files
 from ddm_hpc.storage import artifact_path, plan_stage, read_attrs, require_upstream, stage_status, write_json_atomic
 from ddm_hpc.variants import Variant
 
@@ -133,6 +133,13 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
                               ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} (ddm-hpc {command})".encode(), 0)
+        # no other command writes here while we hold the lock, so these are orphans; shard folders are left alone
+        # (a SLURM task of a killed submitter may still be writing there; a rerun redoes what it leaves)
+        left = [p for p in temp_files(run_dir) if "shards" not in p.relative_to(run_dir).parts]
+        if left:
+            log.info("%s: removing %d temp file(s) left by interrupted writers", run_dir, len(left))
+            for p in left:
+                p.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -216,3 +216,21 @@ def test_incompatible_options_fail_before_any_stage(tmp_path, capsys, mnist_root
                          "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "--query-index [99999] outside the test subset" in err
     assert not (tmp_path / "b" / "train.h5").exists()
+
+
+def test_temp_files_of_killed_writers_are_shown_then_removed(tmp_path, capsys, mnist_root):
+    from ddm_hpc.launch import status
+
+    run = tmp_path / "run"
+    args = ["train", "--preset", "smoke", "--no-progress", "--data-root", str(mnist_root), "--out", str(run)]
+    assert main(args) == 0
+    orphan = run / ".train.h5.tmp.99999"
+    orphan.write_bytes(b"x" * 10)
+    in_shards = run / "shards" / "distill" / ".distill-00000-of-00002.h5.tmp.99999"
+    in_shards.parent.mkdir(parents=True)
+    in_shards.write_bytes(b"x")
+    text = status(run)
+    assert "2 temp file(s) of interrupted writers" in text and ".train.h5.tmp.99999" in text
+    capsys.readouterr()
+    assert main(args) == 0  # up to date, but it held the lock: the orphan outside shards/ is gone
+    assert not orphan.exists() and in_shards.exists()
