@@ -494,6 +494,10 @@ class RuntimeConfig:
         "under RUN/shards and the merged artifact is the same for any value"))
     workers: int = field(default=1, metadata=_help(
         "local executor: shards run at once in separate processes (1 = in this process; 0 = one per CPU core)"))
+    threads: int = field(default=0, metadata=_help(
+        "torch CPU threads of this process (0 = one per core it may use; --workers processes split the cores). "
+        "On cores shared with other jobs, 1 avoids threads spinning against each other (a run took 6x longer "
+        "beside one other job); the last bits of CPU results depend on the thread count", added=True))
     profile: str = field(default="", metadata=_help(
         "SLURM profile (YAML/TOML: partition, gpus_per_task, cpus_per_task, mem_gb, timeout_min, array_parallelism, "
         "account, qos, constraint, additional, setup), e.g. slurm/gpu-cluster.yaml; --slurm-* flags override it"))
@@ -532,6 +536,8 @@ class RuntimeConfig:
             raise ConfigError(f"--loader-workers must be >= 0 (0 = read minibatches in-process), got {self.loader_workers}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0 (0 = one per core), got {self.workers}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0 = one per core), got {self.threads}")
 
     @property
     def worker_count(self) -> int:

@@ -345,7 +345,7 @@ def _run_here(name: str, cfg: Config, task_fn: TaskFn, n: int, n_items: int, key
                 failures[s] = (job_error_line(e), str(lf))
         return failures
     workers = min(workers, len(pending))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // workers)
     task = ShardTask(name, cfg, task_fn, n, n_items, key, threads=threads)
     ctx = multiprocessing.get_context("spawn")
     indices = ctx.Queue()  # worker i computes on cuda:(i % GPUs) (utils.set_worker_index)

@@ -32,6 +32,7 @@ from ddm_hpc.context import RunContext, load_data
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.launch import execute, temp_files
+from ddm_hpc.utils import configure_threads
 from ddm_hpc.storage import artifact_path, plan_stage, read_attrs, require_upstream, stage_status, write_json_atomic
 from ddm_hpc.variants import Variant
 
@@ -97,6 +98,7 @@ def run_stages(cfg: Config, stages: tuple[str, ...] = graph.RUN) -> dict[str, fl
     bundle = load_data(cfg)
     timings["data"] = time.perf_counter() - t0
     preflight(cfg, bundle, decisions)
+    configure_threads(cfg.runtime.threads)  # once the options are known good, before the first stage
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", {k: v for k, v in cfg.to_dict().items() if k != "runtime"})
     for stage in stages:

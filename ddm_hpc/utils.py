@@ -70,6 +70,33 @@ def cuda_unusable_reason() -> str | None:
     return "torch.cuda.is_available() is False"
 
 
+_THREADS_LOGGED: dict[int, int] = {}
+
+
+def configure_threads(threads: int) -> int:
+    """Set this process's torch CPU threads (``--threads``; 0 = torch's own default, one per physical core) and
+    log the choice, with a warning when other jobs already load the cores.
+
+    The default does not follow the load: the last bits of CPU results depend on the thread count, so a choice
+    made from the load would make reruns differ. ``--workers`` processes split the cores (``launch``). Returns the
+    thread count.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads:
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    if _THREADS_LOGGED.get(threads) == n:
+        return n  # variant runs of the same command: said once
+    _THREADS_LOGGED[threads] = n
+    others = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    log.log(logging.INFO if threads else logging.DEBUG, "threads: %d torch thread(s) per process on %d core(s)%s",
+            n, cores, "" if threads else " (torch's default; --threads N to choose)")
+    if not threads and n > 1 and others > cores - 0.5:
+        log.warning("threads: the %d core(s) already carry a load of %.1f; %d threads per process may spin against "
+                    "other jobs: pass --threads 1 if this runs slowly", cores, others, n)
+    return n
+
+
 def set_worker_index(index: int | None) -> None:
     """Make this process worker ``index`` of ``--workers``: ``auto``/``cuda`` then resolve to ``cuda:(index % n)``."""
     global _worker_index

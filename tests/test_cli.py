@@ -234,3 +234,17 @@ def test_temp_files_of_killed_writers_are_shown_then_removed(tmp_path, capsys, m
     capsys.readouterr()
     assert main(args) == 0  # up to date, but it held the lock: the orphan outside shards/ is gone
     assert not orphan.exists() and in_shards.exists()
+
+
+def test_threads_option_sets_and_logs_the_torch_threads(tmp_path, capsys, mnist_root):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--preset", "smoke", "--threads", "1", "--no-progress", "--data-root",
+                     str(mnist_root), "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 1 and "threads: 1 torch thread(s) per process" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    assert main(["train", "--threads", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
