@@ -63,6 +63,10 @@ def check(cfg: Config, stage: str) -> None:
 def preflight(cfg: Config, bundle: DatasetBundle, decisions: dict[str, str]) -> None:
     """Checks that need the data but no training, so bad options fail in seconds."""
     n_test, acfg = len(bundle.y_test), cfg.attribute
+    n_seen = int(torch.unique(bundle.y_train).numel())
+    if n_seen < 2:
+        raise ConfigError(f"{bundle.name}: the training set has {n_seen} class; attribution needs at least 2 (with one "
+                          "class the classifier's output is constant and every score 0): pass data with 2+ classes")
     if decisions.get("attribute") == "run":
         explicit = acfg.query_positions()
         if explicit is None and acfg.n_queries > n_test:

@@ -1,5 +1,7 @@
 """Bad input fails in one line, with exit code 2, naming the problem and the fix, and writes nothing.
 
+``python tests/test_bad_input.py`` prints the cases as the Markdown table in benchmarks/RESULTS.md.
+
 Each case: (id, files to write, command-line arguments, a fragment the message must hold). The cases
 fail on the behaviour before they were fixed (a TypeError traceback, a crash in training, or a
 message blaming the learning rate)."""
@@ -15,6 +17,16 @@ def _nan_npz(path):
     x = np.random.default_rng(0).random((300, 8, 8), dtype=np.float32)
     x[7, 2, 3] = np.nan
     np.savez(path, x=x, y=np.arange(300) % 3)
+
+
+def _npz(**arrays):
+    def write(path):
+        np.savez(path, **arrays)
+    return write
+
+
+_X = np.random.default_rng(1).random((300, 8, 8), dtype=np.float32)
+_Y = np.arange(300) % 3
 
 
 CASES = [
@@ -34,22 +46,48 @@ CASES = [
      "NaN/inf pixel value(s) in 1 image(s)"),
     ("options: hierarchical search without class synsets", {}, ["--levels", "cluster"],
      "--search both needs class synsets"),
+    ("data: no 'x' array", {"d.npz": _npz(images=_X, y=_Y)}, ["--dataset", "{d.npz}"], "has no 'x' array"),
+    ("data: images of the wrong rank", {"d.npz": _npz(x=_X[:, None, None], y=_Y)}, ["--dataset", "{d.npz}"],
+     "expected [N,H,W]"),
+    ("data: labels not integers", {"d.npz": _npz(x=_X, y=_Y.astype(np.float32))}, ["--dataset", "{d.npz}"],
+     "expected integer labels"),
+    ("data: negative labels", {"d.npz": _npz(x=_X, y=_Y - 1)}, ["--dataset", "{d.npz}"], "negative labels"),
+    ("data: labels that skip class ids", {"d.npz": _npz(x=_X, y=_Y + 7)}, ["--dataset", "{d.npz}"],
+     "contiguous ids 0..L-1"),
+    ("data: fewer labels than images", {"d.npz": _npz(x=_X, y=_Y[:200])}, ["--dataset", "{d.npz}"], "labels but"),
+    ("data: a single class", {"d.npz": _npz(x=_X, y=np.zeros(300, dtype=np.int64))},
+     ["--dataset", "{d.npz}", "--n-train", "200", "--n-test", "50"], "attribution needs at least 2"),
+    ("data: fewer images in a class than clusters", {"d.npz": _npz(x=_X, y=_Y)},
+     ["--dataset", "{d.npz}", "--n-train", "200", "--n-test", "50", "--clusters-per-class", "80"],
+     "fewer than --clusters-per-class"),
+    ("data: a file that is not an array file", {"d.npz": "not a zip"}, ["--dataset", "{d.npz}"], "could not read"),
+    ("options: unknown model", {}, ["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    ("options: a query outside the test set", {}, ["--query-index", "99999"], "--query-index [99999] outside"),
+    ("options: more queries than test images", {}, ["--n-queries", "5000"], "exceeds the 100 test images"),
+    ("options: zero shards", {}, ["--shards", "0"], "--shards must be >= 1"),
+    ("options: negative threads", {}, ["--threads", "-2"], "--threads must be >= 0"),
+    ("options: an unknown removal protocol", {}, ["evaluate", "--gt-removal", "reshuffle"], "--gt-removal 'reshuffle'"),
+    ("options: a kept fraction out of range", {}, ["evaluate", "--lds-alphas", "1.5"], "--lds-alphas"),
+    ("options: an unknown method", {}, ["evaluate", "--methods", "ddm,bogus"], "bogus"),
 ]
 
 
 @pytest.mark.parametrize("case, files, args, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_fails_in_one_line(tmp_path, capsys, case, files, args, message):
+def test_bad_input_fails_in_one_line(tmp_path, capsys, mnist_root, case, files, args, message):
     paths = {}
     for name, content in files.items():
         p = tmp_path / name
         content(p) if callable(content) else p.write_text(content)
         paths[name] = str(p)
     out = tmp_path / "run"
-    argv = ["run", "--preset", "smoke", "--no-progress", "--out", str(out),
+    command, args = (args[0], args[1:]) if args and args[0] == "evaluate" else ("run", args)
+    argv = [command, "--preset", "smoke", "--no-progress", "--data-root", str(mnist_root), "--out", str(out),
             *[paths[a[1:-1]] if a.startswith("{") else a for a in args]]
     assert main(argv) == 2, case
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("ddm-hpc: error: ") and message in err, err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ddm-hpc: error: ")]
+    # one error line (a 'loaded ...' progress line may precede it), no traceback
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
     assert not out.exists()  # nothing written
 
 
@@ -70,3 +108,12 @@ def test_corrupt_synsets_are_refused_in_one_line(tmp_path, capsys, mnist_root):
     assert len(err) == 1 and "NaN/inf" in err[0] and "corrupt" in err[0] and "rerun distill" in err[0]
     assert main(["distill", "--overwrite", *common]) == 0  # recomputed from the (intact) trajectory
     assert main(["attribute", "--overwrite", *common]) == 0
+
+
+if __name__ == "__main__":  # the table of cases for benchmarks/RESULTS.md
+    print("| case | command (`--preset smoke`; FILE written by the test) | the one-line error contains |")
+    print("|---|---|---|")
+    for case, files, args, message in CASES:
+        command, args = (args[0], args[1:]) if args and args[0] == "evaluate" else ("run", args)
+        shown = f"ddm-hpc {command} " + " ".join(a[1:-1] if a.startswith("{") else a for a in args)
+        print(f"| {case} | `{shown}` | {message} |")
