@@ -2,8 +2,9 @@
 
 For each stage (train, cluster, distill, attribute, evaluate, one diagnose task) on the smoke preset:
 copy the run directory as it is before the stage, start the stage's command, SIGKILL its whole process
-group after a random delay drawn uniformly over the uninterrupted command's wall time (so kills land
-in start-up, in the work, in the shard merges and in the final write alike), rerun the same command to
+group after a random delay drawn uniformly between the uninterrupted command's first log line (the end of
+Python's start-up, which at this size lasts as long as the work) and its end (``--from-start``: from 0), so
+kills land in the work, the shard merges and the final write alike; rerun the same command to
 completion, and compare every HDF5 file with the uninterrupted run's (``compare_runs.compare_file``:
 datasets bit for bit, attrs except timings and provenance). One thread per process
 (``OMP_NUM_THREADS=1``), so the numbers do not depend on the thread count.
@@ -66,14 +67,24 @@ def command(stage: str, run_dir: Path, data_root: str) -> list[str]:
             "--out", str(run_dir)]
 
 
-def _run(cmd: list[str]) -> float:
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd`` to completion: (seconds until its first log line, i.e. Python's start-up; total seconds)."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = None
+    for _ in proc.stderr:
+        if first is None:
+            first = time.perf_counter() - t0
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    total = time.perf_counter() - t0
+    return (first if first is not None else 0.0), total
 
 
-def reference(work: Path, data_root: str, stages: tuple[str, ...]) -> tuple[Path, dict[str, Path], dict[str, float]]:
-    """The uninterrupted run, a snapshot of the directory before each stage, and each command's wall time."""
+def reference(work: Path, data_root: str, stages: tuple[str, ...]
+              ) -> tuple[Path, dict[str, Path], dict[str, tuple[float, float]]]:
+    """The uninterrupted run, a snapshot of the directory before each stage, and each command's (start-up, wall)
+    seconds."""
     ref = work / "reference"
     shutil.rmtree(ref, ignore_errors=True)
     before, seconds = {}, {}
@@ -141,8 +152,10 @@ def kill_and_resume(stage: str, ref: Path, snap: Path, delay: float, trial: Path
     result.leftovers += sum(1 for p in trial.rglob("*") if ".tmp." in p.name)
 
 
-def run_harness(work: Path, data_root: str, kills: int, stages: tuple[str, ...] = STAGES, seed: int = 0
-                ) -> list[StageResult]:
+def run_harness(work: Path, data_root: str, kills: int, stages: tuple[str, ...] = STAGES, seed: int = 0,
+                after_startup: bool = True) -> list[StageResult]:
+    """``kills`` kills of each stage; with ``after_startup`` the kill times are drawn after the command's first log
+    line (start-up is the same for every stage and dominates at the smoke size), else over its whole wall time."""
     work.mkdir(parents=True, exist_ok=True)
     ref, before, seconds = reference(work, data_root, stages)
     rng = random.Random(seed)
@@ -150,7 +163,8 @@ def run_harness(work: Path, data_root: str, kills: int, stages: tuple[str, ...] 
     for stage in stages:
         res = StageResult(stage)
         for i in range(kills):
-            delay = rng.uniform(0.0, seconds[stage])
+            startup, wall = seconds[stage]
+            delay = rng.uniform(startup if after_startup else 0.0, wall)
             kill_and_resume(stage, ref, before[stage], delay, work / f"{stage}-{i:03d}", data_root, res)
             shutil.rmtree(work / f"{stage}-{i:03d}", ignore_errors=True)
         results.append(res)
@@ -164,13 +178,16 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/faults"), help="scratch folder (emptied)")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--seed", type=int, default=0, help="seeds the kill times")
+    ap.add_argument("--from-start", action="store_true",
+                    help="draw kill times over the whole command, start-up included (default: after its first log line)")
     args = ap.parse_args()
     stages = tuple(s for s in args.stages.split(",") if s)
     bad = [s for s in stages if s not in STAGES]
     if bad:
         sys.exit(f"fault_injection: error: unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     t0 = time.perf_counter()
-    results = run_harness(args.work, str(Path(args.data_root).resolve()), args.kills, stages, args.seed)
+    results = run_harness(args.work, str(Path(args.data_root).resolve()), args.kills, stages, args.seed,
+                          not args.from_start)
     print("| stage | kills that interrupted | finished before the kill | reruns identical | temp files left | "
           "where the kills landed (last log line) |")
     print("|---|---|---|---|---|---|")
