@@ -380,7 +380,7 @@ class EvaluateConfig:
         return k if self.n_removed == 0 or self.n_removed >= k else self.n_removed
 
 
-REMOVALS = ("drop", "zero-weight")  # ddm_hpc.retrain.REMOVALS: the ground-truth removal protocols
+REMOVALS = ("drop", "zero-weight")  # --gt-removal: the ground-truth removal protocols (ddm_hpc.retrain)
 DIAGNOSTICS = ("useless", "noisy", "unlearn", "privacy", "transfer", "pictures")
 
 
@@ -495,7 +495,8 @@ class RuntimeConfig:
     workers: int = field(default=1, metadata=_help(
         "local executor: shards run at once in separate processes (1 = in this process; 0 = one per CPU core)"))
     threads: int = field(default=0, metadata=_help(
-        "torch CPU threads of this process (0 = one per core it may use; --workers processes split the cores). "
+        "torch CPU threads of this process (0 = torch's default, one per physical core; --workers processes split "
+        "the cores). "
         "On cores shared with other jobs, 1 avoids threads spinning against each other (a run took 6x longer "
         "beside one other job); the last bits of CPU results depend on the thread count", added=True))
     profile: str = field(default="", metadata=_help(
@@ -629,8 +630,7 @@ def _typed(section: type, name: str, value: Any) -> Any:
             value = int(value)
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)  # kept as given: the stage keys hash it
     elif kind == "str":  # numbers (``query_index: 5`` in YAML) and paths read as their text
         if isinstance(value, (int, float, os.PathLike)) and not isinstance(value, bool):
             value = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
