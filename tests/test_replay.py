@@ -126,8 +126,8 @@ def test_replayed_forward_reproduces_the_training_bit_for_bit():
     assert torch.isfinite(meta.grads).all() and meta.grads.abs().sum() > 0
 
 
-def test_batched_adjoints_give_the_looped_numbers():
-    """The vectorised double-backward (the CUDA default) and the per-objective loop (the CPU default) agree."""
+def _tanh_case():
+    """The two-epoch tanh-MLP case the batched and CUDA tests share (float64, a short last batch)."""
     n, d, n_cls, k = 24, 6, 3, 4
     x, y, groups = _data(n, d, n_cls, k)
     xq, yq = torch.randn(3, 1, 1, d, dtype=torch.float64), torch.tensor([0, 1, 2])
@@ -136,7 +136,13 @@ def test_batched_adjoints_give_the_looped_numbers():
         torch.manual_seed(5)
         return nn.Sequential(nn.Flatten(), nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, n_cls)).double()
 
-    tcfg = TrainConfig(epochs=2, batch_size=10, lr=0.2, momentum=0.9, weight_decay=5e-3)
+    return x, y, groups, xq, yq, model_fn, TrainConfig(epochs=2, batch_size=10, lr=0.2, momentum=0.9,
+                                                       weight_decay=5e-3), k
+
+
+def test_batched_adjoints_give_the_looped_numbers():
+    """The vectorised double-backward (the CUDA default) and the per-objective loop (the CPU default) agree."""
+    x, y, groups, xq, yq, model_fn, tcfg, k = _tanh_case()
     runs = []
     for batched in (False, True):
         model = model_fn()
@@ -147,15 +153,7 @@ def test_batched_adjoints_give_the_looped_numbers():
 @pytest.mark.gpu
 def test_replay_on_cuda_matches_cpu():
     """The CUDA replay (batched adjoints) gives the CPU float64 metagradient to float64 round-off."""
-    n, d, n_cls, k = 24, 6, 3, 4
-    x, y, groups = _data(n, d, n_cls, k)
-    xq, yq = torch.randn(3, 1, 1, d, dtype=torch.float64), torch.tensor([0, 1, 2])
-
-    def model_fn():
-        torch.manual_seed(5)
-        return nn.Sequential(nn.Flatten(), nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, n_cls)).double()
-
-    tcfg = TrainConfig(epochs=2, batch_size=10, lr=0.2, momentum=0.9, weight_decay=5e-3)
+    x, y, groups, xq, yq, model_fn, tcfg, k = _tanh_case()
     cpu_model, gpu_model = model_fn(), model_fn().cuda()
     want = replay_metagradients(cpu_model, x, y, tcfg, 3, groups, k, _objective(cpu_model, xq, yq))
     got = replay_metagradients(gpu_model, x.cuda(), y.cuda(), tcfg, 3, groups, k,
