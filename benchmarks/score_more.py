@@ -6,7 +6,8 @@ fraction the run was evaluated with, and prints one row per method: Dist1 x100 (
 by the Dist2 scores), Dist2, LDS, per protocol / alpha. Nothing is retrained; methods that need
 variant runs make them first (as ``evaluate`` would).
 
-    python benchmarks/score_more.py runs_gt/seed0 --methods ddm-hier,ddm
+    python benchmarks/score_more.py runs_gt/seed0 --methods ddm-hier,ddm --json seed0.json
+    python benchmarks/score_more.py --seeds seed0.json seed1.json seed2.json   # mean ± std over seeds
 """
 from __future__ import annotations
 
@@ -25,9 +26,15 @@ from ddm_hpc.pipeline import materialise
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="?")
     ap.add_argument("--methods", default="ddm-hier,ddm", help="comma-separated registered methods")
+    ap.add_argument("--json", help="also write {method: {'<removal>/<metric>[@alpha]': mean}} here (for --seeds)")
+    ap.add_argument("--seeds", nargs="+", metavar="JSON", help="instead: print mean ± std over these --json files")
     args = ap.parse_args()
+    if args.seeds:
+        return print_seeds([json.loads(Path(p).read_text()) for p in args.seeds])
+    if not args.run_dir:
+        ap.error("give an evaluated run directory (or --seeds JSON ...)")
     logging.basicConfig(level=logging.WARNING)
     run = Path(args.run_dir)
     cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
@@ -41,6 +48,7 @@ def main() -> None:
     views = [(r, a) for r in ec.removal_list() for a in ec.alpha_list()]
     print(f"run {run}: {len(labels)} queries, K = {ctx.k}; protocols {ec.gt_removal}, kept fractions "
           f"{','.join(f'{a:g}' for a in ec.alpha_list())}")
+    out: dict[str, dict[str, float]] = {}
     for name, res in score_methods(ctx, names).items():
         cells = []
         for removal, alpha in views:
@@ -48,9 +56,28 @@ def main() -> None:
             m = method_metrics(res, view, labels)
             d12 = mean_sem(located_values(res.for_metric("dist2"), view.gt.outputs, view.removed, view.gt.base,
                                           labels)["dist1"])
+            out.setdefault(name, {}).update({f"{removal}/dist1": m["dist1"][0], f"{removal}/dist1 by dist2": d12[0],
+                                             f"{removal}/lds@{alpha:g}": m["lds"][0]})
+            out[name]["online s"] = res.seconds
+            out[name]["offline s"] = res.offline_seconds
             cells.append(f"{removal} a={alpha:g}: Dist1 {m['dist1'][0]:.2f}±{m['dist1'][1]:.2f} "
                          f"(by Dist2 {d12[0]:.2f}) Dist2 {m['dist2'][0]:.3f} LDS {m['lds'][0]:+.3f}±{m['lds'][1]:.3f}")
         print(f"{name:10s} online {res.seconds:.1f} s  " + " | ".join(cells))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def print_seeds(runs: list[dict[str, dict[str, float]]]) -> None:
+    """One row per method: mean ± std over the runs of every cell they all have."""
+    import statistics
+    names = [n for n in runs[0] if all(n in r for r in runs)]
+    cells = [c for c in runs[0][names[0]] if all(c in r[n] for r in runs for n in names)]
+    print("| method | " + " | ".join(cells) + " |")
+    print("|---" * (len(cells) + 1) + "|")
+    for n in names:
+        vals = [[r[n][c] for r in runs] for c in cells]
+        print(f"| {n} | " + " | ".join(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}"
+                                       for v in vals) + " |")
 
 
 if __name__ == "__main__":

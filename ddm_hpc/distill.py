@@ -10,6 +10,14 @@ compares grad L(theta', S_k) with -grad L(theta_t, D_k) (reverse matching) and s
 call per side (chunked over groups to bound memory), not a loop of K backward passes; the
 synthetic side keeps its graph so the loss backpropagates to the images (double backward).
 
+``--target displacement`` (not in the paper) replaces the sampled pairs with one fixed target per
+group, its whole contribution to training: T_k = sum_{t < tau} (n_k / (B (1 - momentum))) mean
+grad L(theta_t; D_k), computed once over all of the group's rows (:meth:`Matcher.set_displacement_targets`),
+and matches the synthetic gradient at theta_tau, where the online fine-tune starts, by relative L2
+over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2. One unweighted fine-tune step of
+rate lr on S_k then moves theta_tau by lr T_k, what the group's rows added to it (to first order,
+without the later epochs' contraction). Each step costs the synthetic side only.
+
 Real minibatches: up to ``batch_real`` members of each group, drawn without replacement and
 padded to a common size with zero weights, so each group's gradient is the exact mean over
 its own sample.
@@ -30,7 +38,8 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
   <level>/loss_history float32 [steps]            mean matching loss per group at each step
   <level>/init_loss, <level>/final_loss float32 [G]  loss on fixed evaluation pairs, before/after
   attrs: method, pairing, sign, distance, include_1d, unlearn_direction (+1: fine-tune by
-         descent on the removed synsets, ddm; -1: by ascent, ddm-match) + provenance
+         descent on the removed synsets, ddm; -1: by ascent, ddm-match), target (pairs or
+         displacement; absent in files made before it) + provenance
 (read back by ``ddm_hpc.synsets``).
 
 Room: a stage (imports ``config``, ``context``, ``launch``, ``storage``, ``trajectory`` and ``kernels``).
@@ -53,7 +62,7 @@ from torch.func import functional_call, grad, vmap
 
 from kernels import matching_loss, triton_usable
 
-from ddm_hpc.config import Config, DistillConfig
+from ddm_hpc.config import Config, DistillConfig, TrainConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import run_sharded, shard_range
@@ -200,6 +209,49 @@ class Matcher:
         self.members, self.sizes = group_members(groups, n_groups, self.group_ids)  # this shard's groups only
         self.n_groups = len(self.group_ids)
         self.impl = resolve_group_grads(dcfg.group_grads, device)
+        self.targets: list[torch.Tensor] | None = None  # --target displacement: per parameter [G, *shape]
+        self.target_norm2: torch.Tensor | None = None  # [G] |target|^2, the relative L2's denominator
+
+    def set_displacement_targets(self, per_row: float, show_progress: bool = False) -> None:
+        """Match every group to its whole contribution to training (``--target displacement``).
+
+        T_k = per_row * n_k * sum_{t < tau} mean grad L(theta_t; D_k), the mean over *all* of group k's rows (in
+        column chunks of ``batch_real``), so one fine-tune step of rate ``lr`` on a synset whose gradient at
+        theta_tau is -T_k moves theta by lr * T_k, what the group's rows contributed over training (``per_row``:
+        1/(B (1 - momentum)) epochs per recorded step; see :func:`contribution_per_row`). Nothing here is sampled.
+        """
+        tau, chunk = self.reader.tau, self.dcfg.block
+        if tau < 1:
+            raise ConfigError("the trajectory has a single checkpoint: train for at least one epoch")
+        width, b = self.members.shape[1], self.dcfg.batch_real
+        sums = None
+        for t in progress(range(tau), "displacement targets", show_progress):
+            params = {k: v.detach() for k, v in self.reader.params(t).items()}
+            parts = []
+            for g0 in range(0, self.n_groups, chunk):
+                g1 = min(g0 + chunk, self.n_groups)
+                acc = None
+                for c0 in range(0, width, b):
+                    cols = torch.arange(c0, min(c0 + b, width))
+                    w = (cols[None, :] < self.sizes[g0:g1, None]).float()
+                    if not w.any():
+                        break
+                    r = self.members[g0:g1, c0:c0 + b]
+                    keep = w.sum(1) > 0  # groups with rows in this column chunk
+                    with torch.no_grad():
+                        g = per_group_grads(self.model, params, to_device(self.x[r[keep]], self.device),
+                                            to_device(self.y[r[keep]], self.device), to_device(w[keep], self.device),
+                                            self.impl)
+                    n = to_device(w[keep].sum(1), self.device)
+                    full = [torch.zeros(g1 - g0, *v.shape[1:], dtype=v.dtype, device=self.device) for v in g]
+                    for f, v in zip(full, g):
+                        f[keep.to(self.device)] = v * n.reshape(-1, *[1] * (v.dim() - 1))  # sums, not means
+                    acc = full if acc is None else [a + f for a, f in zip(acc, full)]
+                parts.append(acc)
+            step = [torch.cat(p) for p in zip(*parts)]
+            sums = step if sums is None else [a + v for a, v in zip(sums, step)]
+        self.targets = [v * per_row for v in sums]
+        self.target_norm2 = _group_norm(self.targets).square().clamp(min=1e-30)
 
     def losses(self, images: list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], pair: tuple[int, int],
                gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool
@@ -213,28 +265,45 @@ class Matcher:
         nothing here waits for the GPU.
         """
         t_real, t_syn = pair
-        p_real = {k: v.detach() for k, v in self.reader.params(t_real).items()}
+        fixed = self.targets is not None
         p_syn = {k: v.detach() for k, v in self.reader.params(t_syn).items()}
-        rows, w = sample_real(self.members, self.sizes, self.dcfg.batch_real, gen)
+        if not fixed:
+            p_real = {k: v.detach() for k, v in self.reader.params(t_real).items()}
+            rows, w = sample_real(self.members, self.sizes, self.dcfg.batch_real, gen)
         out, real_norm, syn_norm = [], [], []
         for g0 in range(0, self.n_groups, chunk):
             g1 = min(g0 + chunk, self.n_groups)
-            r = rows[g0:g1].to(self.x.device)
-            with torch.no_grad():
-                real = per_group_grads(self.model, p_real, to_device(self.x[r], self.device),
-                                       to_device(self.y[r], self.device), to_device(w[g0:g1], self.device), self.impl)
+            if fixed:
+                real = [v[g0:g1] for v in self.targets]
+            else:
+                r = rows[g0:g1].to(self.x.device)
+                with torch.no_grad():
+                    real = per_group_grads(self.model, p_real, to_device(self.x[r], self.device),
+                                           to_device(self.y[r], self.device), to_device(w[g0:g1], self.device),
+                                           self.impl)
             syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
             syn = per_group_grads(self.model, p_syn, syn_x, lab, ones)
-            loss = matching_loss(real, syn, sign=self.dcfg.sign, include_1d=self.dcfg.include_1d,
-                                 distance=self.dcfg.distance, backend=self.kernel)
+            if fixed:  # relative L2 over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2
+                loss = matching_loss(real, syn, sign=-1.0, include_1d=True, distance="mse",
+                                     backend=self.kernel) / self.target_norm2[g0:g1]
+            else:
+                loss = matching_loss(real, syn, sign=self.dcfg.sign, include_1d=self.dcfg.include_1d,
+                                     distance=self.dcfg.distance, backend=self.kernel)
             if backward:
                 loss.sum().backward()
             out.append(loss.detach())
             real_norm.append(_group_norm(real))
             syn_norm.append(_group_norm([g.detach() for g in syn]))
         return torch.cat(out).float(), torch.cat(real_norm), torch.cat(syn_norm)
+
+
+def contribution_per_row(train: TrainConfig, tau: int) -> float:
+    """What one training row's gradient adds to theta over one recorded step, per unit of lr: (epochs / tau) /
+    (B (1 - momentum)). Each epoch applies lr/B times each row's gradient once, and momentum stretches it by
+    1/(1-momentum) (Eq. 2); ``--save-every`` records every epochs/tau epochs."""
+    return train.epochs / (max(tau, 1) * train.batch_size * (1.0 - train.momentum))
 
 
 def _group_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -261,7 +330,7 @@ def init_images(x: torch.Tensor, members: torch.Tensor, sizes: torch.Tensor, ipc
 def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: torch.Tensor,
                    groups: torch.Tensor, group_class: torch.Tensor, dcfg: DistillConfig, seed: int,
                    device: torch.device, desc: str = "distill", show_progress: bool = True,
-                   group_ids: torch.Tensor | None = None, kernel: str = "auto") -> Synset:
+                   group_ids: torch.Tensor | None = None, kernel: str = "auto", per_row: float = 0.0) -> Synset:
     """Learn ``ipc`` synthetic images for each group.
 
     Args:
@@ -275,12 +344,18 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
             boundary; default all. Each group's result is then the same whichever other blocks
             are distilled with it.
         kernel: the matching loss's implementation (``--kernel``: auto, triton, reference).
+        per_row: ``--target displacement`` only: the training's step per row (:func:`contribution_per_row`).
 
     The step loop never waits for the device: losses stay there until the end (one copy of the
     [G, steps] history), and the progress bar's loss is read every ``POSTFIX_EVERY`` steps, only when
     the bar is shown.
     """
     matcher = Matcher(model, reader, x, y, groups, len(group_class), dcfg, device, group_ids, kernel)
+    displacement = dcfg.target == "displacement"
+    if displacement:
+        if per_row <= 0:
+            raise ValueError("--target displacement needs per_row > 0 (contribution_per_row of the training)")
+        matcher.set_displacement_targets(per_row, show_progress)
     ids = matcher.group_ids.tolist()
     n_groups = len(ids)
     images = init_images(x, matcher.members, matcher.sizes, dcfg.ipc, dcfg.init,
@@ -300,13 +375,18 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         label_fn = lambda: [lg.softmax(-1) for lg in logits]  # noqa: E731
     else:
         label_fn = lambda: hard  # noqa: E731
-    opt = torch.optim.SGD(groups_opt, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
+    if dcfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups_opt, lr=dcfg.lr_img)
+    else:
+        opt = torch.optim.SGD(groups_opt, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
     chunk = dcfg.block
     pairing = dcfg.resolved_pairing()
 
     # Fixed evaluation pairs and minibatches: the same before and after, so the losses compare.
     n_eval = min(4, reader.tau + 1)
-    eval_pairs = trajectory_pairs(pairing, reader.tau, dcfg.step_length, generator(seed, 31), n_eval)
+    tau_pairs = lambda n: [(reader.tau, reader.tau)] * n  # noqa: E731  (displacement: always at theta_tau)
+    eval_pairs = tau_pairs(1) if displacement else trajectory_pairs(pairing, reader.tau, dcfg.step_length,
+                                                                      generator(seed, 31), n_eval)
 
     def evaluate() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         gen = [generator(seed, 32, k) for k in ids]
@@ -316,7 +396,8 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         return tuple(torch.stack(x).mean(0).cpu().numpy() for x in zip(*parts))
 
     init_loss, _, _ = evaluate()
-    pairs = trajectory_pairs(pairing, reader.tau, dcfg.step_length, generator(seed, 33), dcfg.distill_steps)
+    pairs = (tau_pairs(dcfg.distill_steps) if displacement else
+             trajectory_pairs(pairing, reader.tau, dcfg.step_length, generator(seed, 33), dcfg.distill_steps))
     batch_gen = [generator(seed, 34, k) for k in ids]
     history = []
     bar = progress(pairs, desc, show_progress)
@@ -404,7 +485,8 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
         groups, gclass = levels[level]
         s = distill_groups(model, reader, bundle.x_train, bundle.y_train, groups, gclass, cfg.distill,
                            cfg.seed + 1000 * i, device, f"distill[{level} {lo}:{hi}]", cfg.runtime.progress,
-                           group_ids=torch.arange(lo, hi), kernel=cfg.runtime.kernel)
+                           group_ids=torch.arange(lo, hi), kernel=cfg.runtime.kernel,
+                           per_row=contribution_per_row(cfg.train, reader.tau))
         seconds = time.perf_counter() - t1
         log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,
                  n, s.init_loss.mean(), s.final_loss.mean(), seconds)
@@ -448,6 +530,7 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
             out.attrs["include_1d"] = cfg.distill.include_1d
             out.attrs["syn_labels"] = cfg.distill.syn_labels
             out.attrs["unlearn_direction"] = cfg.distill.unlearn_direction
+            out.attrs["target"] = cfg.distill.target
             out.attrs["n_shards"] = len(paths)
             write_provenance(out, cfg, "distill", shard_seconds + time.perf_counter() - t0)
     finally:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, jvp
 
 from ddm_hpc.config import TrainConfig
 from ddm_hpc.data import MappedImages, MinibatchReader
@@ -207,3 +207,68 @@ def replay_metagradients(model: nn.Module, x: torch.Tensor | MappedImages, y: to
                         theta_bar[i][m].add_(b_bar[i][m], alpha=tcfg.weight_decay)
                 w_bar[m].index_add_(0, rows_group, hw.detach().double())
     return Metagradient(w_bar.cpu(), theta_tau, steps, time.perf_counter() - t0)
+
+
+def replay_tangents(model: nn.Module, x: torch.Tensor | MappedImages, y: torch.Tensor, tcfg: TrainConfig, seed: int,
+                    groups: torch.Tensor, n_groups: int, device: torch.device | str = "cpu",
+                    show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward mode through the replayed training: d theta_tau / d w_k for every group, query-independent.
+
+    The counterpart of :func:`replay_metagradients`: instead of carrying M objectives' adjoints back, it carries
+    K tangents (theta_dot, b_dot) forward through every step,
+
+        d_dot = H_t theta_dot + d(grad L_t)/d w_k + lambda theta_dot,   b_dot = mu b_dot + d_dot,
+        theta_dot <- theta_dot - eta b_dot,
+
+    one ``jvp`` of the batch gradient per group and step (the Hessian-vector product and group k's own rows,
+    together). ``grad f(theta_tau) . theta_dot_k`` is then replay's ``d f / d w_k`` for any f, and
+    ``-theta_dot_k`` is the first-order zero-weight removal displacement of group k (the exact target a
+    displacement synset would aim at). Cost: K jvps per step (about 4 gradients each), so K x ~4 trainings:
+    GPU-sized beyond toy problems.
+
+    Returns:
+        (tangents [K, P] in the model's dtype, replayed theta_tau [P]), flat in ``ParamTable`` order, on CPU.
+    """
+    if list(model.buffers()):
+        raise ConfigError("replay needs a buffer-free model (GroupNorm, not BatchNorm): use another --model")
+    device = torch.device(device)
+    model = model.to(device).train()
+    dtype = next(model.parameters()).dtype
+    table = ParamTable.from_module(model)
+    reader = MinibatchReader(x, y, device)
+    groups_dev = as_long(groups).to(device)
+    theta: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tan: Params = {k: torch.zeros(n_groups, *v.shape, dtype=dtype, device=device) for k, v in theta.items()}
+    buf: Params | None = None
+    tbuf: Params | None = None
+    n = len(y)
+    lr, mu, wd = tcfg.lr, tcfg.momentum, tcfg.weight_decay
+    bar = progress(range(tcfg.epochs * -(-n // tcfg.batch_size)), "replay tangents", show_progress)
+    it = iter(bar)
+    for epoch in range(1, tcfg.epochs + 1):
+        batches = _batches(n, tcfg, seed, epoch)
+        for rows, (xb, yb) in zip(batches, reader(batches)):
+            next(it, None)
+            xb = xb if xb.dtype == dtype else xb.to(dtype)
+
+            def batch_grad(th: Params, w: torch.Tensor) -> Params:
+                def loss(p: Params) -> torch.Tensor:
+                    return (F.cross_entropy(functional_call(model, p, (xb,)), yb, reduction="none") * w).sum() / len(yb)
+                return grad(loss)(th)
+
+            ones = torch.ones(len(yb), dtype=dtype, device=device)
+            g = batch_grad(theta, ones)
+            rows_group = groups_dev[rows.to(device)]
+            dot = {k: torch.empty_like(v) for k, v in tan.items()}
+            for c in range(n_groups):
+                _, d = jvp(batch_grad, (theta, ones), ({k: v[c] for k, v in tan.items()},
+                                                       (rows_group == c).to(dtype)))
+                for k in dot:
+                    dot[k][c] = d[k] + wd * tan[k][c] if wd else d[k]
+            with torch.no_grad():
+                tbuf = dot if tbuf is None else {k: tbuf[k].mul(mu).add_(dot[k]) for k in dot}
+                tan = {k: tan[k] - lr * tbuf[k] for k in tan}
+                theta, buf = _sgd_step(theta, buf, tuple(g[k] for k in theta), tcfg)
+    flat = torch.cat([tan[name].reshape(n_groups, -1) for name in table.names], 1).cpu()
+    return flat, torch.cat([theta[name].reshape(-1) for name in table.names]).cpu()
+

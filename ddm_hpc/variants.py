@@ -9,7 +9,7 @@ nothing below the pipeline runs a stage. A consumer finds its variant's run with
 :meth:`Variant.config` / :meth:`Variant.directory`, the same for the declarer and the pipeline.
 
 The variants ``evaluate`` and ``diagnose`` share (:func:`forward_matching`, :func:`learned_labels`,
-:func:`sequential_clusters`) live here, so either reuses what the other made.
+:func:`displacement_matching`, :func:`sequential_clusters`) live here, so either reuses what the other made.
 
 Room: imports ``config`` only.
 """
@@ -103,10 +103,25 @@ def learned_labels(stages: tuple[str, ...] = ("distill", "attribute"), parent: V
     return synset_variant("ddm-soft", {"syn_labels": "learn"}, stages, parent)
 
 
+# --target displacement's settings (benchmarks/RESULTS.md, "Displacement matching"): learned labels and 10 images
+# per cluster make the synset's gradient expressive enough; Adam converges where SGD at these rates stalls.
+DISPLACEMENT = {"target": "displacement", "syn_labels": "learn", "ipc": 10, "optimizer": "adam", "lr_img": 0.03,
+                "lr_label": 0.3, "distill_steps": 200}
+
+
+def displacement_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None
+                          ) -> Variant:
+    """``RUN/variants/ddm-disp``: synsets matched at theta_tau to each cluster's whole training contribution
+    (``--target displacement``), removed by one fine-tune step."""
+    return synset_variant("ddm-disp", DISPLACEMENT, stages, parent,
+                          attribute={"finetune_scale": "uniform", "finetune_steps": 1})
+
+
 def sequential_clusters() -> Variant:
     """``RUN/variants/ddm-seq``: "DDM w/o cluster", clusters by sequence number (this run's trajectory only)."""
     over = merge(FLAT_CLUSTERS, {"cluster": {"cluster_method": "sequential"}})
     return Variant("variants/ddm-seq", over, ("train",), ("cluster", "distill", "attribute"))
 
 
-__all__ = ["Variant", "FLAT_CLUSTERS", "synset_variant", "forward_matching", "learned_labels", "sequential_clusters"]
+__all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "synset_variant", "forward_matching", "learned_labels",
+           "displacement_matching", "sequential_clusters"]
