@@ -7,6 +7,10 @@ fail on the behaviour before they were fixed (a TypeError traceback, a crash in 
 message blaming the learning rate)."""
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -108,6 +112,67 @@ def test_corrupt_synsets_are_refused_in_one_line(tmp_path, capsys, mnist_root):
     assert len(err) == 1 and "NaN/inf" in err[0] and "corrupt" in err[0] and "rerun distill" in err[0]
     assert main(["distill", "--overwrite", *common]) == 0  # recomputed from the (intact) trajectory
     assert main(["attribute", "--overwrite", *common]) == 0
+    # 64 bytes overwritten inside the synsets' pixels (tiny finite floats: no NaN check sees them)
+    with h5py.File(out / "synsets.h5", "r") as f:
+        offset = f["cluster/images"].id.get_chunk_info(0).byte_offset + 16
+    with open(out / "synsets.h5", "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x01" * 64)
+    capsys.readouterr()
+    for command in ("run", "attribute"):
+        assert main([command, *common]) == 2
+        err = capsys.readouterr().err
+        assert f"ddm-hpc: error: {out / 'synsets.h5'} is corrupt (cluster/images: its checksum does not match): " \
+               "rerun distill with --overwrite" in err.splitlines() and "Traceback" not in err
+    assert main(["distill", "--overwrite", *common]) == 0
+    assert main(["run", *common]) == 0
+
+
+def _failing_open(target: str, code: int):
+    """builtins.open for ddm_hpc.storage: writing ``target``'s temp file fails with ``code`` once it exists."""
+    def fake(file, mode="r", *args, **kwargs):
+        if "w" in mode and f".{target}.tmp." in str(file):
+            open(file, mode).close()
+            raise OSError(code, os.strerror(code), str(file))
+        return open(file, mode, *args, **kwargs)
+    return fake
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsys, mnist_root, monkeypatch):
+    """The trial's disk full during a merge segfaulted (exit 139) after 261 lines of HDF5 errors."""
+    from ddm_hpc import storage
+
+    out = tmp_path / "run"
+    common = ["--preset", "smoke", "--no-progress", "--data-root", str(mnist_root), "--out", str(out)]
+    monkeypatch.setattr(storage, "open", _failing_open("clusters.h5", errno.ENOSPC), raising=False)
+    assert main(["run", *common]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ddm-hpc: error: ")]
+    assert errors == [f"ddm-hpc: error: cannot write to {out}: no space left on the device; free space there or "
+                      "pass another --out, then rerun the same command (nothing half-written is kept)"], err
+    assert "Traceback" not in err and not list(out.rglob(".*.tmp.*")) and not (out / "clusters.h5").exists()
+    assert storage.read_attrs(out / "train.h5")["complete"]  # the artifact before it is kept
+    monkeypatch.undo()
+    assert main(["cluster", *common]) == 0
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, capsys, mnist_root, monkeypatch):
+    """Root ignores permissions here: the folder's mkdir fails as on a read-only mount."""
+    ro = tmp_path / "ro"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.is_relative_to(ro):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main(["run", "--preset", "smoke", "--no-progress", "--data-root", str(mnist_root),
+                 "--out", str(ro / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"ddm-hpc: error: cannot write to {ro}: it is read-only; make it writable or "
+                                    "pass another --out, then rerun the same command (nothing half-written is kept)")
+    assert "Traceback" not in err and not ro.exists()
 
 
 if __name__ == "__main__":  # the table of cases for benchmarks/RESULTS.md
