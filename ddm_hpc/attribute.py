@@ -355,7 +355,8 @@ def gather(paths: list[Path], parts: list[Part]) -> dict[str, torch.Tensor]:
 
 
 def _phase1_paths(cfg: Config) -> list[Path]:
-    return shard_paths(cfg.runtime.out, "attribute-flat", resolve_shards(cfg, len(blocks(cfg, flat_parts(cfg)))))
+    n = resolve_shards(cfg, len(blocks(cfg, flat_parts(cfg))), announce=False)  # run_sharded said it
+    return shard_paths(cfg.runtime.out, "attribute-flat", n)
 
 
 def _chosen(cfg: Config, setup: AttributeSetup) -> torch.Tensor:

@@ -120,11 +120,14 @@ def shard_range(n: int, shard: int, n_shards: int) -> tuple[int, int]:
     return n * shard // n_shards, n * (shard + 1) // n_shards
 
 
-def resolve_shards(cfg: Config, n_items: int) -> int:
-    """Number of tasks for ``n_items`` items: ``--shards``, at most one per item, at least 1 (a cap is logged)."""
+def resolve_shards(cfg: Config, n_items: int, name: str = "", announce: bool = True) -> int:
+    """Number of tasks for ``n_items`` items: ``--shards``, at most one per item, at least 1.
+
+    A cap is logged (``announce``), naming the shard set ``name``: ``--shards 3`` silently became 2."""
     n = max(1, min(cfg.runtime.shards, n_items))
-    if n < cfg.runtime.shards:
-        log.info("--shards %d: only %d work item(s) here, so %d shard(s)", cfg.runtime.shards, n_items, n)
+    if n < cfg.runtime.shards and announce:
+        log.info("%s--shards %d, but only %d work item(s) to share out: running %d shard(s)",
+                 f"{name}: " if name else "", cfg.runtime.shards, n_items, n)
     return n
 
 
@@ -305,7 +308,7 @@ def run_sharded(name: str, cfg: Config, task_fn: TaskFn, n_items: int, merge_fn:
     """
     cfg = _absolute(cfg)
     run_dir = Path(cfg.runtime.out)
-    n = resolve_shards(cfg, n_items)
+    n = resolve_shards(cfg, n_items, name)
     key = shard_key(cfg, stage or name, key_extra)
     paths = shard_paths(run_dir, name, n)
     if cfg.runtime.overwrite and shard_dir(run_dir, name).exists():

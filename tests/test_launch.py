@@ -90,9 +90,11 @@ def test_shard_ranges_cover_every_item_exactly_once(n, n_shards):
     assert seen == list(range(n))
 
 
-def test_resolve_shards_caps_at_items(tmp_path):
+def test_resolve_shards_caps_at_items(tmp_path, caplog):
     cfg = Config.from_dict({"runtime": {"out": str(tmp_path), "shards": 7}})
-    assert launch.resolve_shards(cfg, 3) == 3
+    with caplog.at_level("INFO", logger="ddm_hpc.launch"):
+        assert launch.resolve_shards(cfg, 3, "distill") == 3
+    assert caplog.messages == ["distill: --shards 7, but only 3 work item(s) to share out: running 3 shard(s)"]
     assert launch.resolve_shards(cfg, 0) == 1
     assert launch.resolve_shards(cfg, 100) == 7
 
