@@ -6,7 +6,7 @@ wins, from: built-in defaults < the run directory's saved ``config.json`` < ``--
 (``ddm-hpc cluster --out R``) reuses the options the earlier stages of ``R`` were run with.
 
 Room: the command line, the top (imports ``config``, ``graph``, ``launch``, ``methods`` for the help of
-``--methods``, and ``pipeline``).
+``--methods``, ``pipeline``, and ``storage`` for the one-line error of a folder that cannot take a file).
 """
 from __future__ import annotations
 

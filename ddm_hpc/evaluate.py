@@ -45,8 +45,8 @@ from ddm_hpc.metrics import (METRICS, gt_objectives, located_clusters, located_v
                              predicted_subset_effect, random_subset_masks, spearman)
 from ddm_hpc.report import method_label, method_order, write_report
 from ddm_hpc.retrain import GroundTruth, fill_ground_truth, query_probs, retrain_without
-from ddm_hpc.storage import (ParamTable, artifact_path, atomic_h5, create_dataset, open_read, read_attrs,
-                             upstream_uids, write_provenance)
+from ddm_hpc.storage import (ParamTable, artifact_path, atomic_h5, create_dataset, intact, open_read, read_attrs,
+                             upstream_uids, verify, write_provenance)
 from ddm_hpc.unlearn import unlearn_all_accuracy
 from ddm_hpc.utils import generator, progress
 from ddm_hpc.variants import Variant
@@ -193,7 +193,7 @@ def run_retrainings(cfg: Config, query_pos: torch.Tensor, bundle: DatasetBundle 
     key = retrain_key(cfg, query_pos)
     path = groundtruth_path(run_dir)
     attrs = read_attrs(path)
-    if attrs is not None and attrs.get("key") == key:
+    if attrs is not None and attrs.get("key") == key and intact(path):
         log.info("evaluate: %s is current, no retraining needed", path)
         return path
     n_jobs = len(retrain_jobs(cfg, RunContext(cfg).k))
@@ -231,6 +231,7 @@ def load_retrained(cfg: Config, k: int, query_pos: torch.Tensor) -> Retrained:
     attrs = read_attrs(path)
     if attrs is None or attrs.get("key") != retrain_key(cfg, query_pos):
         raise StageError(f"{path} is missing or was made for other retrainings: rerun `ddm-hpc evaluate`")
+    verify(path, "evaluate")
     with h5py.File(path, "r", locking=False) as f:
         probs = torch.from_numpy(f["probs"][()])
         secs = f["seconds"][()]

@@ -308,6 +308,16 @@ def verify(path: str | Path, stage: str | None = None) -> None:
     _VERIFIED[key] = None
 
 
+def intact(path: str | Path) -> bool:
+    """True if the cache file ``path`` passes :func:`verify`; a corrupt one is logged (and then recomputed)."""
+    try:
+        verify(path)
+    except CorruptArtifact as e:
+        log.warning("%s; recomputing what it held", str(e).split(": rerun")[0].split(": delete")[0])
+        return False
+    return True
+
+
 def _stage_of(path: Path) -> str | None:
     """The stage whose artifact file name ``path`` has (None for shards and other files)."""
     return next((s for s, name in graph.ARTIFACTS.items() if name == path.name), None)

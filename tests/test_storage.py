@@ -270,3 +270,17 @@ def test_hdf5_messages_without_errno_are_recognised():
     e = OSError("Can't write data (file write failed: ... errno = 28, error message = 'No space left on device')")
     assert storage.write_errno(e) == errno.ENOSPC
     assert storage.write_errno(OSError("Unable to open file (unable to lock file)")) is None
+
+
+def test_a_corrupt_cache_is_recomputed_not_read(tmp_path, caplog):
+    """groundtruth.h5 and the diagnose caches are caches: a corrupt one is logged and recomputed (storage.intact)."""
+    path = tmp_path / "groundtruth.h5"
+    with atomic_h5(path) as f:
+        create_dataset(f, "probs", data=np.linspace(0, 1, 3000, dtype=np.float32))
+    assert storage.intact(path)
+    with h5py.File(path) as f:
+        offset = f["probs"].id.get_chunk_info(0).byte_offset
+    _overwrite(path, offset + 8)
+    with caplog.at_level("WARNING", logger="ddm_hpc.storage"):
+        assert not storage.intact(path)
+    assert caplog.messages == [f"{path} is corrupt (probs: its checksum does not match); recomputing what it held"]

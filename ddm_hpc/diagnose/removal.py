@@ -60,7 +60,7 @@ from ddm_hpc.launch import run_sharded, shard_range
 from ddm_hpc.metrics import spearman
 from ddm_hpc.models import build_model, build_target
 from ddm_hpc.retrain import retrain_keep
-from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, create_dataset, open_read
+from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, create_dataset, intact, open_read
 from ddm_hpc.train import accuracy, epoch_order
 from ddm_hpc.trajectory import load_into
 from ddm_hpc.utils import generator
@@ -336,7 +336,7 @@ def merge_retrain_plan(cfg: Config, paths: list[Path], plan: str = "", bundle: D
 
 def _read_cache(path: Path, key: str = "job_key") -> dict[str, np.ndarray]:
     """The datasets of ``path``; {} if it is missing or not a per-job cache (no ``key`` dataset)."""
-    if not path.is_file():
+    if not path.is_file() or not intact(path):  # a corrupt cache is recomputed
         return {}
     with h5py.File(path, "r", locking=False) as f:
         return {k: f[k][()] for k in f} if key in f else {}
