@@ -7,13 +7,13 @@ Each file's root attrs carry ``config`` (JSON of the sections the stage depends 
 ``stage_key`` (hash of that JSON), ``stage``, ``complete``, ``schema`` (:data:`SCHEMA_VERSION`), package
 versions and git revision.
 
-Checksums: every dataset written through :func:`create_dataset` carries an HDF5 fletcher32 checksum on
-each chunk (scalars and variable-length strings, which HDF5 cannot filter, a ``sha256`` attr instead);
-files are written in the HDF5 1.10 format, whose object headers carry checksums too, and the root attrs
-(the string ones live in an unchecked heap) a ``sha256`` of their own. :func:`verify` reads a file
-through once and raises :class:`~ddm_hpc.errors.CorruptArtifact` on any mismatch, so bytes overwritten
-on disk give one line naming the file and the fix instead of being read. A file written before the
-checksums existed has none of them and still reads (nothing to check but its structure).
+Checksums: every dataset written through :func:`create_dataset` carries an HDF5 fletcher32 checksum on each
+chunk (scalars and variable-length strings, which HDF5 cannot filter, a ``sha256`` attr instead); files are
+written in the HDF5 1.10 format, whose object headers carry checksums too, and the root a ``sha256`` of every
+object's attrs (string attrs live in HDF5's global heap, which nothing checks). :func:`verify` reads a file
+through once and raises :class:`~ddm_hpc.errors.CorruptArtifact` on any mismatch, so bytes overwritten on disk
+give one line naming the file and the fix instead of being read. A file written before the checksums existed
+has none of them and still reads (nothing to check but its structure).
 
 Room: imports ``config`` and ``graph`` (and ``errors``); every stage module may import it.
 """
@@ -302,8 +302,8 @@ def verify(path: str | Path, stage: str | None = None) -> None:
         stage = stage or _stage_of(path)
         fix = f"rerun {stage} with --overwrite" if stage else "delete it and rerun the command that wrote it"
         text = " ".join(str(e).split())
-        what = ("its checksum does not match" if re.search(r"filter returned failure|fletcher32|checksum", text, re.IGNORECASE)
-                else text[:120])
+        checksum = re.search(r"filter returned failure|fletcher32|checksum", text, re.IGNORECASE)
+        what = "its checksum does not match" if checksum else text[:120]
         raise CorruptArtifact(f"{path} is corrupt ({where}: {what}): {fix}") from None
     _VERIFIED[key] = None
 

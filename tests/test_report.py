@@ -1,4 +1,5 @@
-"""report: the figures' text fits and is readable (the trial: the scatter's y label cut off, heat-map values too small)."""
+"""report: the figures' text fits and is readable (the trial: the scatter's y label was cut off, the heat map's
+values too small to read)."""
 from __future__ import annotations
 
 import numpy as np
