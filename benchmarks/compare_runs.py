@@ -21,7 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-VOLATILE = {"uid", "upstream", "created", "git_revision", "versions", "device", "stage_key", "key", "job_key"}
+VOLATILE = {"uid", "upstream", "created", "git_revision", "versions", "device", "stage_key", "key", "job_key",
+            "sha256"}  # sha256: the attrs checksum covers the volatile attrs too
 
 
 def _volatile(name: str) -> bool:

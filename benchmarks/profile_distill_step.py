@@ -24,6 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+if not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()):
+    # No NVIDIA driver: the profiler's library (kineto) would print "ERROR: gpuGetDeviceCount failed" and its
+    # start/stop trace lines on a CPU-only run, which is not an error here. Level 6 silences both; it must be set
+    # before torch loads kineto. With a driver its messages are kept (they matter on a GPU).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
 import torch
 import torch.nn.functional as F
 from torch import nn

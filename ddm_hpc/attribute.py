@@ -49,7 +49,7 @@ from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import remove_shards, resolve_shards, run_sharded, shard_paths, shard_range
 from ddm_hpc.metrics import objective_values
-from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
+from ddm_hpc.storage import artifact_path, atomic_h5, create_dataset, open_read, read_attrs, write_provenance
 from ddm_hpc.synsets import SynsetLevel, read_synsets
 from ddm_hpc.unlearn import Unlearner
 from ddm_hpc.utils import generator
@@ -355,7 +355,8 @@ def gather(paths: list[Path], parts: list[Part]) -> dict[str, torch.Tensor]:
 
 
 def _phase1_paths(cfg: Config) -> list[Path]:
-    return shard_paths(cfg.runtime.out, "attribute-flat", resolve_shards(cfg, len(blocks(cfg, flat_parts(cfg)))))
+    n = resolve_shards(cfg, len(blocks(cfg, flat_parts(cfg))), announce=False)  # run_sharded said it
+    return shard_paths(cfg.runtime.out, "attribute-flat", n)
 
 
 def _chosen(cfg: Config, setup: AttributeSetup) -> torch.Tensor:
@@ -418,34 +419,34 @@ def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup,
             primary_scores = result["scores"][primary].numpy()
             for name, s in result["scores"].items():
                 g = f.create_group(f"objectives/{name}")
-                g.create_dataset("scores", data=s.numpy().astype(np.float32))
-                g.create_dataset("intercept", data=result["intercepts"][name].numpy().astype(np.float32))
-            f.create_dataset("perturbations", data=result["perturbations"].numpy())
-            f.create_dataset("beta", data=beta_weights(result["perturbations"], acfg.beta).numpy())
-            f.create_dataset("outputs", data=result["probs"][:, :len(q_pos)].numpy().astype(np.float32))
+                create_dataset(g, "scores", data=s.numpy().astype(np.float32))
+                create_dataset(g, "intercept", data=result["intercepts"][name].numpy().astype(np.float32))
+            create_dataset(f, "perturbations", data=result["perturbations"].numpy())
+            create_dataset(f, "beta", data=beta_weights(result["perturbations"], acfg.beta).numpy())
+            create_dataset(f, "outputs", data=result["probs"][:, :len(q_pos)].numpy().astype(np.float32))
         else:  # hierarchical only: cluster scores of the chosen class, NaN elsewhere
             h = result["hier"]
             primary_scores = np.full((n_rows, k), np.nan, dtype=np.float32)
             for q in range(n_rows):
                 ids = torch.nonzero(cluster_class == h["class"][q])[:, 0].numpy()
                 primary_scores[q, ids] = h["cluster_scores"][q, :len(ids)].numpy()
-        f.create_dataset("scores", data=primary_scores.astype(np.float32))
+        create_dataset(f, "scores", data=primary_scores.astype(np.float32))
         order = np.argsort(-np.nan_to_num(primary_scores, nan=-np.inf), axis=1)[:, :min(5, k)]
-        f.create_dataset("top_clusters", data=order.astype(np.int64))
+        create_dataset(f, "top_clusters", data=order.astype(np.int64))
         if "hier" in result:
             g = f.create_group("hierarchy")
             for name, v in result["hier"].items():
-                g.create_dataset(name, data=v.numpy())
-        f.create_dataset("query_index", data=bundle.test_index[q_pos].numpy())
-        f.create_dataset("query_position", data=q_pos.numpy())
-        f.create_dataset("query_label", data=bundle.y_test[q_pos].numpy())
-        f.create_dataset("query_pred", data=base[:len(q_pos)].argmax(1).numpy())
-        f.create_dataset("base_probs", data=base[:len(q_pos)].numpy())
-        f.create_dataset("val_index", data=bundle.test_index[v_pos].numpy())
+                create_dataset(g, name, data=v.numpy())
+        create_dataset(f, "query_index", data=bundle.test_index[q_pos].numpy())
+        create_dataset(f, "query_position", data=q_pos.numpy())
+        create_dataset(f, "query_label", data=bundle.y_test[q_pos].numpy())
+        create_dataset(f, "query_pred", data=base[:len(q_pos)].argmax(1).numpy())
+        create_dataset(f, "base_probs", data=base[:len(q_pos)].numpy())
+        create_dataset(f, "val_index", data=bundle.test_index[v_pos].numpy())
         c = f.create_group("clusters")
-        c.create_dataset("assignment", data=setup.assignment)
-        c.create_dataset("class", data=cluster_class.numpy())
-        c.create_dataset("size", data=setup.sizes)
+        create_dataset(c, "assignment", data=setup.assignment)
+        create_dataset(c, "class", data=cluster_class.numpy())
+        create_dataset(c, "size", data=setup.sizes)
         f.attrs["objective"] = primary
         f.attrs["query_mode"] = acfg.query_mode
         f.attrs["finetune_steps"] = setup.unlearner.steps

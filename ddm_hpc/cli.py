@@ -6,7 +6,7 @@ wins, from: built-in defaults < the run directory's saved ``config.json`` < ``--
 (``ddm-hpc cluster --out R``) reuses the options the earlier stages of ``R`` were run with.
 
 Room: the command line, the top (imports ``config``, ``graph``, ``launch``, ``methods`` for the help of
-``--methods``, and ``pipeline``).
+``--methods``, ``pipeline``, and ``storage`` for the one-line error of a folder that cannot take a file).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import types
 import typing
@@ -27,6 +28,7 @@ from ddm_hpc.config import PRESETS, SECTIONS, Config, merge
 from ddm_hpc.errors import ConfigError, DDMError
 from ddm_hpc.launch import status
 from ddm_hpc.pipeline import load_saved_config, run_command, summary
+from ddm_hpc.storage import output_error, write_errno
 from ddm_hpc.utils import load_plugins
 
 log = logging.getLogger("ddm_hpc")
@@ -164,9 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"ddm-hpc: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot take a file, met outside the artifact writers (logs, lock, mkdir)
+        code = write_errno(e)
+        if code is None:
+            raise
+        print(f"ddm-hpc: error: {output_error(_folder_of(e, ns), code)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ddm-hpc: interrupted; completed stages are kept, rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _folder_of(e: OSError, ns: argparse.Namespace) -> str:
+    """The folder that could not take a file: the failed path's parent (HDF5 names the path only in its message),
+    else the run directory."""
+    named = e.filename or next(iter(re.findall(r"name = '([^']+)'", str(e))), None)
+    return str(Path(named).parent) if named else str(vars(ns).get("runtime.out") or Config().runtime.out)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from ddm_hpc.data import DatasetBundle, TensorStream
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.features import FeatureFile, extract_features
 from ddm_hpc.models import penultimate_features
-from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
+from ddm_hpc.storage import artifact_path, atomic_h5, create_dataset, open_read, read_attrs, write_provenance
 from ddm_hpc.utils import import_object, progress
 
 log = logging.getLogger(__name__)
@@ -329,10 +329,10 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     path = artifact_path(cfg.runtime.out, "cluster")
     with atomic_h5(path) as f:
         g = f.create_group("clusters")
-        g.create_dataset("assignment", data=assignment)
-        g.create_dataset("class", data=cls_of)
-        g.create_dataset("size", data=sizes.astype(np.int64))
-        g.create_dataset("centroids", data=cents)
+        create_dataset(g, "assignment", data=assignment)
+        create_dataset(g, "class", data=cls_of)
+        create_dataset(g, "size", data=sizes.astype(np.int64))
+        create_dataset(g, "centroids", data=cents)
         f.attrs["clusters_per_class"] = cc.clusters_per_class
         f.attrs["K"] = len(cls_of)
         f.attrs["feature_dim"] = feature_dim

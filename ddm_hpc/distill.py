@@ -66,7 +66,7 @@ from ddm_hpc.config import Config, DistillConfig, TrainConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import run_sharded, shard_range
-from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
+from ddm_hpc.storage import artifact_path, atomic_h5, create_dataset, open_read, read_attrs, write_provenance
 from ddm_hpc.trajectory import Checkpoints
 from ddm_hpc.utils import generator, progress, to_device
 
@@ -519,9 +519,9 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
                                      f"0..{n - 1} once each: rerun with --overwrite")
                 g = out.create_group(level)
                 for name in SYNSET_DATASETS:
-                    g.create_dataset(name, data=np.concatenate([p[name][()] for p in parts]))
+                    create_dataset(g, name, data=np.concatenate([p[name][()] for p in parts]))
                 history = np.concatenate([p["group_history"][()] for p in parts])
-                g.create_dataset("loss_history", data=loss_history_of(history))
+                create_dataset(g, "loss_history", data=loss_history_of(history))
                 g.attrs["seconds"] = float(sum(float(p["seconds"][()]) for p in parts))
             out.attrs["method"] = cfg.distill.method
             out.attrs["pairing"] = cfg.distill.resolved_pairing()

@@ -18,3 +18,11 @@ class ConfigError(DDMError, ValueError):
 
 class StageError(DDMError, RuntimeError):
     """A stage cannot run: its input artifact is missing, incomplete or incompatible."""
+
+
+class CorruptArtifact(StageError):
+    """An artifact's bytes do not match its checksums (or it cannot be parsed): it must be recomputed."""
+
+
+class OutputError(DDMError, OSError):
+    """The output folder cannot take a file: read-only, not writable, or full."""

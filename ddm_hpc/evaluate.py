@@ -45,7 +45,8 @@ from ddm_hpc.metrics import (METRICS, gt_objectives, located_clusters, located_v
                              predicted_subset_effect, random_subset_masks, spearman)
 from ddm_hpc.report import method_label, method_order, write_report
 from ddm_hpc.retrain import GroundTruth, fill_ground_truth, query_probs, retrain_without
-from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read, read_attrs, upstream_uids, write_provenance
+from ddm_hpc.storage import (ParamTable, artifact_path, atomic_h5, create_dataset, intact, open_read, read_attrs,
+                             upstream_uids, verify, write_provenance)
 from ddm_hpc.unlearn import unlearn_all_accuracy
 from ddm_hpc.utils import generator, progress
 from ddm_hpc.variants import Variant
@@ -179,8 +180,8 @@ def merge_retrain(cfg: Config, paths: list[Path], bundle: DatasetBundle | None =
     query_pos = RunContext(cfg).query_pos
     path = groundtruth_path(run_dir)
     with atomic_h5(path) as f:
-        f.create_dataset("probs", data=np.concatenate(probs))
-        f.create_dataset("seconds", data=np.concatenate(secs))
+        create_dataset(f, "probs", data=np.concatenate(probs))
+        create_dataset(f, "seconds", data=np.concatenate(secs))
         f.attrs["key"] = retrain_key(cfg, query_pos)
     return path
 
@@ -192,7 +193,7 @@ def run_retrainings(cfg: Config, query_pos: torch.Tensor, bundle: DatasetBundle 
     key = retrain_key(cfg, query_pos)
     path = groundtruth_path(run_dir)
     attrs = read_attrs(path)
-    if attrs is not None and attrs.get("key") == key:
+    if attrs is not None and attrs.get("key") == key and intact(path):
         log.info("evaluate: %s is current, no retraining needed", path)
         return path
     n_jobs = len(retrain_jobs(cfg, RunContext(cfg).k))
@@ -230,6 +231,7 @@ def load_retrained(cfg: Config, k: int, query_pos: torch.Tensor) -> Retrained:
     attrs = read_attrs(path)
     if attrs is None or attrs.get("key") != retrain_key(cfg, query_pos):
         raise StageError(f"{path} is missing or was made for other retrainings: rerun `ddm-hpc evaluate`")
+    verify(path, "evaluate")
     with h5py.File(path, "r", locking=False) as f:
         probs = torch.from_numpy(f["probs"][()])
         secs = f["seconds"][()]
@@ -386,32 +388,32 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     path = artifact_path(run_dir, "evaluate")
     with atomic_h5(path) as f:
         fill_ground_truth(f, retrained.gt, retrained.removed, queries["query_index"], labels)
-        f.create_dataset("query_position", data=query_pos.numpy())
-        f["gt"].create_dataset("masks", data=retrained.masks.numpy())
-        f["gt"].create_dataset("mask_outputs", data=retrained.mask_outputs.float().numpy())
+        create_dataset(f, "query_position", data=query_pos.numpy())
+        create_dataset(f["gt"], "masks", data=retrained.masks.numpy())
+        create_dataset(f["gt"], "mask_outputs", data=retrained.mask_outputs.float().numpy())
         f["gt"].attrs.update(seconds=retrain_seconds, seconds_per_retrain=retrained.seconds_per_retrain,
                              base_drift=drift, n_retrainings=n_jobs)
         if several:  # every protocol's leave-one-outs and every kept fraction's subsets
             f["gt"].attrs.update(removals=",".join(ec.removal_list()), alphas=np.asarray(ec.alpha_list()))
             for removal, outs in retrained.outputs.items():
                 g = f.create_group(f"gt/protocols/{removal}")
-                g.create_dataset("outputs", data=outs.float().numpy())
+                create_dataset(g, "outputs", data=outs.float().numpy())
                 for a, alpha in enumerate(ec.alpha_list()):
                     masks, mask_out = retrained.subsets[(removal, alpha)]
                     sub = g.create_group(f"alpha_{a}")
                     sub.attrs["alpha"] = alpha
-                    sub.create_dataset("masks", data=masks.numpy())
-                    sub.create_dataset("outputs", data=mask_out.float().numpy())
+                    create_dataset(sub, "masks", data=masks.numpy())
+                    create_dataset(sub, "outputs", data=mask_out.float().numpy())
         for name, res in results.items():
             m = REGISTRY[name]
             g = f.create_group(f"methods/{name}")
-            g.create_dataset("scores", data=res.scores.float().numpy())
-            g.create_dataset("seconds", data=np.float64(res.seconds))
-            g.create_dataset("offline_seconds", data=np.float64(res.offline_seconds))
-            g.create_dataset("located", data=metrics[name]["located"].numpy())
-            g.create_dataset("lds_per_query", data=metrics[name]["lds_per_query"].float().numpy())
+            create_dataset(g, "scores", data=res.scores.float().numpy())
+            create_dataset(g, "seconds", data=np.float64(res.seconds))
+            create_dataset(g, "offline_seconds", data=np.float64(res.offline_seconds))
+            create_dataset(g, "located", data=metrics[name]["located"].numpy())
+            create_dataset(g, "lds_per_query", data=metrics[name]["lds_per_query"].float().numpy())
             for obj, s in res.per_objective.items():
-                g.create_dataset(f"objectives/{obj}", data=s.float().numpy())
+                create_dataset(g, f"objectives/{obj}", data=s.float().numpy())
             g.attrs["note"] = res.note
             g.attrs.update(label=m.label, scatter=m.scatter, heatmap=m.heatmap, table4=m.table4)
             for metric in (*METRICS, "lds"):

@@ -30,7 +30,7 @@ from torch import nn
 from ddm_hpc.data import StreamDataset, class_order, stream_loader
 from ddm_hpc.errors import DataError, StageError
 from ddm_hpc.models import penultimate_features
-from ddm_hpc.storage import atomic_h5
+from ddm_hpc.storage import atomic_h5, create_dataset
 from ddm_hpc.utils import progress
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # HDF5 chunk of ~1 MiB (512 rows of 512 float32 features): fits h5py's default 1 MiB chunk cache, and
 # a class read touches at most ~1 MiB beyond its rows (4 MiB chunks measured 11 MB of read buffers).
 CHUNK_BYTES = 1 << 20
+IN_MEMORY_BYTES = 1 << 28  # feature files up to 256 MiB are built in memory (storage.atomic_h5)
 
 
 def chunk_rows(dim: int, n: int) -> int:
@@ -69,11 +70,11 @@ def write_feature_file(path: str | Path, labels: np.ndarray, dim: int, chunks: I
     n = len(labels)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     order = class_order(labels)
-    with atomic_h5(path) as f:
-        feats = f.create_dataset("features", shape=(n, dim), dtype=np.float32, chunks=(chunk_rows(dim, n), dim))
-        f.create_dataset("rows", data=order)
-        f.create_dataset("labels", data=labels[order])
-        f.create_dataset("class_offset", data=class_offsets(labels[order], num_classes))
+    with atomic_h5(path, in_memory=n * dim * 4 <= IN_MEMORY_BYTES) as f:  # a large one is streamed to disk
+        feats = create_dataset(f, "features", shape=(n, dim), dtype=np.float32, chunks=(chunk_rows(dim, n), dim))
+        create_dataset(f, "rows", data=order)
+        create_dataset(f, "labels", data=labels[order])
+        create_dataset(f, "class_offset", data=class_offsets(labels[order], num_classes))
         pos = 0
         for rows, x in progress(chunks, "features", show_progress, total=None):
             b = len(rows)

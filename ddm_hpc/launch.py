@@ -19,9 +19,11 @@ Stages never launch jobs themselves; they call one of two functions here.
       returns HDF5 dataset name -> array. The layer writes them to
       ``RUN/shards/<name>/<name>-SSSSS-of-NNNNN.h5`` atomically (temp file + rename) with root
       attrs ``key`` (hash of the stage's config, the upstream artifacts' uids and ``key_extra``),
-      ``shard``, ``n_shards``, ``n_items`` and ``complete``. ``context`` (e.g. the loaded data
+      ``shard``, ``n_shards``, ``n_items``, ``schema`` (``storage.SCHEMA_VERSION``) and ``complete``, each
+      dataset with a checksum (``storage.create_dataset``). ``context`` (e.g. the loaded data
       bundle) is passed only to tasks run in this process, never pickled.
-    - Resume: a shard whose file is complete with the same key and shard count is not recomputed.
+    - Resume: a shard whose file is complete with the same key, shard count and schema, and whose
+      checksums pass, is not recomputed (``--overwrite`` discards every shard of an earlier run).
       A rerun after a failure or a kill therefore redoes only the missing shards.
     - Failure: other shards still run and are kept; then one ``StageError`` line names the failed
       shards, the first error and its log file (``RUN/logs/<name>/...``).
@@ -88,8 +90,9 @@ import yaml
 
 from ddm_hpc import graph
 from ddm_hpc.config import Config
-from ddm_hpc.errors import ConfigError, StageError
-from ddm_hpc.storage import atomic_h5, read_attrs, upstream_uids, write_json_atomic
+from ddm_hpc.errors import ConfigError, CorruptArtifact, StageError
+from ddm_hpc.storage import (SCHEMA_VERSION, atomic_h5, create_dataset, read_attrs, schema_of, temp_path,
+                             upstream_uids, verify, write_json_atomic)
 from ddm_hpc.utils import load_plugins, set_worker_index
 
 log = logging.getLogger(__name__)
@@ -117,11 +120,14 @@ def shard_range(n: int, shard: int, n_shards: int) -> tuple[int, int]:
     return n * shard // n_shards, n * (shard + 1) // n_shards
 
 
-def resolve_shards(cfg: Config, n_items: int) -> int:
-    """Number of tasks for ``n_items`` items: ``--shards``, at most one per item, at least 1 (a cap is logged)."""
+def resolve_shards(cfg: Config, n_items: int, name: str = "", announce: bool = True) -> int:
+    """Number of tasks for ``n_items`` items: ``--shards``, at most one per item, at least 1.
+
+    A cap is logged (``announce``), naming the shard set ``name``: ``--shards 3`` silently became 2."""
     n = max(1, min(cfg.runtime.shards, n_items))
-    if n < cfg.runtime.shards:
-        log.info("--shards %d: only %d work item(s) here, so %d shard(s)", cfg.runtime.shards, n_items, n)
+    if n < cfg.runtime.shards and announce:
+        log.info("%s--shards %d, but only %d work item(s) to share out: running %d shard(s)",
+                 f"{name}: " if name else "", cfg.runtime.shards, n_items, n)
     return n
 
 
@@ -159,15 +165,24 @@ def shard_key(cfg: Config, stage: str, extra: str = "") -> str:
 
 
 def shard_done(path: Path, key: str, n_shards: int) -> bool:
-    """True if ``path`` is a complete shard written with ``key`` for ``n_shards`` shards."""
+    """True if ``path`` is a complete shard written with ``key`` for ``n_shards`` shards by this artifact schema,
+    whose checksums pass (a corrupt shard is recomputed, never merged)."""
     if not path.exists():
         return False
     try:
         with h5py.File(path, "r", locking=False) as f:
-            a = f.attrs
-            return bool(a.get("complete")) and a.get("key") == key and int(a.get("n_shards", -1)) == n_shards
+            a = dict(f.attrs)
     except OSError:
         return False
+    if not (a.get("complete") and a.get("key") == key and int(a.get("n_shards", -1)) == n_shards
+            and schema_of(a) == SCHEMA_VERSION):
+        return False
+    try:
+        verify(path)
+    except CorruptArtifact as e:
+        log.warning("%s; recomputing the shard", e)
+        return False
+    return True
 
 
 def _failed_marker(path: Path) -> Path:
@@ -222,12 +237,15 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], **attrs: Any) -> None
     crash = os.environ.get(CRASH_ENV, "")
     with atomic_h5(path) as f:
         for i, (k, v) in enumerate(arrays.items()):
-            f.create_dataset(k, data=np.asarray(v))
+            create_dataset(f, k, data=np.asarray(v))
             if crash == f"{attrs.get('name')}:{attrs.get('shard')}" and i == len(arrays) // 2:
                 f.flush()
+                image = f.id.get_file_image()  # built in memory: half its image on disk, as a kill mid-write
+                temp_path(path).write_bytes(image[:len(image) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with a half-written temp file
         for k, v in attrs.items():
             f.attrs[k] = v
+        f.attrs["schema"] = SCHEMA_VERSION
     _failed_marker(path).unlink(missing_ok=True)
 
 
@@ -290,7 +308,7 @@ def run_sharded(name: str, cfg: Config, task_fn: TaskFn, n_items: int, merge_fn:
     """
     cfg = _absolute(cfg)
     run_dir = Path(cfg.runtime.out)
-    n = resolve_shards(cfg, n_items)
+    n = resolve_shards(cfg, n_items, name)
     key = shard_key(cfg, stage or name, key_extra)
     paths = shard_paths(run_dir, name, n)
     if cfg.runtime.overwrite and shard_dir(run_dir, name).exists():
@@ -553,6 +571,11 @@ def status(run_dir: str | Path) -> str:
     for stage, fname in graph.ARTIFACTS.items():
         a = read_attrs(run_dir / fname)
         state = f"complete ({a.get('created', '?')}, {float(a.get('seconds', 0)):.1f} s)" if a else "missing"
+        if a is not None or (run_dir / fname).exists():
+            try:
+                verify(run_dir / fname, stage)
+            except CorruptArtifact as e:
+                state = f"CORRUPT: {e}"
         lines.append(f"  {stage:<10} {fname:<16} {state}")
     root = run_dir / "shards"
     sets = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -233,7 +233,12 @@ def table4(d: dict) -> list[str]:
 
 
 def plot_scatter(d: dict, name: str, path: Path, n_show: int = 10) -> Path:
-    """Per query: the method's score of each left-out cluster against the exact CE change."""
+    """Per query: the method's score of each left-out cluster against the exact CE change (PNG at ``path``)."""
+    return save_figure(scatter_figure(d, name, n_show), path)
+
+
+def scatter_figure(d: dict, name: str, n_show: int = 10):
+    """The figure of :func:`plot_scatter`: up to 5 queries a row, the axis labels inside the figure."""
     plt = pyplot()
 
     m = d["methods"][name]
@@ -242,19 +247,20 @@ def plot_scatter(d: dict, name: str, path: Path, n_show: int = 10) -> Path:
     n = min(n_show, len(d["labels"]))
     cols = min(5, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    # one row of 2.8 in was shorter than the y label at 9 pt (cut off): two lines, and at least 3.2 in
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.4, max(2.8 * rows, 3.2)), squeeze=False)
     for q in range(n):
         ax = axes[q // cols][q % cols]
         ax.scatter(scores[q], exact[:, q], s=8, alpha=0.7)
         ax.set_title(f"test[{d['query_index'][q]}] y={d['labels'][q]}  ρ={_rho(scores[q], exact[:, q]):+.2f}",
                      fontsize=8)
-        ax.tick_params(labelsize=6)
+        ax.tick_params(labelsize=7)
     for q in range(n, rows * cols):
         axes[q // cols][q % cols].axis("off")
     fig.supxlabel(f"{method_label(name, m['attrs'])} score of the cluster", fontsize=9)
-    fig.supylabel("exact change of the query's CE when removed", fontsize=9)
+    fig.supylabel("exact change of the query's CE\nwhen the cluster is removed", fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def class_by_class(values: np.ndarray, labels: np.ndarray, cluster_class: np.ndarray, n_cls: int) -> np.ndarray:
@@ -302,9 +308,14 @@ def draw_class_matrix(fig, ax, mat: np.ndarray, title: str, xlabel: str = "class
         for i in range(n):
             for j in range(n):
                 if math.isfinite(mat[i, j]):
-                    ax.text(j, i, f"{mat[i, j]:.2g}", ha="center", va="center", fontsize=5,
+                    ax.text(j, i, f"{mat[i, j]:.2g}", ha="center", va="center", fontsize=annotation_size(n),
                             color="black" if mat[i, j] > mid else "white")
     fig.colorbar(im, ax=ax, fraction=0.046)
+
+
+def annotation_size(n: int) -> float:
+    """Font size (pt) of the values in an n x n heat map: 8 pt up to 10 classes (5 pt was unreadable), at least 6."""
+    return max(6.0, min(8.0, 80.0 / max(n, 1)))
 
 
 def pyplot():

@@ -47,7 +47,7 @@ from ddm_hpc.config import REMOVALS, Config
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.models import build_target
-from ddm_hpc.storage import ParamTable, atomic_h5
+from ddm_hpc.storage import ParamTable, atomic_h5, create_dataset
 from ddm_hpc.train import train_trajectory
 from ddm_hpc.trajectory import load_into
 from ddm_hpc.utils import Ids, as_long, progress
@@ -242,12 +242,12 @@ def fill_ground_truth(f: h5py.Group, gt: GroundTruth, removed_ids: Ids, query_in
     if len(rem) != len(gt.outputs):
         raise ValueError(f"{len(rem)} removed ids for {len(gt.outputs)} ground-truth outputs")
     g = f.create_group("gt")
-    g.create_dataset("base", data=gt.base.float().numpy())
-    g.create_dataset("removed", data=rem.numpy())
-    g.create_dataset("outputs", data=gt.outputs.float().numpy())
-    g.create_dataset("noise", data=gt.noise.float().numpy())
-    f.create_dataset("query_index", data=as_long(query_index).numpy())
-    f.create_dataset("query_label", data=as_long(query_label).numpy())
+    create_dataset(g, "base", data=gt.base.float().numpy())
+    create_dataset(g, "removed", data=rem.numpy())
+    create_dataset(g, "outputs", data=gt.outputs.float().numpy())
+    create_dataset(g, "noise", data=gt.noise.float().numpy())
+    create_dataset(f, "query_index", data=as_long(query_index).numpy())
+    create_dataset(f, "query_label", data=as_long(query_label).numpy())
     f.attrs["seconds"] = float(gt.seconds)
     f.attrs["n_gt_seeds"] = int(gt.n_gt_seeds)
     f.attrs["n_noise_seeds"] = int(len(gt.noise))

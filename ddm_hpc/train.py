@@ -40,7 +40,7 @@ from ddm_hpc.config import Config, TrainConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.data import DatasetBundle, MappedImages, MinibatchReader
 from ddm_hpc.models import model_factory
-from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, read_attrs, write_provenance
+from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, create_dataset, read_attrs, write_provenance
 from ddm_hpc.trajectory import Trajectory, write_trajectory
 from ddm_hpc.utils import generator, progress
 
@@ -252,9 +252,9 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     with atomic_h5(path) as f:
         write_trajectory(f, traj)
         d = f.create_group("data")
-        d.create_dataset("train_index", data=bundle.train_index.numpy())
-        d.create_dataset("test_index", data=bundle.test_index.numpy())
-        d.create_dataset("train_label", data=bundle.y_train.numpy())
+        create_dataset(d, "train_index", data=bundle.train_index.numpy())
+        create_dataset(d, "test_index", data=bundle.test_index.numpy())
+        create_dataset(d, "train_label", data=bundle.y_train.numpy())
         f.attrs["test_accuracy"] = traj.test_accuracy[-1]
         f.attrs["num_classes"] = bundle.num_classes
         f.attrs["image_shape"] = list(bundle.image_shape)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddm_hpc.storage import ParamTable, artifact_path, open_read
+from ddm_hpc.storage import ParamTable, artifact_path, create_dataset, open_read
 from ddm_hpc.utils import memory_budget_bytes, to_device
 
 
@@ -43,10 +43,10 @@ class Trajectory:
 def write_trajectory(f: h5py.File, traj: Trajectory) -> None:
     """The ``trajectory`` and ``params`` groups of ``train.h5`` (layout in the module docstring)."""
     g = f.create_group("trajectory")
-    g.create_dataset("params", data=traj.params.numpy(), chunks=(1, traj.params.shape[1]))
-    g.create_dataset("epoch", data=np.array(traj.epochs, dtype=np.int64))
-    g.create_dataset("test_accuracy", data=np.array(traj.test_accuracy, dtype=np.float32))
-    g.create_dataset("train_loss", data=np.array(traj.train_loss, dtype=np.float32))
+    create_dataset(g, "params", data=traj.params.numpy(), chunks=(1, traj.params.shape[1]))
+    create_dataset(g, "epoch", data=np.array(traj.epochs, dtype=np.int64))
+    create_dataset(g, "test_accuracy", data=np.array(traj.test_accuracy, dtype=np.float32))
+    create_dataset(g, "train_loss", data=np.array(traj.train_loss, dtype=np.float32))
     traj.table.write(f.create_group("params"))
 
 

@@ -194,11 +194,50 @@ def generator(seed: int, *salt: int) -> torch.Generator:
     return g
 
 
-def progress(it: Iterable[T], desc: str, enable: bool = True, total: int | None = None, **kw) -> Iterator[T]:
-    """tqdm on stderr when enabled and attached to a terminal (or DDM_PROGRESS=1)."""
-    force = os.environ.get("DDM_PROGRESS") == "1"
-    disable = not enable or (None if not force else False)
-    return tqdm(it, desc=desc, total=total, disable=disable, leave=False, dynamic_ncols=True, **kw)
+PROGRESS_EVERY_S = 60.0  # a non-terminal log gets a progress line at most this often (DDM_PROGRESS_EVERY overrides)
+
+
+class LogProgress:
+    """Progress for a log that is not a terminal (a SLURM log, ``2> file``): a line at most every ``every``
+    seconds, ``desc: i/N (p%), t s, ~r s left[, postfix]``, on the ``ddm_hpc.progress`` logger; nothing for a
+    loop that ends sooner. ``disable`` is True, as on a hidden bar, so callers skip device syncs made only for a
+    bar's postfix; :meth:`set_postfix` values still appear on the next line."""
+
+    disable = True
+
+    def __init__(self, it: Iterable[T], desc: str, total: int | None, every: float) -> None:
+        self.it, self.desc, self.every, self.postfix = it, desc, every, ""
+        self.total = total if total is not None and total >= 0 else (len(it) if hasattr(it, "__len__") else None)
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def __iter__(self) -> Iterator[T]:
+        t0 = last = time.perf_counter()
+        plog = logging.getLogger("ddm_hpc.progress")
+        for i, x in enumerate(self.it, 1):
+            yield x
+            now = time.perf_counter()
+            if now - last >= self.every:
+                last = now
+                done, el = (f"{i}/{self.total} ({100 * i / self.total:.0f}%)" if self.total else f"{i}"), now - t0
+                left = f", ~{el * (self.total - i) / i:.0f} s left" if self.total else ""
+                plog.info("%s: %s, %.0f s%s%s", self.desc, done, el, left, f", {self.postfix}" if self.postfix else "")
+
+
+def progress(it: Iterable[T], desc: str, enable: bool = True, total: int | None = None, **kw) -> Iterable[T]:
+    """A progress display for a loop over ``it`` (when ``enable``, i.e. ``--progress``).
+
+    A tqdm bar on a terminal (or with DDM_PROGRESS=1); in a log that is not a terminal a line at most every
+    DDM_PROGRESS_EVERY seconds (:class:`LogProgress`, default :data:`PROGRESS_EVERY_S`); DDM_PROGRESS=0
+    shows nothing (the test suite sets it). Returns an iterable with ``set_postfix``.
+    """
+    mode = os.environ.get("DDM_PROGRESS", "")
+    if not enable or mode == "0":
+        return tqdm(it, desc=desc, total=total, disable=True, **kw)
+    if mode == "1" or sys.stderr.isatty():
+        return tqdm(it, desc=desc, total=total, disable=False, leave=False, dynamic_ncols=True, **kw)
+    return LogProgress(it, desc, total, float(os.environ.get("DDM_PROGRESS_EVERY", PROGRESS_EVERY_S)))
 
 
 def memory_budget_bytes(device: torch.device, fraction: float = 0.25) -> int:

@@ -10,6 +10,8 @@ import torch
 # Reproducible cuBLAS on a GPU (utils.configure_cuda sets it too, but it must be there before the first cuBLAS
 # call of the process, which a test may make before any device is resolved)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# No progress lines in the tests' captured (non-terminal) output; tests of the display set it themselves
+os.environ.setdefault("DDM_PROGRESS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 # The project's data sits beside the repo (../shared/data); DDM_DATA_ROOT overrides.

@@ -24,7 +24,7 @@ from ddm_hpc.storage import artifact_path
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "slurm" / "golden"
 # Provenance attrs that legitimately differ between two runs of the same config.
-VOLATILE_ATTRS = {"uid", "created", "seconds", "upstream", "git_revision", "n_shards", "seconds_flat",
+VOLATILE_ATTRS = {"uid", "created", "seconds", "upstream", "git_revision", "n_shards", "seconds_flat", "sha256",
                   "seconds_hierarchical"}
 
 
@@ -90,9 +90,11 @@ def test_shard_ranges_cover_every_item_exactly_once(n, n_shards):
     assert seen == list(range(n))
 
 
-def test_resolve_shards_caps_at_items(tmp_path):
+def test_resolve_shards_caps_at_items(tmp_path, caplog):
     cfg = Config.from_dict({"runtime": {"out": str(tmp_path), "shards": 7}})
-    assert launch.resolve_shards(cfg, 3) == 3
+    with caplog.at_level("INFO", logger="ddm_hpc.launch"):
+        assert launch.resolve_shards(cfg, 3, "distill") == 3
+    assert caplog.messages == ["distill: --shards 7, but only 3 work item(s) to share out: running 3 shard(s)"]
     assert launch.resolve_shards(cfg, 0) == 1
     assert launch.resolve_shards(cfg, 100) == 7
 
@@ -265,6 +267,29 @@ def test_shards_of_another_config_are_recomputed(tmp_path):
     other = dataclasses.replace(cfg, seed=1)
     run_sharded("toy", other, toy_task, 20, None, stage="train")
     assert sorted((tmp_path / "calls.txt").read_text().split()) == ["0", "1"]
+
+
+def test_corrupt_or_other_schema_shards_are_recomputed_not_merged(tmp_path):
+    """A shard whose bytes no longer match its checksum, or one written with another artifact schema, is computed
+    again (the trial's NaN shards were merged); --overwrite discards every earlier shard."""
+    cfg = toy_cfg(tmp_path, shards=3)
+    paths = run_sharded("toy", cfg, toy_task, 20, None, stage="train")
+    with h5py.File(paths[0]) as f:
+        offset = f["square"].id.get_chunk_info(0).byte_offset
+    with open(paths[0], "r+b") as fh:  # a 64-byte overwrite inside shard 0's data
+        fh.seek(offset)
+        fh.write(b"\x01" * 64)
+    with h5py.File(paths[2], "r+") as f:
+        f.attrs["schema"] = 99
+    (tmp_path / "calls.txt").unlink()
+    paths = run_sharded("toy", cfg, toy_task, 20, None, stage="train")
+    assert sorted((tmp_path / "calls.txt").read_text().split()) == ["0", "2"]
+    with h5py.File(paths[0]) as f:
+        assert f["square"][()].tolist() == [i * i for i in range(6)]
+    (tmp_path / "calls.txt").unlink()
+    run_sharded("toy", dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, overwrite=True)), toy_task,
+                20, None, stage="train")
+    assert sorted((tmp_path / "calls.txt").read_text().split()) == ["0", "1", "2"]
 
 
 def test_status_of_a_finished_run(base_run):

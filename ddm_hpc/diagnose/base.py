@@ -22,7 +22,7 @@ import numpy as np
 from ddm_hpc.config import DIAGNOSTICS, Config
 from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError
-from ddm_hpc.storage import atomic_h5, write_provenance
+from ddm_hpc.storage import atomic_h5, create_dataset, verify, write_provenance
 from ddm_hpc.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def write_section(ctx: RunContext, sec: Section, seconds: float) -> Path:
     path = diagnose_dir(ctx.run_dir) / f"{sec.name}.h5"
     with atomic_h5(path) as f:
         for key, arr in sec.arrays.items():
-            f.create_dataset(key, data=np.asarray(arr))
+            create_dataset(f, key, data=np.asarray(arr))
         for key, val in sec.attrs.items():
             f.attrs[key] = val if isinstance(val, (int, float, str, np.generic)) else json.dumps(val)
         f.attrs["markdown"] = "\n".join(sec.lines)
@@ -95,6 +95,7 @@ def write_section(ctx: RunContext, sec: Section, seconds: float) -> Path:
 def read_section(path: str | Path) -> Section:
     """A section back from its HDF5 file (the report is rebuilt from these files alone)."""
     path = Path(path)
+    verify(path, "diagnose")
     with h5py.File(path, "r", locking=False) as f:
         arrays = {}
         f.visititems(lambda k, v: arrays.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)

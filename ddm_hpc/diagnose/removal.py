@@ -60,7 +60,7 @@ from ddm_hpc.launch import run_sharded, shard_range
 from ddm_hpc.metrics import spearman
 from ddm_hpc.models import build_model, build_target
 from ddm_hpc.retrain import retrain_keep
-from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, open_read
+from ddm_hpc.storage import ParamTable, artifact_path, atomic_h5, create_dataset, intact, open_read
 from ddm_hpc.train import accuracy, epoch_order
 from ddm_hpc.trajectory import load_into
 from ddm_hpc.utils import generator
@@ -330,13 +330,13 @@ def merge_retrain_plan(cfg: Config, paths: list[Path], plan: str = "", bundle: D
         raise StageError(f"retraining shards of {plan} do not cover every job: delete its shards folder and rerun")
     with atomic_h5(out) as f:
         for k, v in arrays.items():
-            f.create_dataset(k, data=np.concatenate(v))
+            create_dataset(f, k, data=np.concatenate(v))
     return out
 
 
 def _read_cache(path: Path, key: str = "job_key") -> dict[str, np.ndarray]:
     """The datasets of ``path``; {} if it is missing or not a per-job cache (no ``key`` dataset)."""
-    if not path.is_file():
+    if not path.is_file() or not intact(path):  # a corrupt cache is recomputed
         return {}
     with h5py.File(path, "r", locking=False) as f:
         return {k: f[k][()] for k in f} if key in f else {}
@@ -371,8 +371,8 @@ def retrain_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: RetrainPla
         todo = plan.subset(missing)
         pending = d / f"{name}-pending.h5"
         with atomic_h5(pending) as f:
-            f.create_dataset("keep", data=todo.keep)
-            f.create_dataset("seed", data=todo.seed)
+            create_dataset(f, "keep", data=todo.keep)
+            create_dataset(f, "seed", data=todo.seed)
             pending_key = hashlib.sha256(b"".join(keys[j] for j in missing)).hexdigest()[:16]
             f.attrs.update(key=pending_key, student=todo.student, outputs=todo.outputs)
         log.info("diagnose %s: %d exact retrainings (%d of %d cached)", name, len(missing), len(keys) - len(missing),
@@ -389,7 +389,7 @@ def retrain_plan(cfg: Config, bundle: DatasetBundle, name: str, plan: RetrainPla
         merged = {k: np.concatenate([cache[k], v]) if k in cache else v for k, v in new.items()}
         with atomic_h5(cache_path) as f:
             for k, v in merged.items():
-                f.create_dataset(k, data=v)
+                create_dataset(f, k, data=v)
         pending.unlink()
         Path(res_path).unlink()
         cache = merged
