@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddm_hpc.cli import main
 from ddm_hpc.config import Config, EvaluateConfig
@@ -368,3 +369,42 @@ def test_hierarchical_row_locates_the_searchs_pick(protocols):
         assert g.attrs["dist1"] == pytest.approx(want, rel=1e-5)
         sizes = np.bincount(cluster_class)
         np.testing.assert_allclose(g["scores"][()], cls[:, cluster_class] / sizes[cluster_class], rtol=1e-6)
+
+
+def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monkeypatch):
+    """``ddm-disp``: its variant distils --target displacement synsets and fine-tunes one unweighted step of rate lr
+    per cluster; its Dist2 scores are the CE change at theta_tau - lr grad L(theta_tau; S_k) (recomputed here from
+    the synsets), and they also locate its Dist1."""
+    from torch.func import functional_call
+
+    from ddm_hpc import variants
+    from ddm_hpc.methods import score_methods
+    from ddm_hpc.trajectory import TrajectoryReader
+
+    monkeypatch.setitem(variants.DISPLACEMENT, "distill_steps", 3)
+    monkeypatch.setitem(variants.DISPLACEMENT, "ipc", 2)
+    cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
+                            "runtime": {"out": str(evaluated), "progress": False}})
+    from ddm_hpc.pipeline import materialise
+    (out,) = materialise(cfg, [variants.displacement_matching()])
+    ctx = RunContext(cfg)
+    res = score_methods(ctx, ["ddm-disp"])["ddm-disp"]
+    assert torch.equal(res.for_metric("dist1"), res.for_metric("dist2"))
+    with h5py.File(out / "synsets.h5") as f:
+        assert f.attrs["target"] == "displacement"
+        images, targets = torch.from_numpy(f["cluster/images"][()]), torch.from_numpy(f["cluster/targets"][()])
+    reader = TrajectoryReader.of_run(evaluated)
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    model = ctx.build_model().eval()
+    xq, yq = ctx.query_x, ctx.query_y
+    with torch.no_grad():
+        base = F.cross_entropy(functional_call(model, theta, (xq,)), yq, reduction="none")
+    want = []
+    for k in range(ctx.k):
+        p = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
+        loss = F.cross_entropy(functional_call(model, p, (images[k],)), targets[k])
+        g = torch.autograd.grad(loss, list(p.values()))
+        stepped = {n: v.detach() - cfg.train.lr * gi for (n, v), gi in zip(p.items(), g)}
+        with torch.no_grad():
+            want.append(F.cross_entropy(functional_call(model, stepped, (xq,)), yq, reduction="none") - base)
+    torch.testing.assert_close(res.scores, torch.stack(want, 1), rtol=1e-3, atol=1e-5)
