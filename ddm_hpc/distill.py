@@ -218,7 +218,7 @@ class Matcher:
         T_k = per_row * n_k * sum_{t < tau} mean grad L(theta_t; D_k), the mean over *all* of group k's rows (in
         column chunks of ``batch_real``), so one fine-tune step of rate ``lr`` on a synset whose gradient at
         theta_tau is -T_k moves theta by lr * T_k, what the group's rows contributed over training (``per_row``:
-        1/(B (1 - momentum)) epochs per recorded step; see :func:`contribution_per_row`). Nothing here is sampled.
+        (epochs per recorded step) / (B (1 - momentum)), :func:`contribution_per_row`). Nothing here is sampled.
         """
         tau, chunk = self.reader.tau, self.dcfg.block
         if tau < 1:
