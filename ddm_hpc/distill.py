@@ -33,7 +33,7 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
          descent on the removed synsets, ddm; -1: by ascent, ddm-match) + provenance
 (read back by ``ddm_hpc.synsets``).
 
-Room: a stage (imports ``config``, ``context``, ``launch``, ``storage``, ``trajectory`` and ``kernels``).
+Room: a stage (imports ``config``, ``context``, ``launch``, ``models``, ``storage``, ``trajectory`` and ``kernels``).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from kernels import matching_loss, triton_usable
 
@@ -57,6 +57,7 @@ from ddm_hpc.config import Config, DistillConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import run_sharded, shard_range
+from ddm_hpc.models import forward_with
 from ddm_hpc.storage import artifact_path, atomic_h5, open_read, read_attrs, write_provenance
 from ddm_hpc.trajectory import Checkpoints
 from ddm_hpc.utils import generator, progress, to_device
@@ -127,7 +128,8 @@ def sample_real(members: torch.Tensor, sizes: torch.Tensor, batch: int,
 
 
 def per_group_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                    w: torch.Tensor, impl: str = "vmap") -> list[torch.Tensor]:
+                    w: torch.Tensor, impl: str = "vmap", buffers: dict[str, torch.Tensor] | None = None
+                    ) -> list[torch.Tensor]:
     """Gradient of each group's weighted mean CE at ``params``.
 
     Args:
@@ -138,13 +140,14 @@ def per_group_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.
             skipping padding). Same result; on CPU the loop is ~2x faster (conv weight
             gradients under vmap become grouped convolutions; see benchmarks/RESULTS.md),
             on GPU vmap wins by batching K small passes into one.
+        buffers: the checkpoint's buffers (BatchNorm statistics; the model runs in eval mode), or None.
 
     Returns:
         One tensor [G, *param_shape] per parameter, in ``params`` order. Differentiable w.r.t.
         ``x`` when ``x`` requires grad.
     """
     def loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, p, (xb,))
+        out = forward_with(model, p, xb, buffers)
         return (F.cross_entropy(out, yb, reduction="none") * wb).sum() / wb.sum()
 
     if impl == "vmap":
@@ -222,11 +225,12 @@ class Matcher:
             r = rows[g0:g1].to(self.x.device)
             with torch.no_grad():
                 real = per_group_grads(self.model, p_real, to_device(self.x[r], self.device),
-                                       to_device(self.y[r], self.device), to_device(w[g0:g1], self.device), self.impl)
+                                       to_device(self.y[r], self.device), to_device(w[g0:g1], self.device), self.impl,
+                                       self.reader.buffers(t_real))
             syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
-            syn = per_group_grads(self.model, p_syn, syn_x, lab, ones)
+            syn = per_group_grads(self.model, p_syn, syn_x, lab, ones, buffers=self.reader.buffers(t_syn))
             loss = matching_loss(real, syn, sign=self.dcfg.sign, include_1d=self.dcfg.include_1d,
                                  distance=self.dcfg.distance, backend=self.kernel)
             if backward:
@@ -289,7 +293,7 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
     gclass = group_class[matcher.group_ids]
     hard = gclass[:, None].expand(n_groups, dcfg.ipc).contiguous().to(device)
     with torch.no_grad():
-        n_cls = functional_call(model, reader.params(0), (x[:1].to(device),)).shape[-1]
+        n_cls = forward_with(model, reader.params(0), x[:1].to(device), reader.buffers(0)).shape[-1]
     groups_opt = [{"params": images}]
     if dcfg.syn_labels == "learn":
         # logits start at q(class) = 0.9; per group, so a group's result does not depend on its block
