@@ -175,6 +175,8 @@ def test_imported_checkpoints_are_bit_exact_and_the_pipeline_runs_on_them(tmp_pa
     assert main(_import_args(tmp_path, data, str(tmp_path / "ckpt" / "epoch_*.pt"), out)) == 0
     reader = TrajectoryReader.of_run(out)
     assert reader.epochs == [0, 1, 2] and reader.imported
+    assert main(_import_args(tmp_path, data, str(tmp_path / "ckpt" / "epoch_*.pt"), out)) == 2  # no silent replace
+    assert "exists: pass --overwrite" in _one_error(capsys)
     for i, sd in enumerate(saved):
         for name, v in reader.params(i).items():
             assert torch.equal(v, sd[name]), name
