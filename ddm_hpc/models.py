@@ -151,7 +151,7 @@ def check_output_width(model: nn.Module, name: str, in_channels: int, num_classe
     try:
         with torch.no_grad():
             out = model.eval()(torch.zeros(2, in_channels, *image_size))
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         raise ConfigError(f"model {name!r} fails on {in_channels}x{image_size[0]}x{image_size[1]} images ({reason}); "
                           "build it for the dataset's image shape") from None

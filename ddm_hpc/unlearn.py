@@ -188,7 +188,7 @@ class Unlearner:
         (0 = the training lr), ``--finetune-scale`` and ``--batch-models`` of its config."""
         cfg = ctx.cfg
         reader = ctx.trajectory(ctx.device)
-        return cls(ctx.build_model().to(ctx.device), reader.params(reader.tau), cfg.attribute.steps(reader.tau),
+        return cls(ctx.build_model().to(ctx.device).eval(), reader.params(reader.tau), cfg.attribute.steps(reader.tau),
                    cfg.finetune_rate, cfg.attribute.finetune_scale, cfg.train, cfg.attribute.batch_models, ctx.device,
                    cfg.runtime.progress, cfg.train.epochs / max(reader.tau, 1), reader.buffers(reader.tau))
 
