@@ -346,7 +346,8 @@ def table4(ctx: RunContext, results: dict[str, MethodResult]) -> dict[str, float
 def check(cfg: Config) -> None:
     """Every ``--methods`` name is registered, and an imported run states its recipe (one-line errors before anything
     runs)."""
-    resolve(cfg.evaluate.method_list())
+    for m in resolve(cfg.evaluate.method_list()):
+        m.check(cfg)
     check_retrainable(cfg)
 
 

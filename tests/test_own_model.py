@@ -86,6 +86,13 @@ def test_batchnorm_full_data_retraining_is_bit_identical(bn_run):
     assert torch.equal(row, torch.cat([reader.flat(reader.tau), reader.buffer_rows[reader.tau]]))
 
 
+def test_replay_refuses_batchnorm_before_retraining(bn_run, capsys):
+    uid = h5py.File(bn_run / "evaluation.h5", "r").attrs["uid"]
+    assert main(["evaluate", "--out", str(bn_run), "--methods", "random,replay", "--no-progress"]) == 2
+    assert "--methods replay differentiates through training" in _one_error(capsys)
+    assert h5py.File(bn_run / "evaluation.h5", "r").attrs["uid"] == uid  # nothing retrained or rewritten
+
+
 def test_per_group_grads_read_the_checkpoint_buffers():
     model = _bn_net()
     model.train()(torch.randn(32, 3, 8, 8) * 2 + 1)  # running statistics away from their init
