@@ -204,6 +204,9 @@ def test_imported_checkpoints_are_bit_exact_and_the_pipeline_runs_on_them(tmp_pa
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ddm-hpc: error:")]
     assert len(err) == 1 and "was imported" in err[0] and "--imported-recipe ddm-hpc" in err[0]
     assert not (out / "evaluation.h5").exists()
+    assert main(["diagnose", *common, "--tasks", "useless"]) == 2  # the removal diagnostics retrain too
+    assert "--imported-recipe ddm-hpc" in _one_error(capsys)
+    assert main(["diagnose", *common, "--tasks", "pictures"]) == 0  # pictures retrain nothing: allowed
     # the loop's theta_0 is the factory's init with seed 0: stating the recipe passes the check; another seed fails
     stated = Config.from_dict(cfg.to_dict() | {"evaluate": {"imported_recipe": "ddm-hpc"}})
     check_retrainable(stated)
