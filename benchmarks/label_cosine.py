@@ -22,7 +22,7 @@ from ddm_hpc.config import Config
 from ddm_hpc.context import load_data
 from ddm_hpc.distill import distill_groups
 from ddm_hpc.models import build_target
-from ddm_hpc.trajectory import TrajectoryReader, load_into
+from ddm_hpc.trajectory import TrajectoryReader
 
 run, mode, lr_label = sys.argv[1], sys.argv[2], float(sys.argv[3])
 cfg = Config.from_dict({**json.loads(open(f"{run}/config.json").read()), "runtime": {"out": run}})
@@ -42,7 +42,7 @@ for g in ids:  # one group at a time, with the stage's per-group random streams
 print(f"{mode} lr_label {lr_label}: distilled {len(ids)} groups in {time.time()-t0:.0f} s; loss "
       f"{np.mean([o.init_loss.mean() for o in outs]):.2f} -> {np.mean([o.final_loss.mean() for o in outs]):.2f}")
 names = [n for n, _ in model.named_parameters()]
-m = load_into(build_target(cfg, b), r.table, r.flat(r.tau)).eval()
+m = r.load(build_target(cfg, b), r.tau).eval()
 cos = {n: [] for n in names}; tot = []; dce = []
 for o, g in zip(outs, ids):
     xr, yr = b.x_train[assign == g], b.y_train[assign == g]

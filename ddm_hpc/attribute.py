@@ -28,7 +28,7 @@ runs the flat and class parts; phase 2 (``attribute-hier``) the within-class par
 classes phase 1 chose; the merge fits W and writes ``attribution.h5``. A block is fine-tuned the
 same way whichever task runs it, so the artifact is the same for any shard count.
 
-Room: a stage (imports ``config``, ``context``, ``data``, ``launch``, ``metrics``, ``storage``, ``synsets``,
+Room: a stage (imports ``config``, ``context``, ``data``, ``launch``, ``metrics``, ``models``, ``storage``, ``synsets``,
 ``unlearn``).
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import remove_shards, resolve_shards, run_sharded, shard_paths, shard_range
 from ddm_hpc.metrics import objective_values
+from ddm_hpc.models import forward_with
 from ddm_hpc.storage import artifact_path, atomic_h5, create_dataset, open_read, read_attrs, write_provenance
 from ddm_hpc.synsets import SynsetLevel, read_synsets
 from ddm_hpc.unlearn import Unlearner
@@ -250,8 +251,8 @@ def attribute_setup(cfg: Config, bundle: DatasetBundle | None = None) -> Attribu
     eval_pos = torch.cat([q_pos, v_pos])
     eval_x, eval_y = ctx.bundle.x_test[eval_pos], ctx.bundle.y_test[eval_pos]
     with torch.no_grad():
-        base = torch.func.functional_call(unlearner.model, unlearner.theta,
-                                          (eval_x.to(ctx.device),)).softmax(-1).float().cpu()
+        base = forward_with(unlearner.model, unlearner.theta, eval_x.to(ctx.device),
+                            unlearner.buffers).softmax(-1).float().cpu()
     scorer = Scorer(eval_x, eval_y, base, len(q_pos), acfg.query_mode, acfg.beta)
     levels = {"cluster": read_synsets(cfg.runtime.out, "cluster")}  # read once: flat and hierarchical use it
     if acfg.search in ("hierarchical", "both"):

@@ -1,12 +1,12 @@
-"""Command line: ``ddm-hpc run|train|cluster|distill|attribute|evaluate|diagnose|show|status``.
+"""Command line: ``ddm-hpc run|train|cluster|distill|attribute|evaluate|diagnose|import-trajectory|show|status``.
 
 Flags are generated from the config dataclasses (``--field-name``). A value is resolved, last
 wins, from: built-in defaults < the run directory's saved ``config.json`` < ``--preset`` <
 ``--config FILE`` (YAML or JSON) < flags given on the command line. So a stage run on its own
 (``ddm-hpc cluster --out R``) reuses the options the earlier stages of ``R`` were run with.
 
-Room: the command line, the top (imports ``config``, ``graph``, ``launch``, ``methods`` for the help of
-``--methods``, ``pipeline``, and ``storage`` for the one-line error of a folder that cannot take a file).
+Room: the command line, the top (imports ``config``, ``graph``, ``importer``, ``launch``, ``methods`` for the help
+of ``--methods``, ``pipeline``, and ``storage`` for the one-line error of a folder that cannot take a file).
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ import yaml
 from ddm_hpc import graph, methods
 from ddm_hpc.config import PRESETS, SECTIONS, Config, merge
 from ddm_hpc.errors import ConfigError, DDMError
+from ddm_hpc.importer import import_trajectory
 from ddm_hpc.launch import status
-from ddm_hpc.pipeline import load_saved_config, run_command, summary
+from ddm_hpc.pipeline import load_saved_config, run_command, run_lock, summary
 from ddm_hpc.storage import output_error, write_errno
 from ddm_hpc.utils import load_plugins
 
@@ -89,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_fields(p, None, Config)
         for sec in (*sections, "runtime"):
             _add_fields(p, sec, SECTIONS[sec])
+    imp_help = "train.h5 from your own per-epoch checkpoints (state_dicts, epoch 0 = theta_0) -> train.h5"
+    imp = sub.add_parser("import-trajectory", help=imp_help, description=imp_help, allow_abbrev=False)
+    imp.add_argument("--checkpoints", required=True, help="glob of the checkpoint files, quoted, e.g. 'ckpt/epoch_*.pt' "
+                     "(ordered by the last number in each name; torch.save(model.state_dict()) files)")
+    imp.add_argument("--config", dest="config_file", default=argparse.SUPPRESS, help="YAML or JSON file of options")
+    _add_fields(imp, None, Config)
+    for sec in ("data", "model", "train", "runtime"):
+        _add_fields(imp, sec, SECTIONS[sec])
     show = sub.add_parser("show", help="print the summary of a run directory", description="print a run's summary")
     show.add_argument("run_dir", help="run directory (the --out of an earlier run)")
     show.add_argument("--n-show", type=int, default=10, help="queries to list")
@@ -117,7 +126,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def resolve_config(ns: argparse.Namespace) -> Config:
     """Merge defaults, saved run config, preset, config file and explicit flags."""
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "verbose", "preset", "config_file")}
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "verbose", "preset", "config_file", "checkpoints")}
     flags: dict[str, Any] = {}
     for key, val in given.items():
         if "." in key:
@@ -154,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = resolve_config(ns)
         load_plugins(cfg.runtime.plugins)
+        if ns.command == "import-trajectory":
+            with run_lock(cfg.runtime.out, ns.command):
+                import_trajectory(cfg, ns.checkpoints)
+            print(summary(cfg.runtime.out))
+            return 0
         timings = run_command(cfg, ns.command)
         if ns.command == "diagnose":
             print(f"wrote {Path(cfg.runtime.out) / 'diagnostics.md'}")

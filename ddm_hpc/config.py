@@ -350,8 +350,15 @@ class EvaluateConfig:
         "trajectory checkpoints (evenly spaced, theta_tau last) TracIn and TRAK use"))
     proj_dim: int = field(default=512, metadata=_help("TRAK random-projection dimension"))
     plots: bool = field(default=True, metadata=_help("write PNG plots beside report.md"))
+    imported_recipe: str = field(default="", metadata=_help(
+        "for a run made by import-trajectory: 'ddm-hpc' states that ddm-hpc's recipe made its checkpoints (theta_0 "
+        "of --model with --seed, SGD with --lr/--momentum/--weight-decay/--batch-size, ddm-hpc's per-epoch order), "
+        "so evaluate and diagnose may retrain it exactly; empty = they refuse an imported run", added=True))
 
     def __post_init__(self) -> None:
+        if self.imported_recipe not in ("", "ddm-hpc"):
+            raise ConfigError(f"--imported-recipe {self.imported_recipe!r}: the only recipe exact retraining "
+                              "reproduces is 'ddm-hpc' (leave it empty otherwise)")
         if not self.method_list():
             raise ConfigError("--methods is empty: name at least one method, e.g. --methods random,ddm")
         _positive(self, "gt_seeds", "peer_checkpoints", "proj_dim")

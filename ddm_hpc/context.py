@@ -21,7 +21,7 @@ from ddm_hpc.config import Config
 from ddm_hpc.data import DatasetBundle, load_dataset, mapped_dataset
 from ddm_hpc.models import build_target
 from ddm_hpc.storage import artifact_path, open_read
-from ddm_hpc.trajectory import TrajectoryReader, load_into
+from ddm_hpc.trajectory import TrajectoryReader
 
 
 def load_data(cfg: Config) -> DatasetBundle:
@@ -121,8 +121,7 @@ class RunContext:
     def trained_model(self) -> nn.Module:
         """theta_tau loaded into the target architecture, in eval mode on the device."""
         reader = self.trajectory()
-        model = load_into(self.build_model(), reader.table, reader.flat(reader.tau))
-        return model.to(self.device).eval()
+        return reader.load(self.build_model(), reader.tau).to(self.device).eval()
 
 
 __all__ = ["RunContext", "load_data"]

@@ -42,7 +42,7 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
          displacement; absent in files made before it) + provenance
 (read back by ``ddm_hpc.synsets``).
 
-Room: a stage (imports ``config``, ``context``, ``launch``, ``storage``, ``trajectory`` and ``kernels``).
+Room: a stage (imports ``config``, ``context``, ``launch``, ``models``, ``storage``, ``trajectory`` and ``kernels``).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from kernels import matching_loss, triton_usable
 
@@ -66,6 +66,7 @@ from ddm_hpc.config import Config, DistillConfig, TrainConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import run_sharded, shard_range
+from ddm_hpc.models import forward_with
 from ddm_hpc.storage import artifact_path, atomic_h5, create_dataset, open_read, read_attrs, write_provenance
 from ddm_hpc.trajectory import Checkpoints
 from ddm_hpc.utils import generator, progress, to_device
@@ -136,7 +137,8 @@ def sample_real(members: torch.Tensor, sizes: torch.Tensor, batch: int,
 
 
 def per_group_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                    w: torch.Tensor, impl: str = "vmap") -> list[torch.Tensor]:
+                    w: torch.Tensor, impl: str = "vmap", buffers: dict[str, torch.Tensor] | None = None
+                    ) -> list[torch.Tensor]:
     """Gradient of each group's weighted mean CE at ``params``.
 
     Args:
@@ -147,13 +149,14 @@ def per_group_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.
             skipping padding). Same result; on CPU the loop is ~2x faster (conv weight
             gradients under vmap become grouped convolutions; see benchmarks/RESULTS.md),
             on GPU vmap wins by batching K small passes into one.
+        buffers: the checkpoint's buffers (BatchNorm statistics; the model runs in eval mode), or None.
 
     Returns:
         One tensor [G, *param_shape] per parameter, in ``params`` order. Differentiable w.r.t.
         ``x`` when ``x`` requires grad.
     """
     def loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, p, (xb,))
+        out = forward_with(model, p, xb, buffers)
         return (F.cross_entropy(out, yb, reduction="none") * wb).sum() / wb.sum()
 
     if impl == "vmap":
@@ -227,6 +230,7 @@ class Matcher:
         sums = None
         for t in progress(range(tau), "displacement targets", show_progress):
             params = {k: v.detach() for k, v in self.reader.params(t).items()}
+            buffers = self.reader.buffers(t)
             parts = []
             for g0 in range(0, self.n_groups, chunk):
                 g1 = min(g0 + chunk, self.n_groups)
@@ -241,7 +245,7 @@ class Matcher:
                     with torch.no_grad():
                         g = per_group_grads(self.model, params, to_device(self.x[r[keep]], self.device),
                                             to_device(self.y[r[keep]], self.device), to_device(w[keep], self.device),
-                                            self.impl)
+                                            self.impl, buffers)
                     n = to_device(w[keep].sum(1), self.device)
                     full = [torch.zeros(g1 - g0, *v.shape[1:], dtype=v.dtype, device=self.device) for v in g]
                     for f, v in zip(full, g):
@@ -280,11 +284,11 @@ class Matcher:
                 with torch.no_grad():
                     real = per_group_grads(self.model, p_real, to_device(self.x[r], self.device),
                                            to_device(self.y[r], self.device), to_device(w[g0:g1], self.device),
-                                           self.impl)
+                                           self.impl, self.reader.buffers(t_real))
             syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
-            syn = per_group_grads(self.model, p_syn, syn_x, lab, ones)
+            syn = per_group_grads(self.model, p_syn, syn_x, lab, ones, buffers=self.reader.buffers(t_syn))
             if fixed:  # relative L2 over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2
                 loss = matching_loss(real, syn, sign=-1.0, include_1d=True, distance="mse",
                                      backend=self.kernel) / self.target_norm2[g0:g1]
@@ -364,7 +368,7 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
     gclass = group_class[matcher.group_ids]
     hard = gclass[:, None].expand(n_groups, dcfg.ipc).contiguous().to(device)
     with torch.no_grad():
-        n_cls = functional_call(model, reader.params(0), (x[:1].to(device),)).shape[-1]
+        n_cls = forward_with(model, reader.params(0), x[:1].to(device), reader.buffers(0)).shape[-1]
     groups_opt = [{"params": images}]
     if dcfg.syn_labels == "learn":
         # logits start at q(class) = 0.9; per group, so a group's result does not depend on its block

@@ -19,7 +19,7 @@ above are the first protocol at ``--alpha``, and also
   methods/<name> attrs '<removal>/<metric>', '<removal>/lds@<alpha>' (+ '_sem')
   reference attrs 'protocols:<removal>/<row>/<metric>', 'protocols:apart/dist1', 'protocols:apart/rank'.
 
-Room: a stage (imports ``config``, ``context``, ``data``, ``launch``, ``methods``, ``metrics``, ``report``,
+Room: a stage (imports ``config``, ``context``, ``data``, ``importer``, ``launch``, ``methods``, ``metrics``, ``report``,
 ``retrain``, ``storage``, ``unlearn``, ``variants``).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ddm_hpc.config import Config, EvaluateConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import StageError
+from ddm_hpc.importer import check_retrainable
 from ddm_hpc.launch import run_sharded, shard_key, shard_range
 from ddm_hpc.methods import REGISTRY, MethodResult, resolve, score_methods
 from ddm_hpc.metrics import (METRICS, gt_objectives, located_clusters, located_values, mean_sem, oracle_values,
@@ -345,8 +346,11 @@ def table4(ctx: RunContext, results: dict[str, MethodResult]) -> dict[str, float
 
 
 def check(cfg: Config) -> None:
-    """Every ``--methods`` name is registered (a one-line error before anything runs)."""
-    resolve(cfg.evaluate.method_list())
+    """Every ``--methods`` name is registered, and an imported run states its recipe (one-line errors before anything
+    runs)."""
+    for m in resolve(cfg.evaluate.method_list()):
+        m.check(cfg)
+    check_retrainable(cfg)
 
 
 def variants(cfg: Config) -> list[Variant]:

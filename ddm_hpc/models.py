@@ -6,8 +6,12 @@ fine-tuned with ``torch.func.functional_call`` + ``vmap`` and differentiated twi
 (gradient matching). Register your own with ``@register_model("mynet")`` on a factory
 ``mynet(in_channels, num_classes, image_size, width=32) -> nn.Module`` and build it with
 ``build_model("mynet", 1, 10, (28, 28), width=64)``, or name any importable factory without
-registering it: ``--model package.module:function`` (or ``path/to/file.py:function``). The name is a
+registering it: ``--model package.module:function`` (or ``path/to/file.py:function``), or any builder of
+``torchvision.models`` as ``--model torchvision:resnet18`` (random init, nothing downloaded). The name is a
 string in the config, so worker processes and SLURM jobs import the same factory.
+
+Models with buffers (BatchNorm) train as usual (running statistics updated); everywhere else they are
+called through :func:`forward_with`: eval mode, the parameters *and* buffers of the checkpoint in use.
 
 Room: imports ``config`` (and ``errors``, ``utils``).
 """
@@ -21,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ddm_hpc.config import Config
 from ddm_hpc.errors import ConfigError
@@ -55,7 +60,10 @@ def register_model(name: str, overwrite: bool = False) -> Callable[[ModelFactory
 
 
 def model_factory(name: str) -> ModelFactory:
-    """A registered factory, or the one ``package.module:function`` names; else a ConfigError listing the names."""
+    """A registered factory, ``torchvision:<builder>``, or the one ``package.module:function`` names; else a
+    ConfigError listing the names."""
+    if name.startswith("torchvision:"):
+        return _torchvision_factory(name.split(":", 1)[1])
     if ":" in name:
         factory = import_object(name, "--model")
         if not callable(factory):
@@ -112,7 +120,11 @@ def build_model(
     missing = [p.name for p in params if p.default is p.empty and p.name not in kwargs]
     if missing:
         raise ConfigError(f"model {name!r} needs option(s) {', '.join(missing)}; pass them as keyword arguments")
-    model = factory(in_channels, num_classes, tuple(image_size), **kwargs)
+    try:
+        model = factory(in_channels, num_classes, tuple(image_size), **kwargs)
+    except TypeError as err:  # a factory that does not take (in_channels, num_classes, image_size, **options)
+        raise ConfigError(f"model {name!r} could not be built ({err}); a factory takes (in_channels, num_classes, "
+                          "image_size, **options) and returns an nn.Module") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module; make the factory "
                           "return the network")
@@ -127,8 +139,40 @@ def build_target(cfg: Config, shape: object, seed: int | None = None) -> nn.Modu
     torch.manual_seed(cfg.seed if seed is None else seed)
     model = build_model(cfg.model.model, shape.in_channels, shape.num_classes, shape.image_size,
                         **cfg.model.factory_kwargs())
-    check_functional(model)
+    check_output_width(model, cfg.model.model, shape.in_channels, shape.num_classes, shape.image_size)
     return model
+
+
+def check_output_width(model: nn.Module, name: str, in_channels: int, num_classes: int,
+                       image_size: tuple[int, int]) -> None:
+    """Raise unless ``model`` maps two [C, H, W] zero images to [2, num_classes] logits (one eval-mode forward;
+    no random numbers drawn, nothing in the model changed)."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, in_channels, *image_size))
+    except (RuntimeError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise ConfigError(f"model {name!r} fails on {in_channels}x{image_size[0]}x{image_size[1]} images ({reason}); "
+                          "build it for the dataset's image shape") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(f"model {name!r} outputs {got} for 2 images but the dataset has {num_classes} classes: "
+                          f"make its last layer output num_classes ({num_classes}) logits")
+
+
+def forward_with(model: nn.Module, params: dict[str, Tensor], x: Tensor,
+                 buffers: dict[str, Tensor] | None = None) -> Tensor:
+    """``model(x)`` in eval mode with ``params`` (and ``buffers``: BatchNorm statistics of the same checkpoint).
+
+    The one ``functional_call`` of the per-cluster gradients, fine-tunes and peers: vmap-safe (eval-mode
+    BatchNorm only reads its statistics). For a buffer-free model it is ``functional_call(model, params, (x,))``.
+    """
+    if model.training:
+        model.eval()
+    return functional_call(model, {**params, **buffers} if buffers else params, (x,))
 
 
 def penultimate_features(model: nn.Module, x: Tensor) -> Tensor:
@@ -159,8 +203,9 @@ def penultimate_features(model: nn.Module, x: Tensor) -> Tensor:
     return captured[-1].flatten(1)
 
 
-def check_functional(model: nn.Module) -> None:
-    """Raise if the model has buffers, which stacked ``functional_call`` + ``vmap`` fine-tuning cannot carry.
+def check_functional(model: nn.Module, what: str = "this step") -> None:
+    """Raise if the model has buffers, for the paths that cannot carry them (``replay`` differentiates through
+    training, where BatchNorm's statistics change at every step).
 
     Raises:
         ConfigError: The model has buffers (e.g. BatchNorm running statistics).
@@ -168,9 +213,53 @@ def check_functional(model: nn.Module) -> None:
     names = [n for n, _ in model.named_buffers()]
     if names:
         raise ConfigError(
-            f"{type(model).__name__} has buffers ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
-            "use buffer-free layers, e.g. nn.GroupNorm(C, C) (instance norm) instead of BatchNorm"
+            f"{what} needs a buffer-free model but {type(model).__name__} has buffers "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): use nn.GroupNorm instead of BatchNorm"
         )
+
+
+def _torchvision_factory(builder: str) -> ModelFactory:
+    """A factory for ``torchvision.models.<builder>(num_classes=..., weights=None)`` (never downloads)."""
+    import torchvision.models as tvm  # heavy optional import: only for torchvision: models
+
+    names = tvm.list_models(module=tvm)
+    if builder not in names:
+        raise ConfigError(f"--model torchvision:{builder}: torchvision.models has no classifier {builder!r}; "
+                          f"e.g. {', '.join(n for n in ('resnet18', 'resnet50', 'mobilenet_v3_small', 'vgg11_bn'))}")
+
+    def factory(in_channels: int, num_classes: int, image_size: tuple[int, int], small_stem: bool = False,
+                width: int | None = None, **options: Any) -> nn.Module:
+        """torchvision's ``builder`` with ``options``; ``small_stem``: the CIFAR stem (3x3 stride-1 first conv, no
+        max-pool) for 32x32 inputs; a new first conv for ``in_channels`` other than 3. ``width`` (``--width``, for
+        the built-in models) is ignored: a builder's widths are its own."""
+        try:
+            model = tvm.get_model(builder, weights=None, num_classes=num_classes, **options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"--model torchvision:{builder} rejected its options ({err}); pass options the "
+                              "builder takes in --model-args") from None
+        first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            raise ConfigError(f"--model torchvision:{builder} has no Conv2d: use an image classifier")
+        name, conv = first
+        if small_stem or conv.in_channels != in_channels:
+            k, stride, pad = ((3, 1, 1) if small_stem else (conv.kernel_size, conv.stride, conv.padding))
+            _set_module(model, name, nn.Conv2d(in_channels, conv.out_channels, k, stride, pad,
+                                               bias=conv.bias is not None))
+        if small_stem:
+            if not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+                raise ConfigError(f"--model torchvision:{builder}: small_stem applies to ResNet-style stems (conv1, "
+                                  "maxpool); drop the option")
+            model.maxpool = nn.Identity()
+        return model
+
+    factory.__name__ = f"torchvision_{builder}"
+    return factory
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

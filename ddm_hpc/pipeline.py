@@ -67,6 +67,8 @@ def preflight(cfg: Config, bundle: DatasetBundle, decisions: dict[str, str]) -> 
     if n_seen < 2:
         raise ConfigError(f"{bundle.name}: the training set has {n_seen} class; attribution needs at least 2 (with one "
                           "class the classifier's output is constant and every score 0): pass data with 2+ classes")
+    if decisions.get("train") == "run":
+        RunContext(cfg, bundle).build_model()  # a factory that fails, returns no nn.Module or the wrong width
     if decisions.get("attribute") == "run":
         explicit = acfg.query_positions()
         if explicit is None and acfg.n_queries > n_test:

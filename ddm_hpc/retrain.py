@@ -92,7 +92,8 @@ def retrain_without(cfg: Config, bundle: DatasetBundle, assignment: Ids, removed
         removal: ``drop`` or ``zero-weight`` (:data:`REMOVALS`).
 
     Returns:
-        float32 [P] final flat parameters (theta_tau of the retrained model) on CPU.
+        float32 [P] final flat parameters (theta_tau of the retrained model) on CPU; [P + B] with the final buffers
+        after them for a model with buffers (:meth:`~ddm_hpc.trajectory.Trajectory.state_row`).
     """
     if len(as_long(assignment)) != len(bundle.y_train):
         raise ConfigError(f"cluster assignment has {len(as_long(assignment))} rows but the training set has "
@@ -106,7 +107,8 @@ def retrain_keep(cfg: Config, bundle: DatasetBundle, keep: torch.Tensor, seed_of
 
     Same init, schedule and per-epoch order as the full run (seed ``cfg.seed + seed_offset``); the other
     rows are left out of that order (``drop``) or keep their slots with loss weight 0 (``zero-weight``).
-    Returns float32 [P] theta_tau on CPU.
+    Returns float32 [P] theta_tau on CPU (for a model with buffers, [P + B]: its state row, the buffers after the
+    parameters, which :func:`query_probs` and ``trajectory.load_into`` read).
     """
     if removal not in REMOVALS:
         raise ConfigError(f"--gt-removal {removal!r}: choose from {', '.join(REMOVALS)}")
@@ -122,7 +124,7 @@ def retrain_keep(cfg: Config, bundle: DatasetBundle, keep: torch.Tensor, seed_of
     traj = train_trajectory(model, bundle.x_train, bundle.y_train, bundle.x_test[:0], bundle.y_test[:0], tcfg,
                             seed, torch.device(device), show_progress=False,
                             loader_workers=cfg.runtime.loader_workers, **split)
-    return traj.params[-1]
+    return traj.state_row(-1)
 
 
 @torch.no_grad()
@@ -132,7 +134,7 @@ def query_probs(model: nn.Module, table: ParamTable, flat: torch.Tensor, x: torc
 
     Args:
         model: architecture (its parameters are overwritten with ``flat``).
-        table: names/shapes of ``flat``; flat: float32 [P].
+        table: names/shapes of ``flat``; flat: float32 [P], or a state row [P + B] (buffers after the parameters).
         x: float32 [Q, C, H, W] query images.
 
     Returns:

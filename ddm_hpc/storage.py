@@ -439,6 +439,13 @@ class ParamTable:
         named = list(model.named_parameters())
         return cls([n for n, _ in named], [tuple(p.shape) for _, p in named])
 
+    @classmethod
+    def buffers_of(cls, model: torch.nn.Module) -> ParamTable:
+        """The model's saved buffers (those in its ``state_dict``: BatchNorm running statistics and counters)."""
+        saved = model.state_dict(keep_vars=True)
+        named = [(n, b) for n, b in model.named_buffers() if n in saved]
+        return cls([n for n, _ in named], [tuple(b.shape) for _, b in named])
+
     def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """dict name -> tensor  to  float32 [P] on CPU."""
         return torch.cat([params[n].detach().reshape(-1).float().cpu() for n in self.names])

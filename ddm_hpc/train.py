@@ -22,6 +22,7 @@ Room: a stage (imports ``config``, ``context``, ``data``, ``models``, ``storage`
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ class TrainState:
         epoch: epochs done. model: the model's ``state_dict``. optimizer: the SGD ``state_dict`` (momentum).
         rows: the recorded flat parameters so far (float32 [P] each), with their ``epochs``,
             ``accs`` (test accuracy) and ``losses`` (mean training loss; NaN for theta_0).
+        buffer_rows: the recorded flat buffers (float32 [B] each), one per row; empty for a buffer-free model.
     """
 
     epoch: int
@@ -64,6 +66,7 @@ class TrainState:
     epochs: list[int] = field(default_factory=list)
     accs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    buffer_rows: list[torch.Tensor] = field(default_factory=list)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -122,8 +125,13 @@ def train_trajectory(
         loader_workers: when ``x`` is not copied to ``device`` whole (``data.resident_on``), processes that
             gather the minibatches (same batches, same order, same values); 0 = this process.
     """
-    model.to(device).train()
-    table = ParamTable.from_module(model)
+    model.to(device).train()  # BatchNorm updates its running statistics as usual; they are recorded with the row
+    table, btable = ParamTable.from_module(model), ParamTable.buffers_of(model)
+
+    def record() -> None:
+        rows.append(table.flatten(dict(model.named_parameters())))
+        if btable.names:
+            buffer_rows.append(btable.flatten(dict(model.named_buffers())))
     opt = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     reader = MinibatchReader(x, y, device, loader_workers)
     keep_cpu = None if keep is None else keep.bool().cpu()
@@ -131,13 +139,15 @@ def train_trajectory(
         raise ValueError(f"weights has {len(weights)} rows for {len(y)} training images")
     w_cpu = None if weights is None else weights.detach().cpu()
     if resume is None:
-        rows = [table.flatten(dict(model.named_parameters()))]
+        rows, buffer_rows = [], []
+        record()
         epochs, accs, losses = [0], [accuracy(model, x_test, y_test)], [float("nan")]
         start = 1
     else:
         model.load_state_dict(resume.model)
         opt.load_state_dict(resume.optimizer)
         rows, epochs, accs, losses = list(resume.rows), list(resume.epochs), list(resume.accs), list(resume.losses)
+        buffer_rows = list(resume.buffer_rows)
         start = resume.epoch + 1
     bar = progress(range(start, tcfg.epochs + 1), "train", show_progress)
     for epoch in bar:
@@ -162,15 +172,16 @@ def train_trajectory(
         if not math.isfinite(total):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {total}): lower --lr")
         if epoch % tcfg.save_every == 0 or epoch == tcfg.epochs:
-            rows.append(table.flatten(dict(model.named_parameters())))
+            record()
             epochs.append(epoch)
             accs.append(accuracy(model, x_test, y_test))
             losses.append(total / max(count, 1))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.3f}")
         if on_epoch is not None:
-            on_epoch(TrainState(epoch, model.state_dict(), opt.state_dict(), rows, epochs, accs, losses))
-    return Trajectory(table, torch.stack(rows), epochs, accs, losses)
+            on_epoch(TrainState(epoch, model.state_dict(), opt.state_dict(), rows, epochs, accs, losses, buffer_rows))
+    buffers = torch.stack(buffer_rows) if buffer_rows else None
+    return Trajectory(table, torch.stack(rows), epochs, accs, losses, btable if buffer_rows else None, buffers)
 
 
 # ----------------------------------------------------------------------------- resuming the stage
@@ -197,8 +208,9 @@ class ResumeFiles:
         for i, e in enumerate(st.epochs):
             path = self.dir / f"row_{e:06d}.pt"
             if not path.exists():
+                extra = {"buffers": st.buffer_rows[i]} if st.buffer_rows else {}
                 _save_atomic({"key": self.key, "epoch": e, "row": st.rows[i], "acc": st.accs[i],
-                              "loss": st.losses[i]}, path)
+                              "loss": st.losses[i], **extra}, path)
         _save_atomic({"key": self.key, "epoch": st.epoch, "model": st.model, "optimizer": st.optimizer},
                      self.dir / "state.pt")
 
@@ -221,7 +233,7 @@ class ResumeFiles:
         log.info("train: resuming after epoch %d from %s", st["epoch"], self.dir)
         return TrainState(int(st["epoch"]), st["model"], st["optimizer"], [r["row"] for r in rows],
                           [int(r["epoch"]) for r in rows], [float(r["acc"]) for r in rows],
-                          [float(r["loss"]) for r in rows])
+                          [float(r["loss"]) for r in rows], [r["buffers"] for r in rows if "buffers" in r])
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -248,6 +260,15 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
     traj = train_trajectory(model, bundle.x_train, bundle.y_train, bundle.x_test, bundle.y_test, cfg.train,
                             cfg.seed, device, show_progress=cfg.runtime.progress,
                             loader_workers=cfg.runtime.loader_workers, resume=state, on_epoch=saved.save)
+    path = write_artifact(cfg, bundle, traj, time.perf_counter() - t0)
+    saved.clear()
+    log.info("train: test accuracy %.4f after %d epochs (%.1f s) -> %s", traj.test_accuracy[-1], cfg.train.epochs,
+             time.perf_counter() - t0, path)
+    return path
+
+
+def write_artifact(cfg: Config, bundle: DatasetBundle, traj: Trajectory, seconds: float, **attrs: object) -> Path:
+    """Write ``RUN/train.h5`` atomically (layout in the module docstring; ``attrs``: extra root attrs)."""
     path = artifact_path(cfg.runtime.out, "train")
     with atomic_h5(path) as f:
         write_trajectory(f, traj)
@@ -260,14 +281,15 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
         f.attrs["image_shape"] = list(bundle.image_shape)
         f.attrs["mean"] = list(bundle.mean)
         f.attrs["std"] = list(bundle.std)
-        write_provenance(f, cfg, "train", time.perf_counter() - t0)
-    saved.clear()
-    log.info("train: test accuracy %.4f after %d epochs (%.1f s) -> %s", traj.test_accuracy[-1], cfg.train.epochs,
-             time.perf_counter() - t0, path)
+        f.attrs.update(attrs)
+        write_provenance(f, cfg, "train", seconds)
     return path
 
 
 def summary(run_dir: str | Path, n_show: int = 10) -> list[str]:
     """The ``ddm-hpc show`` line of ``train.h5``."""
     a = read_attrs(artifact_path(run_dir, "train"))
+    if a and a.get("imported"):
+        n = len(json.loads(str(a["imported"]))["files"])
+        return [f"  train      {a['seconds']:7.1f} s  imported {n} checkpoints, test accuracy {a['test_accuracy']:.4f}"]
     return [f"  train      {a['seconds']:7.1f} s  test accuracy {a['test_accuracy']:.4f}"] if a else []

@@ -11,19 +11,20 @@ also fine-tunes on real rows for the baselines of ``diagnose unlearn``).
 eta_f (``--finetune-lr``, 0 = the training lr), the per-group weights and the models per vmap call.
 The attribute stage, ``evaluate`` (Table 4), ``diagnose`` and the benchmarks all unlearn through it.
 
-Room: imports ``config``, ``context`` and ``synsets``.
+Room: imports ``config``, ``context``, ``models`` and ``synsets``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ddm_hpc.config import FINETUNE_BLOCK, TrainConfig
 from ddm_hpc.context import RunContext
+from ddm_hpc.models import forward_with
 from ddm_hpc.synsets import SynsetLevel, read_synsets
 from ddm_hpc.utils import memory_budget_bytes, progress
 
@@ -109,8 +110,8 @@ def auto_chunk(model: nn.Module, n_params: int, rows: int, sample: torch.Tensor,
 
 def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch.Tensor, syn_y: torch.Tensor,
                   spec: FinetuneSpec, steps: int, lr: float, direction: float, eval_x: torch.Tensor,
-                  chunk: int, device: torch.device, desc: str = "fine-tune", show_progress: bool = True
-                  ) -> torch.Tensor:
+                  chunk: int, device: torch.device, desc: str = "fine-tune", show_progress: bool = True,
+                  buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Fine-tune one copy of ``theta`` per row of ``spec`` and return its softmax outputs.
 
     Args:
@@ -121,19 +122,21 @@ def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch
         steps, lr: T full-batch SGD steps of rate lr; direction +1 descent, -1 ascent.
         eval_x: float32 [E, C, H, W] images to evaluate the fine-tuned models on.
         chunk: models per vmap call.
+        buffers: theta's buffers (BatchNorm statistics; every model runs in eval mode with them), or None.
 
     Returns:
         float32 [M, E, L] softmax probabilities on CPU.
     """
     theta = {k: v.detach().to(device) for k, v in theta.items()}
     syn_x, syn_y, eval_x = syn_x.to(device), syn_y.to(device), eval_x.to(device)
+    buffers = {k: v.to(device) for k, v in (buffers or {}).items()}
 
     def loss(p, xb, yb, wb):
-        out = functional_call(model, p, (xb,))
+        out = forward_with(model, p, xb, buffers)
         return (F.cross_entropy(out, yb, reduction="none") * wb).sum()
 
     step_fn = vmap(grad(loss), in_dims=(0, 0, 0, 0))
-    eval_fn = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
+    eval_fn = vmap(lambda p, x: forward_with(model, p, x, buffers), in_dims=(0, None))
     outs = []
     starts = range(0, len(spec.rows), chunk)
     for m0 in starts:
@@ -177,6 +180,7 @@ class Unlearner:
     device: torch.device
     show_progress: bool = True
     epochs_per_step: float = 1.0  # training epochs per recorded trajectory step (epochs / tau)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # theta_tau's buffers (BatchNorm), on device
 
     @classmethod
     def of_run(cls, ctx: RunContext) -> Unlearner:
@@ -184,9 +188,9 @@ class Unlearner:
         (0 = the training lr), ``--finetune-scale`` and ``--batch-models`` of its config."""
         cfg = ctx.cfg
         reader = ctx.trajectory(ctx.device)
-        return cls(ctx.build_model().to(ctx.device), reader.params(reader.tau), cfg.attribute.steps(reader.tau),
+        return cls(ctx.build_model().to(ctx.device).eval(), reader.params(reader.tau), cfg.attribute.steps(reader.tau),
                    cfg.finetune_rate, cfg.attribute.finetune_scale, cfg.train, cfg.attribute.batch_models, ctx.device,
-                   cfg.runtime.progress, cfg.train.epochs / max(reader.tau, 1))
+                   cfg.runtime.progress, cfg.train.epochs / max(reader.tau, 1), reader.buffers(reader.tau))
 
     def weights(self, level: SynsetLevel) -> torch.Tensor:
         """c_k, the loss weight of each group's synset (:func:`group_weights`)."""
@@ -209,13 +213,13 @@ class Unlearner:
         images = level.images
         return finetune_many(self.model, self.theta, images.reshape(-1, *images.shape[2:]), level.flat_targets(),
                              spec, self.steps, self.lr, level.unlearn_direction, eval_x, chunk, self.device, desc,
-                             self.show_progress)
+                             self.show_progress, self.buffers)
 
     def finetune(self, x: torch.Tensor, y: torch.Tensor, spec: FinetuneSpec, direction: float, eval_x: torch.Tensor,
                  desc: str, chunk: int) -> torch.Tensor:
         """Fine-tune on real rows ``x``/``y`` as ``spec`` says (same steps and rate): the simple alternatives."""
         return finetune_many(self.model, self.theta, x, y, spec, self.steps, self.lr, direction, eval_x, chunk,
-                             self.device, desc, self.show_progress)
+                             self.device, desc, self.show_progress, self.buffers)
 
 
 def unlearn_all_accuracy(ctx: RunContext, synsets: RunContext | None = None) -> float:

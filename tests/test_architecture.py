@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("ddm_hpc", "kernels")
 # The only imports allowed inside functions: heavy optional packages a module defers until it needs them.
-DEFERRED = {"matplotlib", "PIL", "faiss", "torchvision", "trak", "triton"}
+DEFERRED = {"matplotlib", "PIL", "faiss", "safetensors", "torchvision", "trak", "triton"}  # safetensors: importer, optional
 # Imported by every room (their docstrings say so); the rest must be declared.
 EVERYWHERE = {"errors", "utils"}
 

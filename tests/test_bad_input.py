@@ -75,6 +75,7 @@ CASES = [
     ("options: an unknown removal protocol", {}, ["evaluate", "--gt-removal", "reshuffle"], "--gt-removal 'reshuffle'"),
     ("options: a kept fraction out of range", {}, ["evaluate", "--lds-alphas", "1.5"], "--lds-alphas"),
     ("options: an unknown method", {}, ["evaluate", "--methods", "ddm,bogus"], "bogus"),
+    ("options: an unknown training recipe", {}, ["evaluate", "--imported-recipe", "mine"], "--imported-recipe 'mine'"),
 ]
 
 # Run directories: each made by its own test below (they need an earlier run, a corrupted file or a failing

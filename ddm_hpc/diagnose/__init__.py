@@ -25,7 +25,7 @@ the pipeline on a corrupted copy); the pipeline makes them before this stage run
 ``RUN/diagnose/<name>.h5`` (its numbers; temp file + rename) and PNGs under ``RUN/diagnose/``;
 :func:`run` then writes ``RUN/diagnostics.md`` embedding them all.
 
-Room: a stage (imports ``config``, ``context``, ``data``, ``variants``, and ``diagnose.base`` with the task
+Room: a stage (imports ``config``, ``context``, ``data``, ``importer``, ``variants``, and ``diagnose.base`` with the task
 modules ``diagnose.pictures``, ``diagnose.privacy``, ``diagnose.removal``, ``diagnose.unlearn``).
 """
 from __future__ import annotations
@@ -39,9 +39,19 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.diagnose import pictures, privacy, removal, unlearn  # noqa: F401 (each registers its tasks)
 from ddm_hpc.diagnose.base import TASKS, Section, diagnose_dir, read_section, write_markdown, write_section
+from ddm_hpc.importer import check_retrainable
 from ddm_hpc.variants import Variant
 
 log = logging.getLogger(__name__)
+
+
+RETRAINS_NOT = {"privacy", "pictures"}  # the tasks that never retrain exactly
+
+
+def check(cfg: Config) -> None:
+    """An imported run states its recipe before a task retrains it (:func:`~ddm_hpc.importer.check_retrainable`)."""
+    if set(cfg.diagnose.task_list()) - RETRAINS_NOT:
+        check_retrainable(cfg)
 
 
 def variants(cfg: Config) -> list[Variant]:

@@ -14,7 +14,8 @@ therefore one file::
 
 and ``ddm-hpc evaluate --plugins path/to/nearest.py --methods nearest,ddm`` scores, reports and plots it.
 A method that needs a derived run (other synsets, other clusters) declares it in :meth:`variants`;
-the pipeline makes it before ``evaluate`` runs, and :meth:`score` only reads it.
+the pipeline makes it before ``evaluate`` runs, and :meth:`score` only reads it. :meth:`check` refuses a run
+the method cannot score (``replay``: a model with buffers) before anything is retrained.
 
 Room: imports ``config``, ``context`` and ``variants``.
 """
@@ -97,6 +98,9 @@ class AttributionMethod:
     def variants(self, cfg: Config) -> list[Variant]:
         """The derived runs :meth:`score` reads (made by the pipeline before ``evaluate`` runs)."""
         return []
+
+    def check(self, cfg: Config) -> None:
+        """Raise a one-line ConfigError for a run this method cannot score, before ``evaluate`` retrains anything."""
 
     def synset_run(self, cfg: Config) -> Config | None:
         """The run whose cluster synsets Table 4 unlearns all at once (methods with ``table4``)."""

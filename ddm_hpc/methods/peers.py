@@ -6,7 +6,7 @@ methods share one table. Sign convention: **a higher score means the training sa
 responsible for the query's prediction** (removing it would lower the model's probability of the
 query's label). The methods themselves: ``methods.tracin``, ``methods.trak``.
 
-Room: imports ``context`` and ``storage``.
+Room: imports ``context``, ``models`` and ``storage``.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError
+from ddm_hpc.models import forward_with
 from ddm_hpc.storage import ParamTable
 from ddm_hpc.utils import memory_budget_bytes
 
@@ -43,8 +44,6 @@ def check_inputs(model: nn.Module, table: ParamTable, checkpoints: Sequence[torc
     if sorted(names) != sorted(table.names):
         raise ConfigError(f"{method}: the model's parameters ({len(names)}) do not match the table's "
                           f"({len(table.names)}): build the model the trajectory was trained with")
-    if len(list(model.buffers())):
-        raise ConfigError(f"{method}: {type(model).__name__} has buffers; peers need a buffer-free model")
     for what, x, y in (("train", x_train, y_train), ("query", x_query, y_query)):
         if len(x) != len(y):
             raise ConfigError(f"{method}: x_{what} has {len(x)} rows but y_{what} has {len(y)}; pass aligned arrays")
@@ -69,7 +68,7 @@ def batch_ranges(n: int, batch: int) -> list[tuple[int, int]]:
 
 
 def per_sample_loss_grads(model: nn.Module, table: ParamTable, params: dict[str, torch.Tensor], x: torch.Tensor,
-                          y: torch.Tensor) -> torch.Tensor:
+                          y: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Flat per-sample gradients of the cross-entropy.
 
     Args:
@@ -77,12 +76,13 @@ def per_sample_loss_grads(model: nn.Module, table: ParamTable, params: dict[str,
         table: parameter order of the flat output.
         params: name -> tensor on the compute device.
         x: float32 [B, ...] inputs on the device; y: int64 [B] labels.
+        buffers: the checkpoint's buffers (BatchNorm statistics; eval mode), or None.
 
     Returns:
         float32 [B, P]: row b = grad_theta CE(model(x_b; theta), y_b), in ``table`` order.
     """
     def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        return F.cross_entropy(forward_with(model, p, xi.unsqueeze(0), buffers), yi.unsqueeze(0))
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     return torch.cat([g[n].reshape(len(x), -1) for n in table.names], dim=1)
@@ -98,14 +98,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def checkpoints(ctx: RunContext) -> tuple[nn.Module, ParamTable, list[torch.Tensor]]:
-    """The target on the device, the parameter table and ``--peer-checkpoints`` evenly spaced trajectory rows
-    (theta_tau last) that TracIn and TRAK score with."""
+def checkpoints(ctx: RunContext) -> tuple[nn.Module, ParamTable, list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The target on the device, the parameter table, ``--peer-checkpoints`` evenly spaced trajectory rows
+    (theta_tau last) that TracIn and TRAK score with, and their buffers ({} each for a buffer-free model)."""
     reader = ctx.trajectory()
     n = ctx.cfg.evaluate.peer_checkpoints
     rows = np.unique(np.linspace(reader.tau, 1, min(n, reader.tau)).round().astype(int))[::-1]
     ckpts = [reader.flat(int(r)) for r in sorted(rows)]
-    return ctx.build_model().to(ctx.device), reader.table, ckpts
+    return ctx.build_model().to(ctx.device), reader.table, ckpts, [reader.buffers(int(r)) for r in sorted(rows)]
 
 
 def to_clusters(per_sample: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:

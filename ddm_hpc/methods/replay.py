@@ -10,7 +10,7 @@ changes it by about ``-dCE/dw_k``: the score) and the probability of the predict
 first-order softmax shift ``|dp_pred/dw_k|``; for a correctly predicted query ``p_pred = exp(-CE)``,
 so it needs no objective of its own). Dist3 locates the smallest shift.
 
-Room: a method file (imports ``context``, ``methods.base``, ``replay``, ``trajectory``, ``utils``).
+Room: a method file (imports ``config``, ``context``, ``methods.base``, ``replay``, ``storage``, ``trajectory``, ``utils``).
 """
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ import time
 import torch
 from torch.func import functional_call
 
+from ddm_hpc.config import Config
 from ddm_hpc.context import RunContext
+from ddm_hpc.errors import ConfigError
 from ddm_hpc.methods.base import AttributionMethod, MethodResult
 from ddm_hpc.replay import replay_metagradients
-from ddm_hpc.trajectory import load_into
+from ddm_hpc.storage import artifact_path, read_attrs
+from ddm_hpc.trajectory import TrajectoryReader, load_into
 from ddm_hpc.utils import PeakRSS
 
 
@@ -40,6 +43,12 @@ def query_objectives(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, p
 
 class Replay(AttributionMethod, name="replay", label="Replay (exact, anchor)",
              help="exact metagradients through the replayed training (REPLAY/MAGIC), the upper anchor", scatter=True):
+    def check(self, cfg: Config) -> None:
+        """A trained run whose model has buffers (BatchNorm) is refused before any retraining."""
+        if read_attrs(artifact_path(cfg.runtime.out, "train")) and TrajectoryReader.of_run(cfg.runtime.out).buffer_table:
+            raise ConfigError("--methods replay differentiates through training, where BatchNorm statistics change at "
+                              "every step; it needs a buffer-free model (nn.GroupNorm): drop replay from --methods")
+
     def score(self, ctx: RunContext) -> MethodResult:
         t0 = time.perf_counter()
         reader = ctx.trajectory()

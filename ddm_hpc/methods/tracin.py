@@ -27,7 +27,8 @@ from ddm_hpc.utils import progress
 
 def tracin_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[torch.Tensor], lrs: Sequence[float],
                   x_train: torch.Tensor, y_train: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
-                  device: torch.device | str = "cpu", batch: int = 256, show_progress: bool = False) -> torch.Tensor:
+                  device: torch.device | str = "cpu", batch: int = 256, show_progress: bool = False,
+                  buffers: Sequence[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """TracInCP scores of every training sample for every query.
 
     ``score[q, i] = sum_t lr_t * <grad l(theta_t, z_i), grad l(theta_t, z_q)>`` with ``l`` the
@@ -36,7 +37,7 @@ def tracin_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[tor
     lower the query's probability of ``y_query``.
 
     Args:
-        model: the architecture (buffer-free); its parameters are not touched.
+        model: the architecture; its parameters are not touched (evaluated in eval mode).
         table: names/shapes of the flat checkpoints (``ParamTable.from_module(model)`` or train.h5's).
         checkpoints: T flat float32 [P] parameter vectors theta_t.
         lrs: T learning rates lr_t, one per checkpoint.
@@ -45,13 +46,14 @@ def tracin_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[tor
         device: where gradients are computed.
         batch: training samples per per-sample-gradient call (capped to the free memory).
         show_progress: tqdm over checkpoints x batches.
+        buffers: per checkpoint, its buffers (BatchNorm statistics), or None for a buffer-free model.
 
     Returns:
         float32 [Q, N] on CPU.
 
     Raises:
         ConfigError: no checkpoints, len(lrs) != len(checkpoints), mismatched x/y lengths,
-            a checkpoint that does not match the table, or a model with buffers.
+            or a checkpoint that does not match the table.
     """
     check_inputs(model, table, checkpoints, x_train, y_train, x_query, y_query, batch, "TracIn")
     if len(lrs) != len(checkpoints):
@@ -67,12 +69,13 @@ def tracin_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[tor
     with eval_mode(model), torch.no_grad():
         for t, (a, b) in progress(jobs, "TracIn", show_progress):
             params = table.unflatten(checkpoints[t].to(device=device, dtype=torch.float32))
+            bufs = {k: v.to(device) for k, v in buffers[t].items()} if buffers else None
             if t != current:  # query gradients once per checkpoint, scaled by lr_t
                 q_grads = torch.cat([per_sample_loss_grads(model, table, params, x_query[i:j].to(device),
-                                                           y_query[i:j].to(device))
+                                                           y_query[i:j].to(device), bufs)
                                      for i, j in batch_ranges(len(x_query), batch)]) * float(lrs[t])
                 current = t
-            g = per_sample_loss_grads(model, table, params, x_train[a:b].to(device), y_train[a:b].to(device))
+            g = per_sample_loss_grads(model, table, params, x_train[a:b].to(device), y_train[a:b].to(device), bufs)
             scores[:, a:b] += (q_grads @ g.T).double()
     return scores.float().cpu()
 
@@ -81,9 +84,9 @@ class TracIn(AttributionMethod, name="tracin", label="TracInCP (peer)", help="Tr
              scatter=True):
     def score(self, ctx: RunContext) -> MethodResult:
         t0 = time.perf_counter()
-        model, table, ckpts = checkpoints(ctx)
+        model, table, ckpts, bufs = checkpoints(ctx)
         lr = ctx.cfg.train.lr
         per = tracin_scores(model, table, ckpts, [lr] * len(ckpts), ctx.bundle.x_train, ctx.bundle.y_train,
-                            ctx.query_x, ctx.query_y, device=ctx.device, show_progress=ctx.show_progress)
+                            ctx.query_x, ctx.query_y, device=ctx.device, show_progress=ctx.show_progress, buffers=bufs)
         s = to_clusters(per, ctx.assignment, ctx.k)
         return MethodResult(s, time.perf_counter() - t0, note=f"TracInCP, {len(ckpts)} checkpoints, summed per cluster")

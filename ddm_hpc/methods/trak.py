@@ -103,7 +103,7 @@ def _quiet_traker(show_progress: bool) -> Iterator[None]:
 def trak_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[torch.Tensor],
                 x_train: torch.Tensor, y_train: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
                 proj_dim: int = 512, seed: int = 0, device: torch.device | str = "cpu", batch: int = 256,
-                show_progress: bool = False) -> torch.Tensor:
+                show_progress: bool = False, buffers: Sequence[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """TRAK scores (traker package, CPU-capable projector) of every training sample for every query.
 
     ``score[q, i] = mean_t(phi_t(z_q) (Phi_t^T Phi_t)^+ phi_t(z_i)) * mean_t(1 - p_t(y_i | x_i))``
@@ -112,7 +112,7 @@ def trak_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[torch
     effect of including sample i on the query's margin at ``y_query``.
 
     Args:
-        model: the architecture (buffer-free); a copy is used, the caller's model is not touched.
+        model: the architecture; a copy is used (in eval mode), the caller's model is not touched.
         table: names/shapes of the flat checkpoints.
         checkpoints: T flat float32 [P] parameter vectors (TRAK's ensemble).
         x_train: float32 [N, C, H, W]; y_train: int64 [N].
@@ -124,13 +124,14 @@ def trak_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[torch
         device: where gradients, projections and inverses are computed.
         batch: samples per per-sample-gradient call (capped to the free memory).
         show_progress: tqdm over checkpoints x batches (and traker's finalising bars).
+        buffers: per checkpoint, its buffers (BatchNorm statistics), or None for a buffer-free model.
 
     Returns:
         float32 [Q, N] on CPU.
 
     Raises:
         ConfigError: no checkpoints, mismatched x/y lengths, a checkpoint that does not match
-            the table, a model with buffers, or proj_dim < 1.
+            the table, or proj_dim < 1.
     """
     check_inputs(model, table, checkpoints, x_train, y_train, x_query, y_query, batch, "TRAK")
     if not isinstance(proj_dim, int) or proj_dim < 1:
@@ -168,7 +169,7 @@ def trak_scores(model: nn.Module, table: ParamTable, checkpoints: Sequence[torch
                         logging_level=logging.WARNING, projector_seed=seed)
 
         def load(t: int) -> dict[str, torch.Tensor]:
-            return dict(table.unflatten(checkpoints[t].float()))
+            return {**table.unflatten(checkpoints[t].float()), **(buffers[t] if buffers else {})}
 
         current = -1
         for t, (a, b) in progress(jobs, "TRAK featurize", show_progress):
@@ -192,10 +193,11 @@ class TRAK(AttributionMethod, name="trak", label="TRAK (peer)", help="TRAK, the 
            scatter=True):
     def score(self, ctx: RunContext) -> MethodResult:
         t0 = time.perf_counter()
-        model, table, ckpts = checkpoints(ctx)
+        model, table, ckpts, bufs = checkpoints(ctx)
         ec = ctx.cfg.evaluate
         per = trak_scores(model, table, ckpts, ctx.bundle.x_train, ctx.bundle.y_train, ctx.query_x, ctx.query_y,
-                          proj_dim=ec.proj_dim, seed=ctx.cfg.seed, device=ctx.device, show_progress=ctx.show_progress)
+                          proj_dim=ec.proj_dim, seed=ctx.cfg.seed, device=ctx.device, show_progress=ctx.show_progress,
+                          buffers=bufs)
         s = to_clusters(per, ctx.assignment, ctx.k)
         return MethodResult(s, time.perf_counter() - t0,
                             note=f"TRAK, proj_dim {ec.proj_dim}, {len(ckpts)} checkpoints, summed per cluster")
