@@ -30,21 +30,21 @@ the Dist2 scores, LDS), under every protocol and kept fraction of the run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 from pathlib import Path
 
 import h5py
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ddm_hpc.config import Config
-from ddm_hpc.context import RunContext
-from ddm_hpc.evaluate import load_retrained, method_metrics
 from ddm_hpc.methods import MethodResult
-from ddm_hpc.metrics import located_values, mean_sem, objective_values
+from ddm_hpc.metrics import objective_values
 from ddm_hpc.replay import replay_tangents
 from ddm_hpc.trajectory import load_into
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score_more import open_run, view_cells  # noqa: E402
 
 
 def flat_grads(model, params: dict, x: torch.Tensor, y: torch.Tensor, members: list[torch.Tensor]) -> torch.Tensor:
@@ -137,11 +137,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     run = Path(args.run_dir)
-    cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
-                            "runtime": {"out": str(run), "progress": False, "overwrite": False}})
-    ctx = RunContext(cfg)
+    cfg, ctx, retrained = open_run(run)
     labels = ctx.query_y
-    retrained = load_retrained(cfg, ctx.k, ctx.query_pos)
     reader = ctx.trajectory()
     model = ctx.build_model().eval()
     tau, t = reader.tau, cfg.train
@@ -201,17 +198,10 @@ def main() -> None:
             rows[f"exact, stepped x{f_:g}"] = stepped(model, theta, -f_ * tangent, ctx.query_x, labels)
     if args.direct:
         direct(model, theta, G, scale, ctx, retrained, labels, tau, args.direct)
-    ec = cfg.evaluate
-    views = [(r, al) for r in ec.removal_list() for al in ec.alpha_list()]
     print(f"run {run}: {len(labels)} queries, K = {ctx.k}, tau = {tau}")
     for name, res in rows.items():
-        cells = []
-        for removal, alpha in views:
-            view = retrained.view(removal, alpha)
-            m = method_metrics(res, view, labels)
-            d12 = mean_sem(located_values(res.for_metric("dist2"), view.gt.outputs, view.removed, view.gt.base,
-                                          labels)["dist1"])
-            cells.append(f"{removal[:4]} a={alpha:g}: D1 {m['dist1'][0]:5.2f} (by D2 {d12[0]:5.2f}) LDS {m['lds'][0]:+.3f}")
+        cells = [f"{removal[:4]} a={alpha:g}: D1 {m['dist1'][0]:5.2f} (by D2 {m['dist1 by dist2'][0]:5.2f}) "
+                 f"LDS {m['lds'][0]:+.3f}" for (removal, alpha), m in view_cells(res, retrained, labels, cfg).items()]
         print(f"{name:16s} " + " | ".join(cells), flush=True)
 
 

@@ -22,21 +22,21 @@ evaluate's other methods (e.g. random, clustering, trak).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-
 import torch
 
-from ddm_hpc.config import Config
-from ddm_hpc.context import RunContext
-from ddm_hpc.evaluate import load_retrained, method_metrics
+from ddm_hpc.evaluate import method_metrics
 from ddm_hpc.methods import MethodResult, read_ddm_scores, score_methods
 from ddm_hpc.metrics import gt_objectives, located_clusters, located_values
 from ddm_hpc.pipeline import materialise
 from ddm_hpc.variants import synset_variant
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score_more import open_run  # noqa: E402
 
 
 def where_located(res: MethodResult, retrained, labels: torch.Tensor, cluster_class: torch.Tensor
@@ -64,11 +64,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     run = Path(args.run_dir)
-    cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
-                            "runtime": {"out": str(run), "progress": False, "overwrite": False}})
-    ctx = RunContext(cfg)
+    cfg, ctx, retrained = open_run(run)
     labels = ctx.query_y
-    retrained = load_retrained(cfg, ctx.k, ctx.query_pos)
     print(f"run {run}: {len(labels)} queries, K = {ctx.k}, {len(retrained.masks)} LDS subsets, "
           f"tau = {cfg.train.epochs // cfg.train.save_every}")
     head = f"{'Dist1 x100':>14s}  {'LDS':>16s}  {'in pred. class':>14s}  {'Dist1 within it':>15s}"

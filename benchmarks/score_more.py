@@ -24,6 +24,30 @@ from ddm_hpc.metrics import located_values, mean_sem
 from ddm_hpc.pipeline import materialise
 
 
+def open_run(run_dir: str | Path) -> tuple[Config, RunContext, object]:
+    """An evaluated run as its own config.json describes it (no progress bars, never overwriting): (config, context,
+    its exact retrainings). The re-scoring benchmarks (this one, finetune_sweep, displacement_targets) start here."""
+    run = Path(run_dir)
+    cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
+                            "runtime": {"out": str(run), "progress": False, "overwrite": False}})
+    ctx = RunContext(cfg)
+    return cfg, ctx, load_retrained(cfg, ctx.k, ctx.query_pos)
+
+
+def view_cells(res, retrained, labels, cfg: Config) -> dict[tuple[str, float], dict[str, tuple[float, float]]]:
+    """(removal, alpha) -> {dist1, dist1 by dist2, dist2, lds: (mean, s.e.m.)} of one method under every protocol and
+    kept fraction of the run, scored exactly as ``evaluate`` scores it."""
+    out = {}
+    for removal in cfg.evaluate.removal_list():
+        for alpha in cfg.evaluate.alpha_list():
+            view = retrained.view(removal, alpha)
+            m = method_metrics(res, view, labels)
+            d12 = mean_sem(located_values(res.for_metric("dist2"), view.gt.outputs, view.removed, view.gt.base,
+                                          labels)["dist1"])
+            out[(removal, alpha)] = {"dist1": m["dist1"], "dist1 by dist2": d12, "dist2": m["dist2"], "lds": m["lds"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", nargs="?")
@@ -36,32 +60,25 @@ def main() -> None:
     if not args.run_dir:
         ap.error("give an evaluated run directory (or --seeds JSON ...)")
     logging.basicConfig(level=logging.WARNING)
-    run = Path(args.run_dir)
-    cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
-                            "runtime": {"out": str(run), "progress": False, "overwrite": False}})
+    cfg, _, _ = open_run(args.run_dir)
     names = [m for m in args.methods.split(",") if m]
     materialise(cfg, [v for m in resolve(names) for v in m.variants(cfg)])
-    ctx = RunContext(cfg)
-    labels = ctx.query_y
-    retrained = load_retrained(cfg, ctx.k, ctx.query_pos)
-    ec = cfg.evaluate
-    views = [(r, a) for r in ec.removal_list() for a in ec.alpha_list()]
-    print(f"run {run}: {len(labels)} queries, K = {ctx.k}; protocols {ec.gt_removal}, kept fractions "
+    cfg, ctx, retrained = open_run(args.run_dir)
+    labels, ec = ctx.query_y, cfg.evaluate
+    print(f"run {args.run_dir}: {len(labels)} queries, K = {ctx.k}; protocols {ec.gt_removal}, kept fractions "
           f"{','.join(f'{a:g}' for a in ec.alpha_list())}")
     out: dict[str, dict[str, float]] = {}
     for name, res in score_methods(ctx, names).items():
         cells = []
-        for removal, alpha in views:
-            view = retrained.view(removal, alpha)
-            m = method_metrics(res, view, labels)
-            d12 = mean_sem(located_values(res.for_metric("dist2"), view.gt.outputs, view.removed, view.gt.base,
-                                          labels)["dist1"])
-            out.setdefault(name, {}).update({f"{removal}/dist1": m["dist1"][0], f"{removal}/dist1 by dist2": d12[0],
+        for (removal, alpha), m in view_cells(res, retrained, labels, cfg).items():
+            out.setdefault(name, {}).update({f"{removal}/dist1": m["dist1"][0],
+                                             f"{removal}/dist1 by dist2": m["dist1 by dist2"][0],
                                              f"{removal}/lds@{alpha:g}": m["lds"][0]})
             out[name]["online s"] = res.seconds
             out[name]["offline s"] = res.offline_seconds
             cells.append(f"{removal} a={alpha:g}: Dist1 {m['dist1'][0]:.2f}±{m['dist1'][1]:.2f} "
-                         f"(by Dist2 {d12[0]:.2f}) Dist2 {m['dist2'][0]:.3f} LDS {m['lds'][0]:+.3f}±{m['lds'][1]:.3f}")
+                         f"(by Dist2 {m['dist1 by dist2'][0]:.2f}) Dist2 {m['dist2'][0]:.3f} "
+                         f"LDS {m['lds'][0]:+.3f}±{m['lds'][1]:.3f}")
         print(f"{name:10s} online {res.seconds:.1f} s  " + " | ".join(cells))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
