@@ -96,6 +96,29 @@ def temp_path(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
+def temp_then_rename(path: str | Path) -> Iterator[Path]:
+    """Yield the temp file beside ``path`` to write; rename it to ``path`` only if the block succeeds, else remove it.
+
+    Raises:
+        OutputError: the folder is read-only, not writable or full (one line naming it; no temp file left).
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        code = write_errno(e)
+        if code is None:
+            raise
+        raise output_error(path.parent, code) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def atomic_h5(path: str | Path, *, in_memory: bool = True) -> Iterator[h5py.File]:
     """Open a temp HDF5 file beside ``path``; rename it to ``path`` only if the block succeeds.
 
@@ -109,11 +132,8 @@ def atomic_h5(path: str | Path, *, in_memory: bool = True) -> Iterator[h5py.File
     Raises:
         OutputError: the folder is read-only, not writable or full (one line naming it; no temp file left).
     """
-    path = Path(path)
-    tmp = temp_path(path)
     libver = _LIBVER if CHECKSUMS else None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with temp_then_rename(path) as tmp:
         if in_memory:
             f = h5py.File(tmp, "w", driver="core", backing_store=False, block_size=1 << 20, libver=libver)
         else:
@@ -129,33 +149,12 @@ def atomic_h5(path: str | Path, *, in_memory: bool = True) -> Iterator[h5py.File
         if in_memory:
             with open(tmp, "wb") as fh:
                 fh.write(image)
-        os.replace(tmp, path)
-    except OSError as e:
-        code = write_errno(e)
-        if code is None:
-            raise
-        raise output_error(path.parent, code) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | Path, obj: object) -> None:
     """Write ``obj`` as JSON to a temp file beside ``path`` and rename it into place (OutputError as atomic_h5)."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with temp_then_rename(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        code = write_errno(e)
-        if code is None:
-            raise
-        raise output_error(path.parent, code) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def _digest(data: np.ndarray) -> str:
