@@ -106,7 +106,7 @@ def learned_labels(stages: tuple[str, ...] = ("distill", "attribute"), parent: V
 # --target displacement's settings (benchmarks/RESULTS.md, "Displacement matching"): learned labels and 10 images
 # per cluster make the synset's gradient expressive enough; Adam converges where SGD at these rates stalls.
 DISPLACEMENT = {"target": "displacement", "syn_labels": "learn", "ipc": 10, "optimizer": "adam", "lr_img": 0.03,
-                "lr_label": 0.3, "distill_steps": 200}
+                "lr_label": 0.3, "distill_steps": 100}
 
 
 def displacement_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None
