@@ -38,6 +38,7 @@ import h5py
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ddm_hpc.distill import contribution_per_row, group_members, per_group_grads
 from ddm_hpc.methods import MethodResult
 from ddm_hpc.metrics import objective_values
 from ddm_hpc.replay import replay_tangents
@@ -47,14 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_more import open_run, view_cells  # noqa: E402
 
 
-def flat_grads(model, params: dict, x: torch.Tensor, y: torch.Tensor, members: list[torch.Tensor]) -> torch.Tensor:
-    """[K, P]: each cluster's mean CE gradient at ``params``."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    out = []
-    for rows in members:
-        loss = torch.nn.functional.cross_entropy(functional_call(model, leaves, (x[rows],)), y[rows])
-        out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(leaves.values()))]))
-    return torch.stack(out)
+def flat_grads(model, params: dict, x: torch.Tensor, y: torch.Tensor, assignment: torch.Tensor, k: int
+               ) -> torch.Tensor:
+    """[K, P]: each cluster's mean CE gradient at ``params`` over all its rows (the distill stage's per-group
+    gradients, flattened)."""
+    members, sizes = group_members(assignment, k)
+    w = (torch.arange(members.shape[1])[None, :] < sizes[:, None]).float()
+    grads = per_group_grads(model, params, x[members], y[members], w, "loop")
+    return torch.cat([g.reshape(k, -1) for g in grads], 1)
 
 
 def query_grads(model, params: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,35 +82,25 @@ def result(d_ce: torch.Tensor, d_p: torch.Tensor, note: str) -> MethodResult:
                                                           "dist3": (1.0 / (1.0 + shift)).float()}, note=note)
 
 
-def unflatten(theta: dict, flat: torch.Tensor) -> dict:
-    shapes = [v.shape for v in theta.values()]
-    parts = torch.split(flat.float(), [s.numel() for s in shapes])
-    return {n: p.reshape(s) for n, p, s in zip(theta, parts, shapes)}
-
-
-def stepped(model, theta: dict, D: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> MethodResult:
+def stepped(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> MethodResult:
     """What a perfect displacement synset gives online: the objectives at theta_tau + D_k (not linearised), scored
     as the attribute stage scores a fine-tune; Dist1 located by the CE change, as ``ddm-disp`` does."""
-    flat0 = torch.cat([v.reshape(-1) for v in theta.values()]).double()
+    flat0 = table.flatten(theta).double()
     with torch.no_grad():
         base = functional_call(model, theta, (x,)).softmax(-1)
-        probs = torch.stack([functional_call(model, unflatten(theta, flat0 + d), (x,)).softmax(-1) for d in D])
+        probs = torch.stack([functional_call(model, table.unflatten((flat0 + d).float()), (x,)).softmax(-1)
+                             for d in D])
     obj = objective_values(probs, base, labels, "single")
     d_ce = (obj["dist2"] - objective_values(base[None], base, labels, "single")["dist2"]).T.float()
     return MethodResult(d_ce, 0.0, per_objective={"dist1": d_ce, "dist2": d_ce, "dist3": obj["dist3"].T.float()})
 
 
-def direct(model, theta: dict, G: torch.Tensor, scale: torch.Tensor, ctx, retrained, labels, tau: int,
+def direct(model, table, theta: dict, G: torch.Tensor, scale: torch.Tensor, ctx, retrained, labels, tau: int,
            factors: list[float]) -> None:
     """LDS of the subsets' CE predicted by evaluating at theta_tau + s * sum_removed D_k (uniform targets)."""
     from ddm_hpc.metrics import gt_objectives, spearman
-    names, shapes = list(theta), [v.shape for v in theta.values()]
-    flat0 = torch.cat([v.reshape(-1) for v in theta.values()]).double()
+    flat0 = table.flatten(theta).double()
     D = scale[:, None] * G[:tau].sum(0)  # [K, P]
-
-    def at(flat: torch.Tensor) -> dict:
-        parts = torch.split(flat.float(), [s.numel() for s in shapes])
-        return {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
 
     for removal in ctx.cfg.evaluate.removal_list():
         for alpha in ctx.cfg.evaluate.alpha_list():
@@ -118,7 +109,7 @@ def direct(model, theta: dict, G: torch.Tensor, scale: torch.Tensor, ctx, retrai
             for s in factors:
                 with torch.no_grad():
                     ce = torch.stack([torch.nn.functional.cross_entropy(
-                        functional_call(model, at(flat0 + s * ((~m).double() @ D)), (ctx.query_x,)), labels,
+                        functional_call(model, table.unflatten((flat0 + s * ((~m).double() @ D)).float()), (ctx.query_x,)), labels,
                         reduction="none") for m in view.masks]).double()
                 print(f"direct {removal} a={alpha:g} s={s:g}: LDS {float(torch.nanmean(spearman(ce, actual))):+.3f}")
 
@@ -143,12 +134,12 @@ def main() -> None:
     model = ctx.build_model().eval()
     tau, t = reader.tau, cfg.train
     x, y = ctx.bundle.x_train, ctx.bundle.y_train
-    members = [torch.nonzero(ctx.assignment == k)[:, 0] for k in range(ctx.k)]
-    sizes = torch.tensor([len(m) for m in members], dtype=torch.float64)
-    scale = (t.lr / (1 - t.momentum)) * sizes / t.batch_size * (t.epochs / tau)  # [K]
-    G = torch.stack([flat_grads(model, reader.params(i), x, y, members) for i in range(tau + 1)]).double()  # [tau+1, K, P]
+    sizes = torch.bincount(ctx.assignment, minlength=ctx.k).double()
+    scale = t.lr * contribution_per_row(t, tau) * sizes  # [K]: lr/(1-mu) (n_k/B) per recorded step
+    G = torch.stack([flat_grads(model, reader.params(i), x, y, ctx.assignment, ctx.k)
+                     for i in range(tau + 1)]).double()  # [tau+1, K, P]
     theta = reader.params(tau)
-    g_ce, g_p, pred = query_grads(model, theta, ctx.query_x, labels)
+    g_ce, g_p, _ = query_grads(model, theta, ctx.query_x, labels)
     g_ce, g_p = g_ce.double(), g_p.double()
     # per-epoch linear features: F[t] = grad f(theta_tau) . eta_eff (n_k/B) g_k(theta_t), [tau+1, Q, K]
     f_ce = torch.einsum("qp,tkp->tqk", g_ce, G) * scale
@@ -163,8 +154,8 @@ def main() -> None:
     weighted(torch.cat([torch.ones(tau), torch.zeros(1)]).double(), "uniform")
     weighted(torch.cat([torch.zeros(tau), torch.ones(1)]).double(), "last")
     for f in args.step_factors:
-        rows[f"uniform, stepped x{f:g}"] = stepped(model, theta, f * scale[:, None] * G[:tau].sum(0), ctx.query_x,
-                                                   labels)
+        rows[f"uniform, stepped x{f:g}"] = stepped(model, reader.table, theta, f * scale[:, None] * G[:tau].sum(0),
+                                                   ctx.query_x, labels)
     for h in args.half_lives:
         weighted(torch.cat([2.0 ** (-(tau - 1 - epochs) / h), torch.zeros(1)]).double(), f"half-{h:g}")
     for h in args.half_lives:
@@ -195,9 +186,9 @@ def main() -> None:
                 print(f"exact linear CE scores against replay's: max |diff| {float((lin - rep).abs().max()):.2g} "
                       f"(scale {float(rep.abs().max()):.2g})")
         for f_ in args.step_factors:
-            rows[f"exact, stepped x{f_:g}"] = stepped(model, theta, -f_ * tangent, ctx.query_x, labels)
+            rows[f"exact, stepped x{f_:g}"] = stepped(model, reader.table, theta, -f_ * tangent, ctx.query_x, labels)
     if args.direct:
-        direct(model, theta, G, scale, ctx, retrained, labels, tau, args.direct)
+        direct(model, reader.table, theta, G, scale, ctx, retrained, labels, tau, args.direct)
     print(f"run {run}: {len(labels)} queries, K = {ctx.k}, tau = {tau}")
     for name, res in rows.items():
         cells = [f"{removal[:4]} a={alpha:g}: D1 {m['dist1'][0]:5.2f} (by D2 {m['dist1 by dist2'][0]:5.2f}) "

@@ -98,6 +98,12 @@ def _sgd_step(theta: Params, buf: Params | None, grads: tuple[torch.Tensor, ...]
     return new_theta, new_buf
 
 
+def _require_buffer_free(model: nn.Module) -> None:
+    """Replay differentiates through training, where BatchNorm's statistics change at every step: refuse buffers."""
+    if list(model.buffers()):
+        raise ConfigError("replay needs a buffer-free model (GroupNorm, not BatchNorm): use another --model")
+
+
 def replay_metagradients(model: nn.Module, x: torch.Tensor | MappedImages, y: torch.Tensor, tcfg: TrainConfig,
                          seed: int, groups: torch.Tensor, n_groups: int,
                          objectives: Callable[[Params], torch.Tensor], device: torch.device | str = "cpu",
@@ -124,8 +130,7 @@ def replay_metagradients(model: nn.Module, x: torch.Tensor | MappedImages, y: to
     Raises:
         ConfigError: a model with buffers, or group ids that do not match the rows.
     """
-    if list(model.buffers()):
-        raise ConfigError("replay needs a buffer-free model (GroupNorm, not BatchNorm): use another --model")
+    _require_buffer_free(model)
     groups = as_long(groups).cpu()
     if len(groups) != len(y) or (len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= n_groups)):
         raise ConfigError(f"replay: {len(groups)} group ids in 0..{n_groups - 1} are needed for {len(y)} rows")
@@ -229,8 +234,7 @@ def replay_tangents(model: nn.Module, x: torch.Tensor | MappedImages, y: torch.T
     Returns:
         (tangents [K, P] in the model's dtype, replayed theta_tau [P]), flat in ``ParamTable`` order, on CPU.
     """
-    if list(model.buffers()):
-        raise ConfigError("replay needs a buffer-free model (GroupNorm, not BatchNorm): use another --model")
+    _require_buffer_free(model)
     device = torch.device(device)
     model = model.to(device).train()
     dtype = next(model.parameters()).dtype
@@ -251,18 +255,19 @@ def replay_tangents(model: nn.Module, x: torch.Tensor | MappedImages, y: torch.T
             next(it, None)
             xb = xb if xb.dtype == dtype else xb.to(dtype)
 
-            def batch_grad(th: Params, w: torch.Tensor) -> Params:
+            def batch_grad(th: Params, w: torch.Tensor, xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> Params:
                 def loss(p: Params) -> torch.Tensor:
                     return (F.cross_entropy(functional_call(model, p, (xb,)), yb, reduction="none") * w).sum() / len(yb)
                 return grad(loss)(th)
 
             ones = torch.ones(len(yb), dtype=dtype, device=device)
-            g = batch_grad(theta, ones)
             rows_group = groups_dev[rows.to(device)]
             dot = {k: torch.empty_like(v) for k, v in tan.items()}
+            g = None  # the batch gradient itself: every jvp's primal output, kept from the first
             for c in range(n_groups):
-                _, d = jvp(batch_grad, (theta, ones), ({k: v[c] for k, v in tan.items()},
-                                                       (rows_group == c).to(dtype)))
+                primal, d = jvp(batch_grad, (theta, ones), ({k: v[c] for k, v in tan.items()},
+                                                            (rows_group == c).to(dtype)))
+                g = primal if g is None else g
                 for k in dot:
                     dot[k][c] = d[k] + wd * tan[k][c] if wd else d[k]
             with torch.no_grad():
