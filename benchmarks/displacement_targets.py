@@ -124,6 +124,8 @@ def main() -> None:
                     help="rows scoring the objectives at theta_tau + f * D_k (uniform targets, not linearised)")
     ap.add_argument("--exact", action="store_true", help="also the exact first-order removal displacement "
                     "-d theta_tau / d w_k (ddm_hpc.replay.replay_tangents; K jvps per step: GPU-sized)")
+    ap.add_argument("--tangents", type=Path, default=None, help="with --exact: load the tangents from this .pt file "
+                    "if it exists, else save them there after computing them (they are query-independent)")
     ap.add_argument("--per-epoch", action="store_true", help="also one row per single epoch's gradient")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -174,7 +176,12 @@ def main() -> None:
         import time
         t0 = time.perf_counter()
         m0 = load_into(ctx.build_model(), reader.table, reader.flat(0))
-        tangent, theta_r = replay_tangents(m0, x, y, t, cfg.seed, ctx.assignment, ctx.k, show_progress=True)
+        if args.tangents is not None and args.tangents.exists():
+            tangent, theta_r = torch.load(args.tangents)
+        else:
+            tangent, theta_r = replay_tangents(m0, x, y, t, cfg.seed, ctx.assignment, ctx.k, show_progress=True)
+            if args.tangents is not None:
+                torch.save((tangent, theta_r), args.tangents)
         tangent = tangent.double()
         drift = float((theta_r - torch.cat([v.reshape(-1) for v in theta.values()])).abs().max())
         print(f"exact tangents in {time.perf_counter() - t0:.0f} s; replayed theta_tau drift {drift:.1g}")

@@ -12,6 +12,7 @@ oracle and the mean over clusters, and the per-query Spearman correlation betwee
 scores and the exact Dist1 of each removal.
 
     python benchmarks/speedup_vs_retraining.py --quick          # ~5 min on 2 CPU cores
+    python benchmarks/speedup_vs_retraining.py --size eval --method ddm-disp   # displacement matching, ~12 min on 2 CPU cores
     python benchmarks/speedup_vs_retraining.py --size gpu       # one H100/H200 in ~2 min: 8000 images, width 64, K = 50
     python benchmarks/speedup_vs_retraining.py                  # full size (GPU): MNIST 17k, width 128, K = 100
     python benchmarks/speedup_vs_retraining.py --run-dir RUN    # ratios from an evaluated run (evaluation.h5)
@@ -38,6 +39,7 @@ from ddm_hpc.pipeline import run_stages
 from ddm_hpc.retrain import query_probs, retrain_without
 from ddm_hpc.storage import ParamTable, artifact_path
 from ddm_hpc.utils import progress, resolve_device
+from ddm_hpc.variants import displacement_matching
 
 QUICK = {"data": {"n_train": 1000, "n_test": 500}, "model": {"width": 8}, "train": {"epochs": 5},
          "cluster": {"clusters_per_class": 3}, "distill": {"distill_steps": 30, "levels": "cluster"},
@@ -45,6 +47,8 @@ QUICK = {"data": {"n_train": 1000, "n_test": 500}, "model": {"width": 8}, "train
 GPU = {"data": {"n_train": 8000, "n_test": 1000}, "model": {"width": 64}, "train": {"epochs": 15},
        "cluster": {"clusters_per_class": 5}, "distill": {"distill_steps": 50, "levels": "cluster"},
        "attribute": {"n_queries": 20, "search": "flat"}}
+EVAL = {"model": {"width": 16}, "train": {"epochs": 15}, "cluster": {"clusters_per_class": 5},
+        "distill": {"levels": "cluster"}, "attribute": {"n_queries": 20, "search": "flat"}}  # --preset eval's sizes
 FULL = {"data": {"n_train": 0, "n_test": 0}, "model": {"width": 0}, "train": {"epochs": 30},
         "cluster": {"clusters_per_class": 10}, "distill": {"distill_steps": 50, "levels": "cluster"},
         "attribute": {"n_queries": 20, "search": "flat"}}
@@ -69,9 +73,13 @@ def from_run(run_dir: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU size: 1000 MNIST images, width 8, 5 epochs, K = 30")
-    ap.add_argument("--size", choices=("quick", "gpu", "full"), default=None,
-                    help="quick (= --quick), gpu (8000 images, width 64, 15 epochs, K = 50: minutes on one GPU), "
+    ap.add_argument("--size", choices=("quick", "eval", "gpu", "full"), default=None,
+                    help="quick (= --quick), eval (--preset eval: 2000 images, width 16, 15 epochs, K = 50; ~12 min "
+                         "on 2 CPU cores), gpu (8000 images, width 64, 15 epochs, K = 50: minutes on one GPU), "
                          "full (the default: all 17k images, width 128, 30 epochs, K = 100)")
+    ap.add_argument("--method", choices=("ddm", "ddm-disp"), default="ddm",
+                    help="ddm: the default distill and attribute options at that size; ddm-disp: displacement "
+                         "matching as the ddm-disp row of evaluate runs it (Dist1 located by its CE scores)")
     ap.add_argument("--run-dir", type=Path, help="report the ratios of an evaluated run instead of measuring")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--device", default="auto")
@@ -86,7 +94,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     out = args.out or Path(tempfile.mkdtemp(prefix="ddm_speedup_"))
     size = args.size or ("quick" if args.quick else "full")
-    d = merge(Config().to_dict(), {"quick": QUICK, "gpu": GPU, "full": FULL}[size])
+    d = merge(Config().to_dict(), {"quick": QUICK, "eval": EVAL, "gpu": GPU, "full": FULL}[size])
+    if args.method == "ddm-disp":
+        d = merge(d, displacement_matching().overrides)
     d["data"]["data_root"] = args.data_root
     d["runtime"].update(out=str(out), device=args.device, progress=False, overwrite=True)
     cfg = Config.from_dict(d)
@@ -100,7 +110,7 @@ def main() -> None:
         k = len(f["clusters/class"])
     with h5py.File(artifact_path(out, "attribute"), "r") as f:
         online = float(f.attrs["seconds_flat"])
-        d1_scores = f["objectives/dist1/scores"][()]
+        d1_scores = f[f"objectives/{'dist2' if args.method == 'ddm-disp' else 'dist1'}/scores"][()]
         qpos = torch.from_numpy(f["query_position"][()])
         base = torch.from_numpy(f["base_probs"][()])
     bundle = load_data(cfg)
@@ -123,10 +133,12 @@ def main() -> None:
     offline = timings["distill"]
     print(f"size: {len(bundle.y_train)} train images, K = {k} clusters, {cfg.train.epochs} epochs, "
           f"{len(pick)} queries")
-    print(f"train {timings['train']:.1f} s, cluster {timings['cluster']:.1f} s, distill (offline) {offline:.1f} s, "
-          f"attribute (online, K fine-tunings) {online:.1f} s")
+    print(f"method {args.method}: train {timings['train']:.1f} s, cluster {timings['cluster']:.1f} s, distill "
+          f"(offline) {offline:.1f} s = {offline / timings['train']:.2f} trainings, attribute (online, K "
+          f"fine-tunings) {online:.1f} s")
     print(f"exact leave-one-out retraining of K = {k} clusters: {exact_s:.1f} s ({exact_s / k:.2f} s each)")
-    print(f"speedup online: {exact_s / online:.1f}x; offline + online: {exact_s / (offline + online):.2f}x")
+    print(f"speedup online: {exact_s / online:.1f}x (online = {online / exact_s:.4f} of exact); offline + online: "
+          f"{exact_s / (offline + online):.2f}x")
     print(f"located Dist1 x100: DDM {located:.2f}, oracle {oracle:.2f}, mean over clusters {mean:.2f}; "
           f"Spearman(DDM dist1 scores, exact Dist1) per query: mean {float(torch.nanmean(rho)):+.3f}")
 

@@ -201,6 +201,11 @@ class DistillConfig:
         "step of rate lr reproduces it: use with --finetune-scale uniform --finetune-steps 1)", added=True))
     optimizer: str = field(default="sgd", metadata=_help(
         "synset optimizer: sgd (momentum --img-momentum; DC) or adam (rates --lr-img and --lr-label)", added=True))
+    layer_rates: bool = field(default=False, metadata=_help(
+        "--target displacement only: after matching, give each synset one fine-tune rate per parameter tensor, "
+        "fitted in closed form to its target (the synset's steps are too short on the classifier layer); stored "
+        "in synsets.h5, used by the one-step fine-tune; the reported losses are those left at these rates",
+        added=True))
 
     def __post_init__(self) -> None:
         _choice(self, "method", ("ddm", "ddm-match"))
@@ -209,6 +214,9 @@ class DistillConfig:
         if self.target == "displacement" and self.method != "ddm":
             raise ConfigError(f"--target displacement reverses a group's contribution (--method ddm), not with "
                               f"--method {self.method}: pass --method ddm or --target pairs")
+        if self.layer_rates and self.target != "displacement":
+            raise ConfigError("--layer-rates fits each synset's fine-tune rates to its displacement target: pass "
+                              "--target displacement, or --no-layer-rates")
         _choice(self, "pairing", ("auto", "reverse", "alg1", "same"))
         _choice(self, "distance", ("cos", "mse"))
         _choice(self, "init", ("real", "noise"))
@@ -322,7 +330,7 @@ class AttributeConfig:
 # The default of --methods: every built-in method, in the registry's order (ddm_hpc.methods; a test checks they
 # agree). Spelled out because it enters the evaluate stage key: a default that followed the registry would turn
 # every evaluated run stale when a method is added.
-DEFAULT_METHODS = "random,predict,clustering,ddm-seq,ddm-match,ddm,ddm-soft,tracin,trak"
+DEFAULT_METHODS = "random,predict,clustering,ddm-seq,ddm-match,ddm,ddm-paper,ddm-soft,ddm-disp,tracin,trak"
 
 
 @dataclass

@@ -46,6 +46,7 @@ Room: a stage (imports ``config``, ``context``, ``launch``, ``models``, ``storag
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -89,6 +90,7 @@ class Synset:
     grad_norm_real: np.ndarray  # float32 [G] |grad L(theta_t; D_k)| on the evaluation pairs (mean)
     grad_norm_syn: np.ndarray  # float32 [G] |grad L(theta'; S_k)| for the final synset (mean)
     size: np.ndarray  # int64 [G] training rows in each group
+    layer_rates: np.ndarray | None = None  # float32 [G, n_tensors] (--layer-rates): each tensor's fine-tune rate
 
 
 def group_members(groups: torch.Tensor, n_groups: int, ids: torch.Tensor | None = None
@@ -258,15 +260,16 @@ class Matcher:
         self.target_norm2 = _group_norm(self.targets).square().clamp(min=1e-30)
 
     def losses(self, images: list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], pair: tuple[int, int],
-               gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool
+               gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool, rated: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """At one trajectory pair: (matching loss [G], |real grad| [G], |syn grad| [G]).
 
         ``images``: one tensor [ipc, C, H, W] per group; ``labels``: int64 [G, ipc] hard labels, or one
         float tensor [ipc, L] of soft labels per group; ``gen``: one generator per group;
         ``chunk``: groups per block (the first block starts at the first group). If ``backward``,
-        accumulates d loss / d images. Norms are over all parameters. The three tensors stay on the device:
-        nothing here waits for the GPU.
+        accumulates d loss / d images. ``rated`` (displacement only): the loss left when every parameter tensor
+        steps at its best rate (:meth:`layer_rates`), not at rate 1. Norms are over all parameters. The three
+        tensors stay on the device: nothing here waits for the GPU.
         """
         t_real, t_syn = pair
         fixed = self.targets is not None
@@ -289,7 +292,9 @@ class Matcher:
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
             syn = per_group_grads(self.model, p_syn, syn_x, lab, ones, buffers=self.reader.buffers(t_syn))
-            if fixed:  # relative L2 over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2
+            if fixed and rated:  # each tensor at its best rate (--layer-rates): what it leaves of |T_k|^2
+                loss = 1.0 - explained(syn, real) / self.target_norm2[g0:g1]
+            elif fixed:  # relative L2 over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2
                 loss = matching_loss(real, syn, sign=-1.0, include_1d=True, distance="mse",
                                      backend=self.kernel) / self.target_norm2[g0:g1]
             else:
@@ -301,6 +306,38 @@ class Matcher:
             real_norm.append(_group_norm(real))
             syn_norm.append(_group_norm([g.detach() for g in syn]))
         return torch.cat(out).float(), torch.cat(real_norm), torch.cat(syn_norm)
+
+    def layer_rates(self, images: list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], chunk: int
+                    ) -> torch.Tensor:
+        """``--layer-rates``: float32 [G, n_tensors], per group and parameter tensor l, the rate
+        a_l = max(0, <-grad_l L(theta_tau; S_k), T_k,l>) / |grad_l L(theta_tau; S_k)|^2 that brings the synset's
+        step closest to the target (0 where they point apart), in ``params`` order."""
+        theta = {k: v.detach() for k, v in self.reader.params(self.reader.tau).items()}
+        out = []
+        for g0 in range(0, self.n_groups, chunk):
+            g1 = min(g0 + chunk, self.n_groups)
+            syn_x = torch.stack([im.detach() for im in images[g0:g1]])
+            lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
+            with torch.no_grad():
+                syn = per_group_grads(self.model, theta, syn_x, lab, torch.ones(syn_x.shape[:2], device=self.device),
+                                      buffers=self.reader.buffers(self.reader.tau))
+            dots, norms = _tensor_dots(syn, [v[g0:g1] for v in self.targets])
+            out.append((dots.clamp(min=0) / norms.clamp(min=1e-30)).T)
+        return torch.cat(out).float()
+
+
+def _tensor_dots(syn: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per parameter tensor and group, (<-syn, target>, |syn|^2): two [n_tensors, G] tensors."""
+    flat = lambda v: v.reshape(len(v), -1)  # noqa: E731
+    dots = torch.stack([-(flat(s) * flat(t)).sum(1) for s, t in zip(syn, target)])
+    return dots, torch.stack([flat(s).pow(2).sum(1) for s in syn])
+
+
+def explained(syn: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
+    """[G]: how much of |T_k|^2 the synset's step explains when every tensor takes its best rate,
+    sum_l max(0, <-g_l, T_l>)^2 / |g_l|^2 (the relative L2 at those rates is 1 - this / |T_k|^2)."""
+    dots, norms = _tensor_dots(syn, target)
+    return (dots.clamp(min=0).square() / norms.clamp(min=1e-30)).sum(0)
 
 
 def contribution_per_row(train: TrainConfig, tau: int) -> float:
@@ -396,7 +433,8 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         gen = [generator(seed, 32, k) for k in ids]
         with torch.no_grad():
             labels = label_fn()
-        parts = [matcher.losses(images, labels, p, gen, chunk, backward=False) for p in eval_pairs]
+        parts = [matcher.losses(images, labels, p, gen, chunk, backward=False, rated=dcfg.layer_rates)
+                 for p in eval_pairs]
         return tuple(torch.stack(x).mean(0).cpu().numpy() for x in zip(*parts))
 
     init_loss, _, _ = evaluate()
@@ -417,10 +455,11 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
     per_group = (torch.stack(history, 1).cpu() if history else torch.zeros(n_groups, 0)).numpy().astype(np.float32)
     with torch.no_grad():
         targets = torch.stack(label_fn()) if dcfg.syn_labels == "learn" else F.one_hot(hard, n_cls).float()
+        rates = matcher.layer_rates(images, label_fn(), chunk).cpu().numpy() if dcfg.layer_rates else None
     return Synset(matcher.group_ids.clone(), torch.stack([im.detach().cpu() for im in images]), hard.cpu(),
                   targets.cpu(), gclass.clone(), loss_history_of(per_group), per_group, init_loss.astype(np.float32),
                   final_loss.astype(np.float32), real_norm.astype(np.float32), syn_norm.astype(np.float32),
-                  matcher.sizes.numpy())
+                  matcher.sizes.numpy(), rates)
 
 
 def loss_history_of(group_history: np.ndarray) -> np.ndarray:
@@ -501,6 +540,8 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
                     f"{level}/final_loss": s.final_loss, f"{level}/grad_norm_real": s.grad_norm_real,
                     f"{level}/grad_norm_syn": s.grad_norm_syn, f"{level}/size": s.size,
                     f"{level}/seconds": np.float64(seconds)})
+        if s.layer_rates is not None:
+            out[f"{level}/layer_rates"] = s.layer_rates
     return out
 
 
@@ -522,7 +563,7 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
                     raise StageError(f"distill shards cover groups {ids.tolist()[:10]}... of level {level}, not "
                                      f"0..{n - 1} once each: rerun with --overwrite")
                 g = out.create_group(level)
-                for name in SYNSET_DATASETS:
+                for name in SYNSET_DATASETS + (("layer_rates",) if cfg.distill.layer_rates else ()):
                     create_dataset(g, name, data=np.concatenate([p[name][()] for p in parts]))
                 history = np.concatenate([p["group_history"][()] for p in parts])
                 create_dataset(g, "loss_history", data=loss_history_of(history))
@@ -535,6 +576,8 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
             out.attrs["syn_labels"] = cfg.distill.syn_labels
             out.attrs["unlearn_direction"] = cfg.distill.unlearn_direction
             out.attrs["target"] = cfg.distill.target
+            if cfg.distill.layer_rates:  # the tensors the rates' columns follow
+                out.attrs["layer_rate_names"] = json.dumps(RunContext(cfg, bundle).trajectory().table.names)
             out.attrs["n_shards"] = len(paths)
             write_provenance(out, cfg, "distill", shard_seconds + time.perf_counter() - t0)
     finally:

@@ -44,11 +44,11 @@ from ddm_hpc.launch import run_sharded, shard_key, shard_range
 from ddm_hpc.methods import REGISTRY, MethodResult, resolve, score_methods
 from ddm_hpc.metrics import (METRICS, gt_objectives, located_clusters, located_values, mean_sem, oracle_values,
                              predicted_subset_effect, random_subset_masks, spearman)
-from ddm_hpc.report import method_label, method_order, write_report
+from ddm_hpc.report import FROM_THETA_0, method_label, method_order, write_report
 from ddm_hpc.retrain import GroundTruth, fill_ground_truth, query_probs, retrain_without
 from ddm_hpc.storage import (ParamTable, artifact_path, atomic_h5, create_dataset, intact, open_read, read_attrs,
                              upstream_uids, verify, write_provenance)
-from ddm_hpc.unlearn import unlearn_all_accuracy
+from ddm_hpc.unlearn import train_all_accuracy, unlearn_all_accuracy
 from ddm_hpc.utils import generator, progress
 from ddm_hpc.variants import Variant
 
@@ -334,7 +334,8 @@ def protocol_reference(r: Retrained, labels: torch.Tensor, cfg: Config) -> dict[
 
 def table4(ctx: RunContext, results: dict[str, MethodResult]) -> dict[str, float]:
     """Paper Table 4: test accuracy of theta_0, theta_tau, theta_tau fine-tuned on all of this run's synsets (DDM),
-    and on all synsets of each scored method that declares a Table 4 column."""
+    and on all synsets of each scored method that declares a Table 4 column; for forward-matched synsets also
+    theta_0 *trained* on all of them (``<name>/from theta_0``: the paper's protocol for DDM-match)."""
     with open_read(artifact_path(ctx.run_dir, "train")) as f:
         accs = f["trajectory/test_accuracy"][()]
     out = {"theta_0": float(accs[0]), "theta_tau": float(accs[-1]), "ddm": unlearn_all_accuracy(ctx)}
@@ -342,6 +343,8 @@ def table4(ctx: RunContext, results: dict[str, MethodResult]) -> dict[str, float
         if name != "ddm" and REGISTRY[name].table4:
             synsets = RunContext(REGISTRY[name].synset_run(ctx.cfg), ctx.bundle, ctx.device)
             out[name] = unlearn_all_accuracy(ctx, synsets)
+            if synsets.cfg.distill.method == "ddm-match":
+                out[f"{name}/{FROM_THETA_0}"] = train_all_accuracy(ctx, synsets)
     return out
 
 

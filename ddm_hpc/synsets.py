@@ -5,6 +5,7 @@ diagnose read it through here).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class SynsetLevel:
     size: torch.Tensor  # int64 [G]
     unlearn_direction: float  # +1 descent (ddm), -1 ascent (ddm-match)
     targets: torch.Tensor | None = None  # float32 [G, ipc, L] learned soft labels (None: train on ``labels``)
+    layer_rates: torch.Tensor | None = None  # float32 [G, n_tensors] (--layer-rates), columns ``rate_names``
+    rate_names: tuple[str, ...] = ()  # the parameter tensors of the rates' columns
 
     @property
     def train_targets(self) -> torch.Tensor:
@@ -40,7 +43,8 @@ class SynsetLevel:
     def subset(self, ids: torch.Tensor) -> SynsetLevel:
         return SynsetLevel(self.images[ids], self.labels[ids], self.group_class[ids], self.grad_norm_real[ids],
                            self.grad_norm_syn[ids], self.size[ids], self.unlearn_direction,
-                           None if self.targets is None else self.targets[ids])
+                           None if self.targets is None else self.targets[ids],
+                           None if self.layer_rates is None else self.layer_rates[ids], self.rate_names)
 
 
 def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
@@ -53,8 +57,10 @@ def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
         out = SynsetLevel(*(torch.from_numpy(g[k][()]) for k in ("images", "labels", "group_class",
                                                                   "grad_norm_real", "grad_norm_syn", "size")),
                           unlearn_direction=float(f.attrs["unlearn_direction"]),
-                          targets=torch.from_numpy(g["targets"][()]) if learned else None)
-    for name in ("images", "grad_norm_real", "grad_norm_syn", "targets"):
+                          targets=torch.from_numpy(g["targets"][()]) if learned else None,
+                          layer_rates=torch.from_numpy(g["layer_rates"][()]) if "layer_rates" in g else None,
+                          rate_names=tuple(json.loads(f.attrs["layer_rate_names"])) if "layer_rates" in g else ())
+    for name in ("images", "grad_norm_real", "grad_norm_syn", "targets", "layer_rates"):
         t = getattr(out, name)
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise StageError(f"{artifact_path(run_dir, 'distill')}: {level} {name} hold NaN/inf, so the file is "

@@ -15,6 +15,7 @@ Room: imports ``config``, ``context``, ``models`` and ``synsets``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from torch.func import grad, vmap
 
 from ddm_hpc.config import FINETUNE_BLOCK, TrainConfig
 from ddm_hpc.context import RunContext
+from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.models import forward_with
 from ddm_hpc.synsets import SynsetLevel, read_synsets
 from ddm_hpc.utils import memory_budget_bytes, progress
@@ -155,6 +157,61 @@ def finetune_many(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch
     return torch.cat(outs)
 
 
+def step_with_rates(model: nn.Module, theta: dict[str, torch.Tensor], syn_x: torch.Tensor, syn_y: torch.Tensor,
+                    removed: torch.Tensor, rates: torch.Tensor, rate_names: tuple[str, ...], lr: float,
+                    direction: float, eval_x: torch.Tensor, chunk: int, device: torch.device,
+                    desc: str = "fine-tune", show_progress: bool = True,
+                    buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One fine-tune step per model in which each removed group's synset steps every parameter tensor at its own
+    rate (``--layer-rates``): theta_m = theta - direction lr sum_k removed[m, k] rates[k, l] grad_l L(theta; S_k),
+    L the mean CE over the group's images, every gradient at ``theta``. With all rates 1 this is one step of
+    :func:`finetune_many`.
+
+    Args:
+        syn_x: float32 [G, ipc, C, H, W]; syn_y: int64 [G, ipc] or float32 [G, ipc, L] soft labels.
+        removed: float32 [M, G] each removed group's loss weight per model (0: kept).
+        rates: float32 [G, n_tensors], columns ``rate_names`` (every parameter of ``theta``, any order).
+        chunk: models per block; only the groups a block removes have their gradients computed.
+
+    Returns:
+        float32 [M, E, L] softmax probabilities on CPU.
+    """
+    if sorted(rate_names) != sorted(theta):
+        raise StageError(f"synsets.h5's layer rates are for the tensors {list(rate_names)}, not this model's "
+                         f"{list(theta)}: rerun distill with --overwrite")
+    theta = {k: v.detach().to(device) for k, v in theta.items()}
+    buffers = {k: v.to(device) for k, v in (buffers or {}).items()}
+    col = {name: i for i, name in enumerate(rate_names)}
+
+    def loss(p, xb, yb):
+        return F.cross_entropy(forward_with(model, p, xb, buffers), yb)
+
+    group_grad = vmap(grad(loss), in_dims=(None, 0, 0))
+    if device.type == "cpu":  # vmap over parameters turns convolutions into grouped ones: ~3x slower on CPU
+        def eval_fn(p, x):
+            return torch.stack([forward_with(model, {k: v[m] for k, v in p.items()}, x, buffers)
+                                for m in range(len(next(iter(p.values()))))])
+    else:
+        eval_fn = vmap(lambda p, x: forward_with(model, p, x, buffers), in_dims=(0, None))
+    outs = []
+    for m0 in progress(range(0, len(removed), chunk), desc, show_progress):
+        w = removed[m0:m0 + chunk].to(device)
+        used = torch.nonzero(w.sum(0) != 0)[:, 0]
+        step = {k: torch.zeros(len(w), *v.shape, device=device) for k, v in theta.items()}
+        for g0 in range(0, len(used), chunk):
+            ids = used[g0:g0 + chunk]
+            g = group_grad(theta, syn_x[ids.cpu()].to(device), syn_y[ids.cpu()].to(device))
+            r = rates[ids.cpu()].to(device)
+            for k in step:
+                scaled = (g[k] * r[:, col[k]].reshape(-1, *[1] * (g[k].dim() - 1))).reshape(len(ids), -1)
+                step[k] += (w[:, ids] @ scaled).reshape(step[k].shape)
+        params = {k: v[None] - (direction * lr) * step[k] for k, v in theta.items()}
+        with torch.no_grad():
+            logits = torch.cat([eval_fn(params, eval_x[e:e + 256].to(device)) for e in range(0, len(eval_x), 256)], 1)
+        outs.append(logits.softmax(-1).float().cpu())
+    return torch.cat(outs)
+
+
 @dataclass
 class Unlearner:
     """Removes groups from theta_tau by fine-tuning on their synsets, with steps, rate and weights resolved once.
@@ -206,6 +263,15 @@ class Unlearner:
         (0: ``batch_models``).
         """
         ipc = level.images.shape[1]
+        if level.layer_rates is not None:
+            if self.steps != 1:
+                raise ConfigError(f"synsets with layer rates (--layer-rates) are removed by one fine-tune step, not "
+                                  f"{self.steps}: pass --finetune-steps 1")
+            removed = (perturbations[rows] == 0).float() * self.weights(level).float()[None, :]
+            return step_with_rates(self.model, self.theta, level.images, level.train_targets, removed,
+                                   level.layer_rates, level.rate_names, self.lr, level.unlearn_direction, eval_x,
+                                   chunk or self.batch_models or FINETUNE_BLOCK, self.device, desc,
+                                   self.show_progress, self.buffers)
         spec = removal_spec(perturbations[rows], ipc, self.weights(level), removal_width(perturbations, ipc))
         chunk = chunk or self.batch_models or min(FINETUNE_BLOCK, auto_chunk(
             self.model, sum(v.numel() for v in self.theta.values()),
@@ -236,5 +302,18 @@ def unlearn_all_accuracy(ctx: RunContext, synsets: RunContext | None = None) -> 
     return float((probs[0].argmax(1) == ctx.bundle.y_test).float().mean())
 
 
-__all__ = ["Unlearner", "FinetuneSpec", "removal_spec", "removal_width", "group_weights", "finetune_many", "auto_chunk",
-           "unlearn_all_accuracy"]
+def train_all_accuracy(ctx: RunContext, synsets: RunContext) -> float:
+    """Test accuracy of theta_0 *trained* on all of ``synsets``' cluster synsets: Table 4's protocol for forward-
+    matched synsets (DDM-match), which the paper trains from theta_0 (their Acc(theta_tau) column) instead of
+    unlearning from theta_tau. Descent with the attribute stage's steps, rate and weights (of ``synsets``' config)."""
+    level = dataclasses.replace(read_synsets(synsets.run_dir, "cluster"), unlearn_direction=1.0)
+    unlearner = Unlearner.of_run(RunContext(synsets.cfg, ctx.bundle, ctx.device))
+    reader = ctx.trajectory(ctx.device)
+    unlearner = dataclasses.replace(unlearner, theta=reader.params(0), buffers=reader.buffers(0))
+    probs = unlearner.unlearn(level, torch.zeros(1, len(level.size)), ctx.bundle.x_test, desc="train on all", chunk=1)
+    return float((probs[0].argmax(1) == ctx.bundle.y_test).float().mean())
+
+
+__all__ = ["Unlearner", "FinetuneSpec", "removal_spec", "removal_width", "group_weights", "finetune_many",
+           "step_with_rates", "auto_chunk",
+           "unlearn_all_accuracy", "train_all_accuracy"]

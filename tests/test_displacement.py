@@ -119,3 +119,109 @@ def test_paper_preset_is_the_papers_method():
     assert (cfg.attribute.perturbation, cfg.attribute.perturbation_count(100), cfg.attribute.finetune_scale) == (
         "random", 100, "uniform")
     assert (cfg.distill.target, cfg.distill.syn_labels, cfg.distill.ipc) == ("pairs", "hard", 1)
+
+
+def test_paper_row_is_the_papers_method_whatever_the_run():
+    """``ddm-paper`` (a default evaluate row) distils and attributes as ``--preset paper`` does, on this run's
+    trajectory, even when the run itself uses displacement matching, learned labels and other fine-tune options."""
+    from ddm_hpc.config import DEFAULT_METHODS, PRESETS, merge
+    from ddm_hpc.methods import REGISTRY
+    from ddm_hpc.variants import paper_method
+    run = Config.from_dict(merge(Config().to_dict(), {
+        "train": {"epochs": 7, "lr": 0.05},
+        "distill": {"target": "displacement", "syn_labels": "learn", "ipc": 10, "optimizer": "adam",
+                    "distill_steps": 3, "pairing": "reverse"},
+        "attribute": {"finetune_scale": "uniform", "finetune_steps": 1, "n_queries": 7, "beta": "uniform"},
+        "runtime": {"out": "/tmp/somewhere"}}))
+    assert {"ddm-paper", "ddm-disp"} <= set(DEFAULT_METHODS.split(",")) and "ddm-paper" in REGISTRY
+    v = paper_method().config(run)
+    paper = Config.from_dict(merge(Config().to_dict(), PRESETS["paper"]()))
+    check(v)
+    assert (v.distill.method, v.distill.target, v.distill.syn_labels, v.distill.ipc, v.distill.optimizer) == (
+        "ddm", "pairs", "hard", 1, "sgd")
+    assert (v.distill.resolved_pairing(), v.distill.step_length, v.distill.distill_steps, v.distill.lr_img) == (
+        "alg1", 4, paper.distill.distill_steps, paper.distill.lr_img)
+    a = v.attribute
+    assert (a.perturbation, a.perturbation_count(50), a.finetune_scale, a.finetune_steps, a.beta) == (
+        "random", 50, "uniform", 0, paper.attribute.beta)
+    assert (v.train, a.n_queries, v.distill.levels, a.search) == (run.train, 7, "cluster", "flat")  # this run's
+    assert v.runtime.out == "/tmp/somewhere/variants/ddm-paper"
+
+
+def _rated_synsets(layer_rates: bool = True):
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    dcfg = DistillConfig(target="displacement", syn_labels="learn", ipc=3, optimizer="adam", lr_img=0.05,
+                         lr_label=0.3, distill_steps=10, batch_real=16, group_chunk=2, layer_rates=layer_rates)
+    per_row = contribution_per_row(tcfg, reader.tau)
+    syn = distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
+                         torch.device("cpu"), show_progress=False, per_row=per_row)
+    m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
+    m.set_displacement_targets(per_row)
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    g = per_group_grads(_model(), theta, syn.images, syn.targets, torch.ones(6, 3), "loop")
+    return syn, m, theta, g, tcfg
+
+
+def test_layer_rates_are_the_best_rate_of_each_tensor():
+    """``--layer-rates``: the images are those of the plain displacement matching (same steps, same loss); each
+    tensor's stored rate minimises |a_l g_l + T_l|^2 (checked against rates moved either way), and the reported
+    final loss is the relative L2 left at those rates, recomputed here, below the rate-1 loss."""
+    syn, m, theta, g, _ = _rated_synsets()
+    plain = _rated_synsets(layer_rates=False)[0]
+    assert torch.equal(plain.images, syn.images) and plain.layer_rates is None
+    rates = torch.from_numpy(syn.layer_rates).double()
+    assert rates.shape == (6, len(theta)) and (rates >= 0).all()
+
+    def rel_l2(r):
+        return sum((r[:, i].reshape(-1, *[1] * (a.dim() - 1)) * a.double() + t.double()).reshape(6, -1).pow(2).sum(1)
+                   for i, (a, t) in enumerate(zip(g, m.targets))) / m.target_norm2.double()
+
+    best = rel_l2(rates)
+    np.testing.assert_allclose(best.numpy(), syn.final_loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rel_l2(torch.ones_like(rates)).numpy(), plain.final_loss, rtol=1e-4, atol=1e-6)
+    assert (torch.from_numpy(syn.final_loss) < torch.from_numpy(plain.final_loss)).all()
+    for i in range(rates.shape[1]):
+        for d in (0.9, 1.1):
+            moved = rates.clone()
+            moved[:, i] *= d
+            assert (rel_l2(moved) >= best - 1e-12).all()
+
+
+def test_one_step_with_layer_rates_is_the_scaled_sum_of_the_synset_steps():
+    """The online step of ``--layer-rates`` synsets: at rates 1 it is one step of ``finetune_many``; at the
+    stored rates, theta_tau - lr sum_k w_mk a_kl grad_l L(theta_tau; S_k), recomputed from the synsets' gradients,
+    for one removed group per model (loo) and for several."""
+    from torch.func import functional_call
+    from ddm_hpc.unlearn import finetune_many, removal_spec, step_with_rates
+    syn, _, theta, g, tcfg = _rated_synsets()
+    model, names = _model(), tuple(theta)
+    eval_x = _data()[0][:11]
+    pert = torch.ones(8, 6)
+    pert[torch.arange(6), torch.arange(6)] = 0  # loo
+    pert[6, :3] = 0
+    pert[7] = 0  # everything removed
+    removed = (pert == 0).float() * 2.0
+    ones = torch.ones(6, len(names))
+    got = step_with_rates(model, theta, syn.images, syn.targets, removed, ones, names, tcfg.lr, 1.0, eval_x, 3,
+                          torch.device("cpu"), show_progress=False)
+    spec = removal_spec(pert, 3, torch.full((6,), 2.0))
+    want = finetune_many(model, theta, syn.images.reshape(-1, 1, 8, 8), syn.targets.reshape(18, -1), spec, 1,
+                         tcfg.lr, 1.0, eval_x, 4, torch.device("cpu"), show_progress=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    rates = torch.from_numpy(syn.layer_rates)
+    got = step_with_rates(model, theta, syn.images, syn.targets, removed, rates[:, [1, 0, *range(2, len(names))]],
+                          (names[1], names[0], *names[2:]), tcfg.lr, 1.0, eval_x, 5, torch.device("cpu"),
+                          show_progress=False)  # columns in another order than the model's: read by name
+    for m in range(8):
+        p = {n: theta[n] - tcfg.lr * sum(removed[m, k] * rates[k, i] * g[i][k] for k in range(6))
+             for i, n in enumerate(names)}
+        torch.testing.assert_close(got[m], functional_call(model, p, (eval_x,)).softmax(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_rates_need_the_displacement_target():
+    with pytest.raises(ConfigError, match="--layer-rates .* --target displacement"):
+        DistillConfig(layer_rates=True)
+    from ddm_hpc.config import _key_dict
+    assert "layer_rates" not in _key_dict(DistillConfig(target="displacement"))

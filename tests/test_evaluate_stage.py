@@ -94,8 +94,28 @@ def test_metrics_recompute_from_the_file(evaluated):
         # oracle bounds every method's located Dist1
         for name in f["methods"]:
             assert f["methods"][name].attrs["dist1"] <= ref["oracle/dist1"] + 1e-6
-        t4 = f["table4"].attrs
-        assert 0 <= t4["theta_0"] <= 1 and 0 <= t4["ddm"] <= 1 and "ddm-match" in t4
+        t4 = dict(f["table4"].attrs)
+    assert 0 <= t4["theta_0"] <= 1 and 0 <= t4["ddm"] <= 1 and "ddm-match" in t4
+    assert set(t4) == {"theta_0", "theta_tau", "ddm", "ddm-match", "ddm-match/from theta_0", "ddm-soft"}
+    # the paper's protocol for DDM-match: theta_0 trained (descent, the attribute stage's T, rate and weights) on
+    # all of its synsets, recomputed here with finetune_many from theta_0
+    from ddm_hpc.synsets import read_synsets
+    from ddm_hpc.unlearn import Unlearner, finetune_many, removal_spec
+    match = evaluated / "variants" / "ddm-match"
+    cfg = Config.from_dict({**json.loads((match / "config.json").read_text()),
+                            "runtime": {"out": str(match), "progress": False}})
+    ctx = RunContext(cfg)
+    level, u = read_synsets(ctx.run_dir, "cluster"), Unlearner.of_run(ctx)
+    reader = ctx.trajectory()
+    ipc = level.images.shape[1]
+    spec = removal_spec(torch.zeros(1, len(level.size)), ipc, u.weights(level))
+    probs = finetune_many(u.model, reader.params(0), level.images.reshape(-1, *level.images.shape[2:]),
+                          level.flat_targets(), spec, u.steps, u.lr, 1.0, ctx.bundle.x_test, 1, torch.device("cpu"),
+                          show_progress=False)
+    assert level.unlearn_direction == -1.0 and u.steps > 1
+    assert t4["ddm-match/from theta_0"] == pytest.approx(float((probs[0].argmax(1) == ctx.bundle.y_test).float().mean()))
+    text = (evaluated / "report.md").read_text()
+    assert "DDM-match: theta_0 trained on all synsets (the paper's Table 4)" in text
 
 
 def test_report_tables_and_plots(evaluated):
@@ -372,9 +392,9 @@ def test_hierarchical_row_locates_the_searchs_pick(protocols):
 
 
 def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monkeypatch):
-    """``ddm-disp``: its variant distils --target displacement synsets and fine-tunes one unweighted step of rate lr
-    per cluster; its Dist2 scores are the CE change at theta_tau - lr grad L(theta_tau; S_k) (recomputed here from
-    the synsets), and they also locate its Dist1."""
+    """``ddm-disp``: its variant distils --target displacement synsets with per-tensor rates a_k and fine-tunes one
+    unweighted step of rate lr per cluster; its Dist2 scores are the CE change at theta_tau - lr a_k * grad
+    L(theta_tau; S_k) (recomputed here from the synsets and their stored rates), and they also locate its Dist1."""
     from torch.func import functional_call
 
     from ddm_hpc import variants
@@ -393,6 +413,7 @@ def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monke
     with h5py.File(out / "synsets.h5") as f:
         assert f.attrs["target"] == "displacement"
         images, targets = torch.from_numpy(f["cluster/images"][()]), torch.from_numpy(f["cluster/targets"][()])
+        rates, names = torch.from_numpy(f["cluster/layer_rates"][()]), json.loads(f.attrs["layer_rate_names"])
     reader = TrajectoryReader.of_run(evaluated)
     theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
     model = ctx.build_model().eval()
@@ -404,7 +425,8 @@ def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monke
         p = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
         loss = F.cross_entropy(functional_call(model, p, (images[k],)), targets[k])
         g = torch.autograd.grad(loss, list(p.values()))
-        stepped = {n: v.detach() - cfg.train.lr * gi for (n, v), gi in zip(p.items(), g)}
+        stepped = {n: v.detach() - cfg.train.lr * rates[k, names.index(n)] * gi for (n, v), gi in zip(p.items(), g)}
         with torch.no_grad():
             want.append(F.cross_entropy(functional_call(model, stepped, (xq,)), yq, reduction="none") - base)
     torch.testing.assert_close(res.scores, torch.stack(want, 1), rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(rates, torch.ones_like(rates), atol=0.05)  # the rates matter to this check

@@ -3,6 +3,9 @@
   ddm         this run's ``attribution.h5`` (flat search), one score matrix per objective.
   ddm-match   the same pipeline with forward gradient matching, run in ``RUN/variants/ddm-match``
               on this run's train.h5 and clusters.h5.
+  ddm-paper   the paper's method (``--preset paper``'s distill and attribute options, every other distill
+              option at its default) in ``RUN/variants/ddm-paper`` on this run's train.h5 and clusters.h5,
+              whatever this run's own options: the paper-literal row, always in the table.
   ddm-soft    reverse matching with learned soft labels (``--syn-labels learn``; not in the paper), run
               in ``RUN/variants/ddm-soft`` on this run's train.h5 and clusters.h5.
   ddm-seq     "DDM w/o cluster": clusters by sequence number (``RUN/variants/ddm-seq``, on this
@@ -10,8 +13,8 @@
               each sequential cluster's members and summed per k-means cluster.
   ddm-disp    displacement matching (``--target displacement``, not in the paper), run in ``RUN/variants/ddm-disp``
               on this run's train.h5 and clusters.h5: each synset's gradient at theta_tau matched to its
-              cluster's whole training contribution, removed by one fine-tune step; Dist1 located by its
-              Dist2 (CE) scores.
+              cluster's whole training contribution, removed by one fine-tune step at per-tensor rates
+              fitted to it (``--layer-rates``); Dist1 located by its Dist2 (CE) scores.
   ddm-hier    this run's class-first hierarchical search (Eq. 11): Dist1/2/3 locate the cluster it
               picks inside the class it picks; its LDS reads the class scores spread evenly over each
               class's clusters (the search has no score for clusters outside the chosen class).
@@ -32,7 +35,8 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.methods.base import AttributionMethod, MethodResult
 from ddm_hpc.storage import artifact_path, open_read, read_attrs
-from ddm_hpc.variants import Variant, displacement_matching, forward_matching, learned_labels, sequential_clusters
+from ddm_hpc.variants import (Variant, displacement_matching, forward_matching, learned_labels, paper_method,
+                              sequential_clusters)
 
 
 def read_ddm_scores(run_dir: Path, note: str, dist1_by: str = "dist1") -> MethodResult:
@@ -119,6 +123,15 @@ class DDM(AttributionMethod, name="ddm", label="DDM-full (reverse GM)", help="th
         return read_ddm_scores(ctx.run_dir, "this run (reverse gradient matching)")
 
 
+class DDMPaper(_VariantDDM, name="ddm-paper", label="DDM-full, the paper's settings",
+               help="the paper's DDM (--preset paper's distill and attribute options) on this run's trajectory"):
+    note = ("the paper's method on this run's trajectory and clusters: reverse matching, hard labels, ipc 1, "
+            "Alg. 1 pairing (step 4), random perturbations |P| = K, uniform weights")
+
+    def variant(self) -> Variant:
+        return paper_method()
+
+
 class DDMSoft(_VariantDDM, name="ddm-soft", label="DDM-full + learned labels",
               help="this run's reverse matching with --syn-labels learn", scatter=True, heatmap=True,
               table4="DDM + learned labels"):
@@ -131,8 +144,8 @@ class DDMSoft(_VariantDDM, name="ddm-soft", label="DDM-full + learned labels",
 class DDMDisp(_VariantDDM, name="ddm-disp", label="DDM, displacement matching",
               help="synsets matched at theta_tau to each cluster's whole training contribution, one fine-tune step",
               scatter=True, table4="DDM, displacement matching"):
-    note = ("--target displacement: learned labels, ipc 10, matched at theta_tau by relative L2 to the summed "
-            "trajectory gradient, removed by one fine-tune step")
+    note = ("--target displacement --layer-rates: learned labels, ipc 10, matched at theta_tau by relative L2 to the "
+            "summed trajectory gradient, removed by one fine-tune step at per-tensor rates fitted to that target")
 
     def variant(self) -> Variant:
         return displacement_matching()
