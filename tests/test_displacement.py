@@ -1,6 +1,8 @@
 """Displacement matching (``--target displacement``): exact targets, what the matching reports, option checks."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,17 @@ def test_layer_rates_need_the_displacement_target():
         DistillConfig(layer_rates=True)
     from ddm_hpc.config import _key_dict
     assert "layer_rates" not in _key_dict(DistillConfig(target="displacement"))
+
+
+def test_rated_synsets_refuse_more_than_one_step():
+    """The rates make one step reproduce the target; several steps at them mean nothing, so the unlearner refuses."""
+    from ddm_hpc.synsets import SynsetLevel
+    from ddm_hpc.unlearn import Unlearner
+    syn, _, theta, _, tcfg = _rated_synsets()
+    level = SynsetLevel(syn.images, syn.labels, syn.group_class, torch.ones(6), torch.ones(6),
+                        torch.from_numpy(syn.size), 1.0, syn.targets, torch.from_numpy(syn.layer_rates), tuple(theta))
+    u = Unlearner(_model(), theta, 2, tcfg.lr, "uniform", tcfg, 0, torch.device("cpu"), show_progress=False)
+    with pytest.raises(ConfigError, match="one fine-tune step, not 2: pass --finetune-steps 1"):
+        u.unlearn(level, torch.ones(1, 6), _data()[0][:4])
+    one = dataclasses.replace(u, steps=1).unlearn(level, 1 - torch.eye(6)[:2], _data()[0][:4])  # loo of groups 0, 1
+    assert one.shape == (2, 4, 3)
