@@ -12,7 +12,7 @@ oracle and the mean over clusters, and the per-query Spearman correlation betwee
 scores and the exact Dist1 of each removal.
 
     python benchmarks/speedup_vs_retraining.py --quick          # ~5 min on 2 CPU cores
-    python benchmarks/speedup_vs_retraining.py --size eval --method ddm-disp   # displacement matching, ~12 min on 2 CPU cores
+    python benchmarks/speedup_vs_retraining.py --size eval --method ddm-disp   # displacement matching, ~6 min on 2 CPU cores
     python benchmarks/speedup_vs_retraining.py --size gpu       # one H100/H200 in ~2 min: 8000 images, width 64, K = 50
     python benchmarks/speedup_vs_retraining.py                  # full size (GPU): MNIST 17k, width 128, K = 100
     python benchmarks/speedup_vs_retraining.py --run-dir RUN    # ratios from an evaluated run (evaluation.h5)
@@ -74,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU size: 1000 MNIST images, width 8, 5 epochs, K = 30")
     ap.add_argument("--size", choices=("quick", "eval", "gpu", "full"), default=None,
-                    help="quick (= --quick), eval (--preset eval: 2000 images, width 16, 15 epochs, K = 50; ~12 min "
+                    help="quick (= --quick), eval (--preset eval: 2000 images, width 16, 15 epochs, K = 50; ~6 min "
                          "on 2 CPU cores), gpu (8000 images, width 64, 15 epochs, K = 50: minutes on one GPU), "
                          "full (the default: all 17k images, width 128, 30 epochs, K = 100)")
     ap.add_argument("--method", choices=("ddm", "ddm-disp"), default="ddm",
@@ -110,7 +110,8 @@ def main() -> None:
         k = len(f["clusters/class"])
     with h5py.File(artifact_path(out, "attribute"), "r") as f:
         online = float(f.attrs["seconds_flat"])
-        d1_scores = f[f"objectives/{'dist2' if args.method == 'ddm-disp' else 'dist1'}/scores"][()]
+        locate_by = "dist2" if args.method == "ddm-disp" else "dist1"  # as evaluate locates each method's Dist1
+        d1_scores = f[f"objectives/{locate_by}/scores"][()]
         qpos = torch.from_numpy(f["query_position"][()])
         base = torch.from_numpy(f["base_probs"][()])
     bundle = load_data(cfg)
@@ -140,7 +141,7 @@ def main() -> None:
     print(f"speedup online: {exact_s / online:.1f}x (online = {online / exact_s:.4f} of exact); offline + online: "
           f"{exact_s / (offline + online):.2f}x")
     print(f"located Dist1 x100: DDM {located:.2f}, oracle {oracle:.2f}, mean over clusters {mean:.2f}; "
-          f"Spearman(DDM dist1 scores, exact Dist1) per query: mean {float(torch.nanmean(rho)):+.3f}")
+          f"Spearman(DDM {locate_by} scores, exact Dist1) per query: mean {float(torch.nanmean(rho)):+.3f}")
 
 
 if __name__ == "__main__":

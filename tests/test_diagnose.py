@@ -341,6 +341,12 @@ def test_unlearn_section_numbers(diagnosed):
     sec = read_section(out / "diagnose" / "unlearn.h5")
     assert sec.attrs["table4/ddm"] == pytest.approx(unlearn_all_accuracy(RunContext(cfg, bundle, torch.device("cpu"))))
     assert (out / "variants" / "ddm-match" / "synsets.h5").is_file()
+    from ddm_hpc.unlearn import train_all_accuracy
+    from ddm_hpc.variants import forward_matching
+    ctx = RunContext(cfg, bundle, torch.device("cpu"))
+    match = RunContext(forward_matching().config(cfg), bundle, torch.device("cpu"))
+    assert sec.attrs["table4/ddm-match/from theta_0"] == pytest.approx(train_all_accuracy(ctx, match))
+    assert "theta_0 trained on all DDM-match synsets" in "\n".join(sec.lines)
     with h5py.File(out / "train.h5") as f:
         assert sec.attrs["table4/theta_0"] == pytest.approx(float(f["trajectory/test_accuracy"][0]))
     rows = sec.arrays["single/rows"].astype(str).tolist()
