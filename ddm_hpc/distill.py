@@ -18,6 +18,12 @@ over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2. One unweighted
 rate lr on S_k then moves theta_tau by lr T_k, what the group's rows added to it (to first order,
 without the later epochs' contraction). Each step costs the synthetic side only.
 
+``--augment`` (DSA, paper sec. 4.1; :mod:`ddm_hpc.augment`): each step, every group takes one augmentation draw
+from its own generator, applied alike to its sampled real rows (before the real gradient) and to its synthetic
+images (differentiably, before the synthetic gradient): the siamese rule. The fixed evaluation before and after
+(``init_loss``, ``final_loss``, the gradient norms the matched fine-tune scale reads) is unaugmented: the synsets are
+used unaugmented downstream, and the numbers stay comparable with and without ``--augment``.
+
 Real minibatches: up to ``batch_real`` members of each group, drawn without replacement and
 padded to a common size with zero weights, so each group's gradient is the exact mean over
 its own sample.
@@ -39,10 +45,12 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
   <level>/init_loss, <level>/final_loss float32 [G]  loss on fixed evaluation pairs, before/after
   attrs: method, pairing, sign, distance, include_1d, unlearn_direction (+1: fine-tune by
          descent on the removed synsets, ddm; -1: by ascent, ddm-match), target (pairs or
-         displacement; absent in files made before it) + provenance
+         displacement; absent in files made before it), augment (the DSA parts matched with, joined by _;
+         only with --augment) + provenance
 (read back by ``ddm_hpc.synsets``).
 
-Room: a stage (imports ``config``, ``context``, ``launch``, ``models``, ``storage``, ``trajectory`` and ``kernels``).
+Room: a stage (imports ``augment``, ``config``, ``context``, ``launch``, ``models``, ``storage``, ``trajectory`` and
+``kernels``).
 """
 from __future__ import annotations
 
@@ -63,6 +71,7 @@ from torch.func import grad, vmap
 
 from kernels import matching_loss, triton_usable
 
+from ddm_hpc import augment
 from ddm_hpc.config import Config, DistillConfig, TrainConfig
 from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError, StageError
@@ -260,8 +269,8 @@ class Matcher:
         self.target_norm2 = _group_norm(self.targets).square().clamp(min=1e-30)
 
     def losses(self, images: list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], pair: tuple[int, int],
-               gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool, rated: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool, rated: bool = False,
+               aug_gen: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """At one trajectory pair: (matching loss [G], |real grad| [G], |syn grad| [G]).
 
         ``images``: one tensor [ipc, C, H, W] per group; ``labels``: int64 [G, ipc] hard labels, or one
@@ -269,7 +278,9 @@ class Matcher:
         ``chunk``: groups per block (the first block starts at the first group). If ``backward``,
         accumulates d loss / d images. ``rated`` (displacement only): the loss left when every parameter tensor
         steps at its best rate (:meth:`layer_rates`), not at rate 1. Norms are over all parameters. The three
-        tensors stay on the device: nothing here waits for the GPU.
+        tensors stay on the device: nothing here waits for the GPU. ``aug_gen`` (pairs targets with ``--augment``):
+        one generator per group; each group draws one augmentation (:func:`ddm_hpc.augment.draw`) and applies it to
+        its real minibatch and its synthetic images alike; None = unaugmented.
         """
         t_real, t_syn = pair
         fixed = self.targets is not None
@@ -277,6 +288,8 @@ class Matcher:
         if not fixed:
             p_real = {k: v.detach() for k, v in self.reader.params(t_real).items()}
             rows, w = sample_real(self.members, self.sizes, self.dcfg.batch_real, gen)
+        parts = self.dcfg.augment_parts if aug_gen is not None and not fixed else ()
+        draws = [augment.draw(parts, *self.x.shape[-2:], aug_gen[g]) for g in range(self.n_groups)] if parts else None
         out, real_norm, syn_norm = [], [], []
         for g0 in range(0, self.n_groups, chunk):
             g1 = min(g0 + chunk, self.n_groups)
@@ -285,10 +298,16 @@ class Matcher:
             else:
                 r = rows[g0:g1].to(self.x.device)
                 with torch.no_grad():
-                    real = per_group_grads(self.model, p_real, to_device(self.x[r], self.device),
+                    real_x = to_device(self.x[r], self.device)
+                    if draws:  # the group's draw on each of its real rows (padding rows too: weight 0)
+                        real_x = torch.stack([augment.apply(xg, draws[g0 + i]) for i, xg in enumerate(real_x)])
+                    real = per_group_grads(self.model, p_real, real_x,
                                            to_device(self.y[r], self.device), to_device(w[g0:g1], self.device),
                                            self.impl, self.reader.buffers(t_real))
-            syn_x = torch.stack(images[g0:g1])
+            if draws:  # the same draw on the group's synthetic images, in the graph (d loss / d images through it)
+                syn_x = torch.stack([augment.apply(im, draws[g0 + i]) for i, im in enumerate(images[g0:g1])])
+            else:
+                syn_x = torch.stack(images[g0:g1])
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
             syn = per_group_grads(self.model, p_syn, syn_x, lab, ones, buffers=self.reader.buffers(t_syn))
@@ -430,6 +449,8 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
                                                                       generator(seed, 31), n_eval)
 
     def evaluate() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # unaugmented even with --augment (no aug_gen): the synsets are used unaugmented, and the matched
+        # fine-tune scale reads these gradient norms
         gen = [generator(seed, 32, k) for k in ids]
         with torch.no_grad():
             labels = label_fn()
@@ -441,12 +462,13 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
     pairs = (tau_pairs(dcfg.distill_steps) if displacement else
              trajectory_pairs(pairing, reader.tau, dcfg.step_length, generator(seed, 33), dcfg.distill_steps))
     batch_gen = [generator(seed, 34, k) for k in ids]
+    aug_gen = [generator(seed, 35, k) for k in ids] if dcfg.augment_parts and not displacement else None
     history = []
     bar = progress(pairs, desc, show_progress)
     shown = not getattr(bar, "disable", True)
     for step, pair in enumerate(bar):
         opt.zero_grad(set_to_none=True)
-        loss, _, _ = matcher.losses(images, label_fn(), pair, batch_gen, chunk, backward=True)
+        loss, _, _ = matcher.losses(images, label_fn(), pair, batch_gen, chunk, backward=True, aug_gen=aug_gen)
         opt.step()
         history.append(loss)
         if shown and step % POSTFIX_EVERY == 0:
@@ -576,6 +598,8 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
             out.attrs["syn_labels"] = cfg.distill.syn_labels
             out.attrs["unlearn_direction"] = cfg.distill.unlearn_direction
             out.attrs["target"] = cfg.distill.target
+            if cfg.distill.augment:  # absent when off, so such files are as before
+                out.attrs["augment"] = "_".join(cfg.distill.augment_parts)
             if cfg.distill.layer_rates:  # the tensors the rates' columns follow
                 out.attrs["layer_rate_names"] = json.dumps(RunContext(cfg, bundle).trajectory().table.names)
             out.attrs["n_shards"] = len(paths)

@@ -123,7 +123,8 @@ def paper_method(stages: tuple[str, ...] = ("distill", "attribute"), parent: Var
     """``RUN/variants/ddm-paper``: the paper's DDM on this run's trajectory and clusters, whatever this run's own
     distill and attribute options: every distill option at its default (reverse matching, hard labels, ipc 1,
     layer-wise cosine, SGD on the images) except what ``--preset paper`` pins (Alg. 1 pairing with step length 4,
-    50 steps, random perturbations with |P| = K, synsets weighted 1). Its training is this run's."""
+    50 steps, DSA augmentation during matching, random perturbations with |P| = K, synsets weighted 1). Its
+    training is this run's."""
     preset = paper_preset()
     distill = {**dataclasses.asdict(DistillConfig()), **preset["distill"]}
     for runtime_only in ("levels", "group_grads", "group_chunk"):  # flat search; this run's implementation
