@@ -8,6 +8,8 @@ distill seconds and the matching loss too. Nothing is retrained.
 
     OMP_NUM_THREADS=1 python benchmarks/disp_variants.py runs_gt/seed0 --name s50 --set distill_steps=50 --json s50_seed0.json
     python benchmarks/score_more.py --seeds s50_seed0.json s50_seed1.json s50_seed2.json
+    OMP_NUM_THREADS=1 python benchmarks/disp_variants.py runs_gt/seed0 --name r500 \
+        --attr perturbation=random n_perturbations=500 removal_prob=0.5   # ddm-disp's synsets, other removals
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import h5py
 from ddm_hpc.methods.ddm import DDMDisp, read_ddm_scores
 from ddm_hpc.pipeline import materialise
 from ddm_hpc.storage import artifact_path
-from ddm_hpc.variants import DISPLACEMENT, synset_variant
+from ddm_hpc.variants import DISPLACEMENT, displacement_matching, synset_variant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_more import open_run, view_cells  # noqa: E402
@@ -47,14 +49,20 @@ def main() -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--name", required=True, help="the variant's directory is RUN/variants/ddm-disp-<name>")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="distill options over DISPLACEMENT")
+    ap.add_argument("--attr", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="attribute options over ddm-disp's (e.g. perturbation=random n_perturbations=500); "
+                         "without --set the variant shares RUN/variants/ddm-disp's synsets")
     ap.add_argument("--json", help="also write {'ddm-disp-<name>': {'<removal>/<metric>[@alpha]': mean}} here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg, _, _ = open_run(args.run_dir)
     name = f"ddm-disp-{args.name}"
-    variant = synset_variant(name, {**DISPLACEMENT, **parse_sets(args.set)},
-                             attribute={"finetune_scale": "uniform", "finetune_steps": 1})
-    materialise(cfg, [variant])
+    sets = parse_sets(args.set)
+    sources = {} if sets else {"distill": displacement_matching()}  # the same synsets: distil them once
+    variant = synset_variant(name, {**DISPLACEMENT, **sets}, ("attribute",) if sources else ("distill", "attribute"),
+                             sources=sources,
+                             attribute={"finetune_scale": "uniform", "finetune_steps": 1, **parse_sets(args.attr)})
+    materialise(cfg, [variant] if sets else [displacement_matching(), variant])
     cfg, ctx, retrained = open_run(args.run_dir)
     out_dir = variant.directory(cfg)
     res = read_ddm_scores(out_dir, DDMDisp.note, dist1_by="dist2")

@@ -58,6 +58,15 @@ def flat_grads(model, params: dict, x: torch.Tensor, y: torch.Tensor, assignment
     return torch.cat([g.reshape(k, -1) for g in grads], 1)
 
 
+def uniform_targets(ctx, reader, model) -> torch.Tensor:
+    """float64 [K, P]: each cluster's uniform displacement target D_k = lr/(1-mu) (n_k/B) sum_t g_k(theta_t), what
+    ``--target displacement`` matches (the distill stage's per-group gradients, flattened)."""
+    t = ctx.cfg.train
+    scale = t.lr * contribution_per_row(t, reader.tau) * torch.bincount(ctx.assignment, minlength=ctx.k).double()
+    return scale[:, None] * sum(flat_grads(model, reader.params(i), ctx.bundle.x_train, ctx.bundle.y_train,
+                                           ctx.assignment, ctx.k).double() for i in range(reader.tau))
+
+
 def query_grads(model, params: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dCE/dtheta [Q, P], dp_pred/dtheta [Q, P], pred [Q]) at ``params``."""
     with torch.no_grad():

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddm_hpc.distill import contribution_per_row, per_group_grads
+from ddm_hpc.distill import per_group_grads
 from ddm_hpc.synsets import read_synsets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from displacement_targets import flat_grads, stepped  # noqa: E402
+from displacement_targets import stepped, uniform_targets  # noqa: E402
 from score_more import open_run, view_cells  # noqa: E402
 
 
@@ -33,17 +33,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--variant", default="ddm-disp", help="the synsets' run, RUN/variants/<variant>")
-    ap.add_argument("--rated", action="store_true", help="apply the synsets' stored --layer-rates")
+    ap.add_argument("--rated", action="store_true", help="apply the synsets' stored --layer-rates (times their "
+                    "--contraction factors, if any: those steps aim below the uniform target on purpose)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg, ctx, retrained = open_run(args.run_dir)
     reader, model = ctx.trajectory(), ctx.build_model().eval()
-    tau, t, k = reader.tau, cfg.train, ctx.k
-    x, y = ctx.bundle.x_train, ctx.bundle.y_train
-    scale = t.lr * contribution_per_row(t, tau) * torch.bincount(ctx.assignment, minlength=k).double()
-    target = scale[:, None] * sum(flat_grads(model, reader.params(i), x, y, ctx.assignment, k).double()
-                                  for i in range(tau))  # [K, P]
-    theta = reader.params(tau)
+    t, k = cfg.train, ctx.k
+    target = uniform_targets(ctx, reader, model)  # [K, P]
+    theta = reader.params(reader.tau)
     syn = read_synsets(Path(args.run_dir) / "variants" / args.variant, "cluster")
     grads = per_group_grads(model, theta, syn.images, syn.train_targets, torch.ones(syn.images.shape[:2]), "loop")
     names = list(theta)

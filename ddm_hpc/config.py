@@ -210,6 +210,12 @@ class DistillConfig:
         "fitted in closed form to its target (the synset's steps are too short on the classifier layer); stored "
         "in synsets.h5, used by the one-step fine-tune; the reported losses are those left at these rates",
         added=True))
+    contraction: int = field(default=0, metadata=_help(
+        "--layer-rates only: scale every synset's rate on each parameter tensor by one factor shared by all "
+        "groups, fitted by least squares so that the summed steps of the removed clusters reproduce the change of "
+        "theta_tau in this many retrainings without a random half of the clusters (drop; later training shrinks "
+        "each layer's share of a removal differently); stored in synsets.h5, counted in distill's seconds; 0 = off",
+        added=True))
     augment: str = field(default="", metadata=_help(
         "differentiable siamese augmentation (DSA) during matching: each step, one draw per group applied to its "
         "real minibatch and its synthetic images alike (paper sec. 4.1). dsa = DSA's digit strategy "
@@ -227,6 +233,14 @@ class DistillConfig:
         if self.layer_rates and self.target != "displacement":
             raise ConfigError("--layer-rates fits each synset's fine-tune rates to its displacement target: pass "
                               "--target displacement, or --no-layer-rates")
+        if self.contraction < 0:
+            raise ConfigError(f"--contraction is a number of retrainings (0 = off); got {self.contraction}")
+        if self.contraction and not self.layer_rates:
+            raise ConfigError("--contraction scales the per-tensor fine-tune rates: pass --layer-rates (with --target "
+                              "displacement), or --contraction 0")
+        if self.contraction and "cluster" not in self.level_list():
+            raise ConfigError("--contraction is fitted on the cluster synsets: add cluster to --levels, or "
+                              "--contraction 0")
         if self.augment and self.target == "displacement":
             raise ConfigError("--augment augments the real minibatch of each step, and --target displacement has "
                               "none: pass --target pairs, or --augment ''")

@@ -47,10 +47,23 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
          descent on the removed synsets, ddm; -1: by ascent, ddm-match), target (pairs or
          displacement; absent in files made before it), augment (the DSA parts matched with, joined by _;
          only with --augment) + provenance
+  <level>/layer_rates  float32 [G, n_tensors]     --layer-rates: each synset's rate per parameter tensor (attr
+                                                  layer_rate_names), fitted to its target
+  contraction          float32 [n_tensors]        --contraction m: one factor per tensor for every synset's rates,
+  contraction_kept     bool [m, K]                fitted to m retrainings without random halves of the clusters
+                                                  (their kept clusters); the one-step fine-tune uses rates x factor
 (read back by ``ddm_hpc.synsets``).
 
-Room: a stage (imports ``augment``, ``config``, ``context``, ``launch``, ``models``, ``storage``, ``trajectory`` and
-``kernels``).
+``--contraction``: one fine-tune step on S_k at the fitted rates moves theta_tau by the cluster's uniform
+target, the sum of its trajectory gradients; later training shrinks each layer's share of a removal, and not
+by the same amount (benchmarks/contraction_factors.py: the uniform target is 4-5x the exact first-order
+displacement and nearly orthogonal to it, the classifier-side layers keep more of it than the convolutions). The
+merge step retrains without m random halves of the clusters and scales each tensor's rates by the least-squares
+factor that makes the removed clusters' summed steps reproduce those retrainings (:func:`fit_contraction`): m
+trainings, counted in distill's seconds.
+
+Room: a stage (imports ``augment``, ``config``, ``context``, ``launch``, ``models``, ``retrain``, ``storage``,
+``trajectory`` and ``kernels``).
 """
 from __future__ import annotations
 
@@ -77,6 +90,7 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError, StageError
 from ddm_hpc.launch import run_sharded, shard_range
 from ddm_hpc.models import forward_with
+from ddm_hpc.retrain import retrain_without
 from ddm_hpc.storage import artifact_path, atomic_h5, create_dataset, open_read, read_attrs, write_provenance
 from ddm_hpc.trajectory import Checkpoints
 from ddm_hpc.utils import generator, progress, to_device
@@ -345,6 +359,69 @@ class Matcher:
         return torch.cat(out).float()
 
 
+def contraction_subsets(k: int, m: int, seed: int) -> torch.Tensor:
+    """bool [m, K] kept clusters of ``--contraction``'s retrainings: each cluster removed with probability 1/2, at
+    least one removed and one kept, subset j from its own stream."""
+    out = []
+    for j in range(m):
+        gen = generator(seed, 47, j)
+        kept = torch.rand(k, generator=gen) >= 0.5
+        while kept.all() or not kept.any():
+            kept = torch.rand(k, generator=gen) >= 0.5
+        out.append(kept)
+    return torch.stack(out) if out else torch.zeros(0, k, dtype=torch.bool)
+
+
+def fit_contraction(steps: list[torch.Tensor], moves: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``--contraction``'s factors: float32 [n_tensors], per parameter tensor l (``steps`` order)
+    c_l = sum_j <dtheta_j,l, P_j,l> / sum_j |P_j,l|^2 clipped to [0, 1], the least-squares scale that makes
+    P_j = sum over the removed clusters of their rated steps reproduce the retrained change dtheta_j: the share
+    of a removal's step that later training leaves. Clipped because a tensor whose steps and changes are both ~0
+    (a convolution's bias before a normalisation, which the output cannot see) gives a ratio of rounding noise.
+
+    Args:
+        steps: per tensor [K, *shape], each cluster's rated one-step displacement -lr a_k,l grad_l L(theta_tau; S_k).
+        moves: float [m, P] theta_tau(without the removed clusters of subset j) - theta_tau, flat in ``steps`` order.
+        kept: bool [m, K] each subset's kept clusters.
+    """
+    removed = (~kept).double()
+    out, p0 = [], 0
+    for st in steps:
+        flat = st.reshape(len(st), -1).double()
+        pred = removed @ flat  # [m, n_l]
+        real = moves[:, p0:p0 + flat.shape[1]].double()
+        p0 += flat.shape[1]
+        den = float((pred * pred).sum())
+        out.append(min(1.0, max(0.0, float((pred * real).sum()) / den)) if den > 0 else 1.0)
+    if p0 != moves.shape[1]:
+        raise ValueError(f"the steps hold {p0} parameters, the retrained changes {moves.shape[1]}")
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def contraction_of_run(cfg: Config, ctx: RunContext, images: torch.Tensor, targets: torch.Tensor,
+                       rates: torch.Tensor, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--contraction m`` for the cluster synsets of ``ctx``'s run: retrains without m random halves of the
+    clusters (:func:`contraction_subsets`, drop protocol, the run's seed and order) and fits
+    :func:`fit_contraction` to the synsets' rated steps at theta_tau. Returns (factors float32 [n_tensors] in the
+    trajectory's parameter order, kept bool [m, K])."""
+    device = ctx.device
+    reader = ctx.trajectory(device)
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    model = ctx.build_model().to(device)
+    grads = per_group_grads(model, theta, images.to(device), targets.to(device),
+                            torch.ones(images.shape[:2], device=device), resolve_group_grads("auto", device),
+                            reader.buffers(reader.tau))
+    lr = cfg.train.lr
+    steps = [(-lr * g * rates[:, i].to(device).reshape(-1, *[1] * (g.dim() - 1))).cpu() for i, g in enumerate(grads)]
+    kept = contraction_subsets(ctx.k, cfg.distill.contraction, cfg.seed)
+    flat_tau = reader.table.flatten({k: v.cpu() for k, v in theta.items()}).double()
+    n_p = len(flat_tau)
+    moves = torch.stack([retrain_without(cfg, ctx.bundle, ctx.assignment, torch.nonzero(~kp)[:, 0], device=device,
+                                         removal="drop")[:n_p].double() - flat_tau
+                         for kp in progress(kept, "contraction retrainings", show_progress)])
+    return fit_contraction(steps, moves, kept), kept
+
+
 def _tensor_dots(syn: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per parameter tensor and group, (<-syn, target>, |syn|^2): two [n_tensors, G] tensors."""
     flat = lambda v: v.reshape(len(v), -1)  # noqa: E731
@@ -602,6 +679,14 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
                 out.attrs["augment"] = "_".join(cfg.distill.augment_parts)
             if cfg.distill.layer_rates:  # the tensors the rates' columns follow
                 out.attrs["layer_rate_names"] = json.dumps(RunContext(cfg, bundle).trajectory().table.names)
+            if cfg.distill.contraction:  # one factor per tensor for every level's rates, fitted on the clusters
+                ctx = RunContext(cfg, bundle)
+                c = out["cluster"]
+                factors, kept = contraction_of_run(
+                    cfg, ctx, torch.from_numpy(c["images"][()]), torch.from_numpy(c["targets"][()]),
+                    torch.from_numpy(c["layer_rates"][()]), ctx.show_progress)
+                create_dataset(out, "contraction", data=factors.numpy())
+                create_dataset(out, "contraction_kept", data=kept.numpy())
             out.attrs["n_shards"] = len(paths)
             write_provenance(out, cfg, "distill", shard_seconds + time.perf_counter() - t0)
     finally:

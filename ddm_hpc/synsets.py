@@ -27,7 +27,9 @@ class SynsetLevel:
     size: torch.Tensor  # int64 [G]
     unlearn_direction: float  # +1 descent (ddm), -1 ascent (ddm-match)
     targets: torch.Tensor | None = None  # float32 [G, ipc, L] learned soft labels (None: train on ``labels``)
-    layer_rates: torch.Tensor | None = None  # float32 [G, n_tensors] (--layer-rates), columns ``rate_names``
+    # float32 [G, n_tensors] (--layer-rates), columns ``rate_names``: the fine-tune rates, each tensor's column
+    # times synsets.h5's ``contraction`` factor where --contraction fitted one
+    layer_rates: torch.Tensor | None = None
     rate_names: tuple[str, ...] = ()  # the parameter tensors of the rates' columns
 
     @property
@@ -47,6 +49,14 @@ class SynsetLevel:
                            None if self.layer_rates is None else self.layer_rates[ids], self.rate_names)
 
 
+def _rates(f, g) -> torch.Tensor | None:
+    """A level's fine-tune rates: ``layer_rates`` scaled per tensor by the file's ``contraction`` factors if any."""
+    if "layer_rates" not in g:
+        return None
+    rates = torch.from_numpy(g["layer_rates"][()])
+    return rates * torch.from_numpy(f["contraction"][()])[None] if "contraction" in f else rates
+
+
 def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
     """Read one level (``cluster`` or ``class``) of ``synsets.h5``."""
     with open_read(artifact_path(run_dir, "distill")) as f:
@@ -58,7 +68,7 @@ def read_synsets(run_dir: str | Path, level: str) -> SynsetLevel:
                                                                   "grad_norm_real", "grad_norm_syn", "size")),
                           unlearn_direction=float(f.attrs["unlearn_direction"]),
                           targets=torch.from_numpy(g["targets"][()]) if learned else None,
-                          layer_rates=torch.from_numpy(g["layer_rates"][()]) if "layer_rates" in g else None,
+                          layer_rates=_rates(f, g),
                           rate_names=tuple(json.loads(f.attrs["layer_rate_names"])) if "layer_rates" in g else ())
     for name in ("images", "grad_norm_real", "grad_norm_syn", "targets", "layer_rates"):
         t = getattr(out, name)

@@ -106,9 +106,11 @@ def learned_labels(stages: tuple[str, ...] = ("distill", "attribute"), parent: V
 # --target displacement's settings (benchmarks/RESULTS.md, "Displacement matching"): learned labels and 10 images
 # per cluster make the synset's gradient expressive enough; Adam converges where SGD at these rates stalls; per-tensor
 # fine-tune rates fitted after matching (--layer-rates) lengthen the classifier-layer step the images cannot make
-# long enough; with them 50 steps attribute as well as 100 (three seeds).
+# long enough; with them 50 steps attribute as well as 100 (three seeds). One retraining without a random half of
+# the clusters fits how much of each tensor's step survives later training (--contraction 1): LDS at alpha 0.5
+# 0.67 -> 0.78 (three seeds; RESULTS, "Contraction factors").
 DISPLACEMENT = {"target": "displacement", "syn_labels": "learn", "ipc": 10, "optimizer": "adam", "lr_img": 0.03,
-                "lr_label": 0.3, "distill_steps": 50, "layer_rates": True}
+                "lr_label": 0.3, "distill_steps": 50, "layer_rates": True, "contraction": 1}
 
 
 def displacement_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None

@@ -241,3 +241,49 @@ def test_rated_synsets_refuse_more_than_one_step():
         u.unlearn(level, torch.ones(1, 6), _data()[0][:4])
     one = dataclasses.replace(u, steps=1).unlearn(level, 1 - torch.eye(6)[:2], _data()[0][:4])  # loo of groups 0, 1
     assert one.shape == (2, 4, 3)
+
+
+def test_contraction_factor_is_each_tensors_least_squares_scale():
+    """``fit_contraction``: per tensor, the scale c minimising sum_j |dtheta_j - c P_j|^2 with P_j the removed
+    clusters' summed steps (checked against a least-squares solve and against c moved either way), clipped to
+    [0, 1] (a tensor pointing against its changes gets 0, one the training amplifies gets 1)."""
+    from ddm_hpc.distill import contraction_subsets, fit_contraction
+    g = torch.Generator().manual_seed(3)
+    k, m = 6, 3
+    steps = [torch.randn(k, 4, 2, generator=g), torch.randn(k, 5, generator=g), torch.randn(k, 3, generator=g),
+             torch.randn(k, 2, generator=g)]
+    kept = contraction_subsets(k, m, seed=0)
+    assert kept.shape == (m, k) and kept.any(1).all() and (~kept).any(1).all()
+    assert torch.equal(kept, contraction_subsets(k, m, seed=0)) and not torch.equal(kept, contraction_subsets(k, m, 1))
+    assert torch.equal(contraction_subsets(k, 2, seed=0), kept[:2])  # subset j is its own stream
+    true = [0.3, 0.05, -0.4, 2.0]
+    removed = (~kept).double()
+    moves = torch.cat([c * (removed @ s.reshape(k, -1).double()) + 0.01 * torch.randn(m, s[0].numel(), generator=g,
+                                                                                     dtype=torch.float64)
+                       for c, s in zip(true, steps)], 1)
+    got = fit_contraction(steps, moves, kept).double()
+    p0 = 0
+    for i, s in enumerate(steps):
+        pred = (removed @ s.reshape(k, -1).double()).reshape(-1, 1)
+        real = moves[:, p0:p0 + s[0].numel()].reshape(-1, 1)
+        p0 += s[0].numel()
+        want = float(torch.linalg.lstsq(pred, real).solution)
+        assert float(got[i]) == pytest.approx(min(1.0, max(0.0, want)), rel=1e-5, abs=1e-7)
+        if 0 < want < 1:
+            def cost(c, real=real, pred=pred):
+                return float(((real - c * pred) ** 2).sum())
+            assert cost(float(got[i])) < min(cost(float(got[i]) * 0.95), cost(float(got[i]) * 1.05))
+    assert got[0] == pytest.approx(0.3, abs=0.02) and got[2] == 0.0 and got[3] == 1.0
+    with pytest.raises(ValueError, match="parameters"):
+        fit_contraction(steps, moves[:, :-1], kept)
+
+
+def test_contraction_needs_layer_rates_and_the_cluster_level():
+    with pytest.raises(ConfigError, match="--contraction .* --layer-rates"):
+        DistillConfig(target="displacement", contraction=1)
+    with pytest.raises(ConfigError, match="--contraction is fitted on the cluster synsets"):
+        DistillConfig(target="displacement", layer_rates=True, contraction=1, levels="class")
+    with pytest.raises(ConfigError, match="number of retrainings"):
+        DistillConfig(target="displacement", layer_rates=True, contraction=-1)
+    from ddm_hpc.config import _key_dict
+    assert "contraction" not in _key_dict(DistillConfig(target="displacement", layer_rates=True))

@@ -391,22 +391,29 @@ def test_hierarchical_row_locates_the_searchs_pick(protocols):
         np.testing.assert_allclose(g["scores"][()], cls[:, cluster_class] / sizes[cluster_class], rtol=1e-6)
 
 
-def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monkeypatch):
-    """``ddm-disp``: its variant distils --target displacement synsets with per-tensor rates a_k and fine-tunes one
-    unweighted step of rate lr per cluster; its Dist2 scores are the CE change at theta_tau - lr a_k * grad
-    L(theta_tau; S_k) (recomputed here from the synsets and their stored rates), and they also locate its Dist1."""
-    from torch.func import functional_call
-
+def _displacement_variant(evaluated, monkeypatch):
+    """The evaluated run's ``ddm-disp`` variant, small (3 matching steps, 2 images per cluster): (config, directory)."""
     from ddm_hpc import variants
-    from ddm_hpc.methods import score_methods
-    from ddm_hpc.trajectory import TrajectoryReader
-
+    from ddm_hpc.pipeline import materialise
     monkeypatch.setitem(variants.DISPLACEMENT, "distill_steps", 3)
     monkeypatch.setitem(variants.DISPLACEMENT, "ipc", 2)
     cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
                             "runtime": {"out": str(evaluated), "progress": False}})
-    from ddm_hpc.pipeline import materialise
     (out,) = materialise(cfg, [variants.displacement_matching()])
+    return cfg, out
+
+
+def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monkeypatch):
+    """``ddm-disp``: its variant distils --target displacement synsets with per-tensor rates a_k and fine-tunes one
+    unweighted step of rate lr per cluster; its Dist2 scores are the CE change at theta_tau - lr c a_k * grad
+    L(theta_tau; S_k) (recomputed here from the synsets, their stored rates and the --contraction factors c), and
+    they also locate its Dist1."""
+    from torch.func import functional_call
+
+    from ddm_hpc.methods import score_methods
+    from ddm_hpc.trajectory import TrajectoryReader
+
+    cfg, out = _displacement_variant(evaluated, monkeypatch)
     ctx = RunContext(cfg)
     res = score_methods(ctx, ["ddm-disp"])["ddm-disp"]
     assert torch.equal(res.for_metric("dist1"), res.for_metric("dist2"))
@@ -414,6 +421,7 @@ def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monke
         assert f.attrs["target"] == "displacement"
         images, targets = torch.from_numpy(f["cluster/images"][()]), torch.from_numpy(f["cluster/targets"][()])
         rates, names = torch.from_numpy(f["cluster/layer_rates"][()]), json.loads(f.attrs["layer_rate_names"])
+        rates = rates * torch.from_numpy(f["contraction"][()])[None]  # --contraction (ddm-disp fits one)
     reader = TrajectoryReader.of_run(evaluated)
     theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
     model = ctx.build_model().eval()
@@ -430,3 +438,43 @@ def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monke
             want.append(F.cross_entropy(functional_call(model, stepped, (xq,)), yq, reduction="none") - base)
     torch.testing.assert_close(res.scores, torch.stack(want, 1), rtol=1e-3, atol=1e-5)
     assert not torch.allclose(rates, torch.ones_like(rates), atol=0.05)  # the rates matter to this check
+
+
+def test_contraction_factors_reproduce_from_an_independent_retraining(evaluated, monkeypatch):
+    """``ddm-disp``'s ``--contraction``: retraining without the stored subset's clusters (from theta_0, the run's
+    order) and the synsets' rated steps (one autograd step per cluster) give, per tensor, the stored factor
+    sum <dtheta, P> / |P|^2 (clipped to [0, 1]); and the factors are not all 1, so they matter."""
+    from torch.func import functional_call
+
+    from ddm_hpc import variants
+    from ddm_hpc.retrain import retrain_without
+    from ddm_hpc.trajectory import TrajectoryReader
+
+    cfg, out = _displacement_variant(evaluated, monkeypatch)
+    ctx = RunContext(cfg)
+    with h5py.File(out / "synsets.h5") as f:
+        images, targets = torch.from_numpy(f["cluster/images"][()]), torch.from_numpy(f["cluster/targets"][()])
+        rates, names = torch.from_numpy(f["cluster/layer_rates"][()]), json.loads(f.attrs["layer_rate_names"])
+        factors, kept = torch.from_numpy(f["contraction"][()]), torch.from_numpy(f["contraction_kept"][()])
+    assert kept.shape == (variants.DISPLACEMENT["contraction"], ctx.k)
+    reader = TrajectoryReader.of_run(evaluated)
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    flat_tau = torch.cat([theta[n].reshape(-1) for n in names]).double()
+    moves = torch.stack([retrain_without(cfg, ctx.bundle, ctx.assignment, torch.nonzero(~kp)[:, 0]).double()
+                         - flat_tau for kp in kept])
+    model = ctx.build_model().eval()
+    steps = []
+    for k in range(ctx.k):
+        p = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
+        g = torch.autograd.grad(F.cross_entropy(functional_call(model, p, (images[k],)), targets[k]), list(p.values()))
+        steps.append({n: -cfg.train.lr * rates[k, names.index(n)] * gi for n, gi in zip(p, g)})
+    p0 = 0
+    for i, n in enumerate(names):
+        size = theta[n].numel()
+        pred = torch.stack([sum(steps[k][n] for k in torch.nonzero(~kp)[:, 0].tolist()).reshape(-1) for kp in kept])
+        real = moves[:, p0:p0 + size]
+        p0 += size
+        den = float((pred.double() ** 2).sum())
+        want = min(1.0, max(0.0, float((pred.double() * real).sum()) / den)) if den > 0 else 1.0
+        assert float(factors[i]) == pytest.approx(want, rel=1e-3, abs=1e-6), n
+    assert not torch.allclose(factors, torch.ones_like(factors), atol=0.05)
