@@ -677,10 +677,10 @@ def merge_distill(cfg: Config, paths: list[Path], bundle=None) -> Path:
             out.attrs["target"] = cfg.distill.target
             if cfg.distill.augment:  # absent when off, so such files are as before
                 out.attrs["augment"] = "_".join(cfg.distill.augment_parts)
+            ctx = RunContext(cfg, bundle)
             if cfg.distill.layer_rates:  # the tensors the rates' columns follow
-                out.attrs["layer_rate_names"] = json.dumps(RunContext(cfg, bundle).trajectory().table.names)
+                out.attrs["layer_rate_names"] = json.dumps(ctx.trajectory().table.names)
             if cfg.distill.contraction:  # one factor per tensor for every level's rates, fitted on the clusters
-                ctx = RunContext(cfg, bundle)
                 c = out["cluster"]
                 factors, kept = contraction_of_run(
                     cfg, ctx, torch.from_numpy(c["images"][()]), torch.from_numpy(c["targets"][()]),
