@@ -36,8 +36,8 @@ from ddm_hpc.storage import artifact_path
 from ddm_hpc.synsets import read_synsets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from displacement_targets import stepped, uniform_targets  # noqa: E402
-from score_more import open_run, view_cells  # noqa: E402
+from displacement_targets import score_stepped, uniform_targets  # noqa: E402
+from score_more import open_run  # noqa: E402
 
 
 def shared_factors(a: torch.Tensor, b: torch.Tensor, bounds: list[int], shapes: list[torch.Size], per_unit: bool
@@ -131,14 +131,9 @@ def main() -> None:
                         [c[i] * d[:, lo:hi] for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))], 1)
     out = {}
     for name, d in rows.items():
-        cells = view_cells(stepped(model, reader.table, theta, d, ctx.query_x, ctx.query_y), retrained, ctx.query_y,
-                           cfg)
-        out[name] = {f"{r}/dist1": m["dist1"][0] for (r, _), m in cells.items()}
-        out[name].update({f"{r}/lds@{al:g}": m["lds"][0] for (r, al), m in cells.items()})
+        out[name], text = score_stepped(model, reader, theta, d, ctx, retrained, cfg)
         rel = float(((d - de).norm(dim=1) ** 2 / de.norm(dim=1) ** 2).mean())
-        print(f"{name:42s} |D - De|^2/|De|^2 {rel:7.3f} | " + " | ".join(
-            f"{r[:4]} a={al:g}: D1 {m['dist1'][0]:5.2f} LDS {m['lds'][0]:+.3f}" for (r, al), m in cells.items()),
-            flush=True)
+        print(f"{name:42s} |D - De|^2/|De|^2 {rel:7.3f} | {text}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

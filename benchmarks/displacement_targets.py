@@ -104,6 +104,17 @@ def stepped(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor, labels:
     return MethodResult(d_ce, 0.0, per_objective={"dist1": d_ce, "dist2": d_ce, "dist3": obj["dist3"].T.float()})
 
 
+def score_stepped(model, reader, theta: dict, D: torch.Tensor, ctx, retrained, cfg) -> tuple[dict[str, float], str]:
+    """One row of perfect-synset scores (:func:`stepped`, as ``evaluate`` scores a fixed-target synset method):
+    ({'<removal>/dist1' and '<removal>/lds@<alpha>': mean} for ``--json`` and ``score_more.py --seeds``, the printed
+    cells)."""
+    cells = view_cells(stepped(model, reader.table, theta, D, ctx.query_x, ctx.query_y), retrained, ctx.query_y, cfg)
+    row = {f"{r}/dist1": m["dist1"][0] for (r, _), m in cells.items()}
+    row.update({f"{r}/lds@{al:g}": m["lds"][0] for (r, al), m in cells.items()})
+    text = " | ".join(f"{r[:4]} a={al:g}: D1 {m['dist1'][0]:5.2f} LDS {m['lds'][0]:+.3f}" for (r, al), m in cells.items())
+    return row, text
+
+
 def direct(model, table, theta: dict, G: torch.Tensor, scale: torch.Tensor, ctx, retrained, labels, tau: int,
            factors: list[float]) -> None:
     """LDS of the subsets' CE predicted by evaluating at theta_tau + s * sum_removed D_k (uniform targets)."""

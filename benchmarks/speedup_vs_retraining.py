@@ -13,6 +13,7 @@ scores and the exact Dist1 of each removal.
 
     python benchmarks/speedup_vs_retraining.py --quick          # ~5 min on 2 CPU cores
     python benchmarks/speedup_vs_retraining.py --size eval --method ddm-disp   # displacement matching, ~6 min on 2 CPU cores
+    python benchmarks/speedup_vs_retraining.py --size eval --method ddm-inf    # influence matching, ~6 min on 2 CPU cores
     python benchmarks/speedup_vs_retraining.py --size gpu       # one H100/H200 in ~2 min: 8000 images, width 64, K = 50
     python benchmarks/speedup_vs_retraining.py                  # full size (GPU): MNIST 17k, width 128, K = 100
     python benchmarks/speedup_vs_retraining.py --run-dir RUN    # ratios from an evaluated run (evaluation.h5)
@@ -39,7 +40,7 @@ from ddm_hpc.pipeline import run_stages
 from ddm_hpc.retrain import query_probs, retrain_without
 from ddm_hpc.storage import ParamTable, artifact_path
 from ddm_hpc.utils import progress, resolve_device
-from ddm_hpc.variants import displacement_matching
+from ddm_hpc.variants import displacement_matching, influence_matching
 
 QUICK = {"data": {"n_train": 1000, "n_test": 500}, "model": {"width": 8}, "train": {"epochs": 5},
          "cluster": {"clusters_per_class": 3}, "distill": {"distill_steps": 30, "levels": "cluster"},
@@ -77,9 +78,10 @@ def main() -> None:
                     help="quick (= --quick), eval (--preset eval: 2000 images, width 16, 15 epochs, K = 50; ~6 min "
                          "on 2 CPU cores), gpu (8000 images, width 64, 15 epochs, K = 50: minutes on one GPU), "
                          "full (the default: all 17k images, width 128, 30 epochs, K = 100)")
-    ap.add_argument("--method", choices=("ddm", "ddm-disp"), default="ddm",
-                    help="ddm: the default distill and attribute options at that size; ddm-disp: displacement "
-                         "matching as the ddm-disp row of evaluate runs it (Dist1 located by its CE scores)")
+    ap.add_argument("--method", choices=("ddm", "ddm-disp", "ddm-inf"), default="ddm",
+                    help="ddm: the default distill and attribute options at that size; ddm-disp / ddm-inf: "
+                         "displacement / influence matching as those rows of evaluate run it (Dist1 located by "
+                         "their CE scores)")
     ap.add_argument("--run-dir", type=Path, help="report the ratios of an evaluated run instead of measuring")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--device", default="auto")
@@ -95,8 +97,9 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="ddm_speedup_"))
     size = args.size or ("quick" if args.quick else "full")
     d = merge(Config().to_dict(), {"quick": QUICK, "eval": EVAL, "gpu": GPU, "full": FULL}[size])
-    if args.method == "ddm-disp":
-        d = merge(d, displacement_matching().overrides)
+    fixed = {"ddm-disp": displacement_matching, "ddm-inf": influence_matching}.get(args.method)
+    if fixed:
+        d = merge(d, fixed().overrides)
     d["data"]["data_root"] = args.data_root
     d["runtime"].update(out=str(out), device=args.device, progress=False, overwrite=True)
     cfg = Config.from_dict(d)
@@ -110,7 +113,7 @@ def main() -> None:
         k = len(f["clusters/class"])
     with h5py.File(artifact_path(out, "attribute"), "r") as f:
         online = float(f.attrs["seconds_flat"])
-        locate_by = "dist2" if args.method == "ddm-disp" else "dist1"  # as evaluate locates each method's Dist1
+        locate_by = "dist2" if fixed else "dist1"  # as evaluate locates each method's Dist1
         d1_scores = f[f"objectives/{locate_by}/scores"][()]
         qpos = torch.from_numpy(f["query_position"][()])
         base = torch.from_numpy(f["base_probs"][()])

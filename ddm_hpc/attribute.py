@@ -464,13 +464,13 @@ def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup,
 
 def check(cfg: Config) -> None:
     """Before distill runs: ``--search`` hierarchical/both needs the class synsets ``--levels`` must distil, and
-    displacement synsets (``--target displacement``) are removed by one unweighted fine-tune step."""
+    displacement synsets (``--target displacement`` or ``influence``) are removed by one unweighted fine-tune step."""
     if cfg.attribute.search != "flat" and "class" not in cfg.distill.level_list():
         raise ConfigError(f"--search {cfg.attribute.search} needs class synsets but --levels is "
                           f"{cfg.distill.levels!r}: pass --levels cluster,class or --search flat")
     a = cfg.attribute
-    if cfg.distill.target == "displacement" and (a.finetune_scale != "uniform" or a.finetune_steps != 1):
-        raise ConfigError(f"--target displacement synsets reproduce a group's contribution in one unweighted fine-tune "
+    if cfg.distill.fixed_target and (a.finetune_scale != "uniform" or a.finetune_steps != 1):
+        raise ConfigError(f"--target {cfg.distill.target} synsets reproduce a group's contribution in one unweighted fine-tune "
                           f"step, not --finetune-scale {a.finetune_scale} --finetune-steps {a.finetune_steps}: pass "
                           "--finetune-scale uniform --finetune-steps 1")
 

@@ -199,10 +199,12 @@ class DistillConfig:
         "groups computed together (one vmap call per step; bounds memory) and the unit of --shards; 0 = 32"))
 
     target: str = field(default="pairs", metadata=_help(
-        "what a synset matches: pairs (a trajectory pair sampled per step, --pairing: the paper) or displacement "
+        "what a synset matches: pairs (a trajectory pair sampled per step, --pairing: the paper), displacement "
         "(the group's whole contribution to training, sum over the recorded epochs of its real gradient, computed "
         "once over all its rows and matched at theta_tau by relative L2 over every parameter, so one fine-tune "
-        "step of rate lr reproduces it: use with --finetune-scale uniform --finetune-steps 1)", added=True))
+        "step of rate lr reproduces it: use with --finetune-scale uniform --finetune-steps 1), or influence (the "
+        "same matching, to the damped Newton step of removing the group at theta_tau: (F + lambda I)^-1 times its "
+        "summed gradient over N, F the empirical Fisher of the training rows, lambda --damping)", added=True))
     optimizer: str = field(default="sgd", metadata=_help(
         "synset optimizer: sgd (momentum --img-momentum; DC) or adam (rates --lr-img and --lr-label)", added=True))
     layer_rates: bool = field(default=False, metadata=_help(
@@ -216,6 +218,12 @@ class DistillConfig:
         "theta_tau in this many retrainings without a random half of the clusters (drop; later training shrinks "
         "each layer's share of a removal differently); stored in synsets.h5, counted in distill's seconds; 0 = off",
         added=True))
+    damping: float = field(default=0.0, metadata=_help(
+        "--target influence only: the ridge added to the Fisher besides the weight decay; 0 = (1 - momentum) / (lr x "
+        "the training's optimizer steps), the L2 penalty early stopping amounts to", added=True))
+    fisher_rows: int = field(default=0, metadata=_help(
+        "--target influence only: estimate the Fisher on this many random training rows (bounds the n x n or "
+        "P x P system solved); 0 = all", added=True))
     augment: str = field(default="", metadata=_help(
         "differentiable siamese augmentation (DSA) during matching: each step, one draw per group applied to its "
         "real minibatch and its synthetic images alike (paper sec. 4.1). dsa = DSA's digit strategy "
@@ -225,24 +233,32 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _choice(self, "method", ("ddm", "ddm-match"))
-        _choice(self, "target", ("pairs", "displacement"))
+        _choice(self, "target", ("pairs", "displacement", "influence"))
         _choice(self, "optimizer", ("sgd", "adam"))
-        if self.target == "displacement" and self.method != "ddm":
-            raise ConfigError(f"--target displacement reverses a group's contribution (--method ddm), not with "
+        if self.fixed_target and self.method != "ddm":
+            raise ConfigError(f"--target {self.target} reverses a group's contribution (--method ddm), not with "
                               f"--method {self.method}: pass --method ddm or --target pairs")
-        if self.layer_rates and self.target != "displacement":
+        if self.layer_rates and not self.fixed_target:
             raise ConfigError("--layer-rates fits each synset's fine-tune rates to its displacement target: pass "
-                              "--target displacement, or --no-layer-rates")
+                              "--target displacement or influence, or --no-layer-rates")
+        if self.damping < 0:
+            raise ConfigError(f"--damping is a ridge added to the Fisher (0 = from the training's steps); got "
+                              f"{self.damping}")
+        if self.fisher_rows < 0:
+            raise ConfigError(f"--fisher-rows is a number of training rows (0 = all); got {self.fisher_rows}")
+        if (self.damping or self.fisher_rows) and self.target != "influence":
+            raise ConfigError("--damping and --fisher-rows shape --target influence's Fisher: pass --target influence, "
+                              "or leave them at 0")
         if self.contraction < 0:
             raise ConfigError(f"--contraction is a number of retrainings (0 = off); got {self.contraction}")
         if self.contraction and not self.layer_rates:
             raise ConfigError("--contraction scales the per-tensor fine-tune rates: pass --layer-rates (with --target "
-                              "displacement), or --contraction 0")
+                              "displacement or influence), or --contraction 0")
         if self.contraction and "cluster" not in self.level_list():
             raise ConfigError("--contraction is fitted on the cluster synsets: add cluster to --levels, or "
                               "--contraction 0")
-        if self.augment and self.target == "displacement":
-            raise ConfigError("--augment augments the real minibatch of each step, and --target displacement has "
+        if self.augment and self.fixed_target:
+            raise ConfigError(f"--augment augments the real minibatch of each step, and --target {self.target} has "
                               "none: pass --target pairs, or --augment ''")
         _ = self.augment_parts  # refuses unknown parts
         _choice(self, "pairing", ("auto", "reverse", "alg1", "same"))
@@ -277,6 +293,12 @@ class DistillConfig:
             raise ConfigError(f"--augment must be dsa or parts joined by _ among {', '.join(AUGMENT_PARTS)}, each "
                               f"once (e.g. {DSA_STRATEGY}); got {self.augment!r}")
         return parts
+
+    @property
+    def fixed_target(self) -> bool:
+        """One fixed target per group, matched at theta_tau (``--target displacement`` or ``influence``), not
+        sampled trajectory pairs."""
+        return self.target in ("displacement", "influence")
 
     @property
     def sign(self) -> float:
@@ -369,7 +391,7 @@ class AttributeConfig:
 # The default of --methods: every built-in method, in the registry's order (ddm_hpc.methods; a test checks they
 # agree). Spelled out because it enters the evaluate stage key: a default that followed the registry would turn
 # every evaluated run stale when a method is added.
-DEFAULT_METHODS = "random,predict,clustering,ddm-seq,ddm-match,ddm,ddm-paper,ddm-soft,ddm-disp,tracin,trak"
+DEFAULT_METHODS = "random,predict,clustering,ddm-seq,ddm-match,ddm,ddm-paper,ddm-soft,ddm-disp,ddm-inf,tracin,trak"
 
 
 @dataclass

@@ -18,6 +18,14 @@ over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2. One unweighted
 rate lr on S_k then moves theta_tau by lr T_k, what the group's rows added to it (to first order,
 without the later epochs' contraction). Each step costs the synthetic side only.
 
+``--target influence`` (not in the paper) keeps that matching and changes the target to the damped Newton step of
+removing the group at theta_tau: T_k = (F + lambda I)^-1 (sum_{i in D_k} grad l_i(theta_tau)) / (N lr), with F the
+empirical Fisher of the training rows at theta_tau (per-row gradients, one pass) and lambda the weight decay plus
+(1 - momentum) / (lr x optimizer steps), the ridge that stopping after that many steps amounts to
+(:func:`influence_damping`): directions flatter than that keep the summed-gradient step, steeper ones, which later
+training contracts, get the Newton step (:meth:`Matcher.set_influence_targets`, :func:`damped_fisher_solve`). No
+trajectory sum and no retraining: the scale is the training's own.
+
 ``--augment`` (DSA, paper sec. 4.1; :mod:`ddm_hpc.augment`): each step, every group takes one augmentation draw
 from its own generator, applied alike to its sampled real rows (before the real gradient) and to its synthetic
 images (differentiably, before the synthetic gradient): the siamese rule. The fixed evaluation before and after
@@ -45,7 +53,7 @@ Artifact ``synsets.h5`` has one group per level (``cluster``: K groups, ``class`
   <level>/init_loss, <level>/final_loss float32 [G]  loss on fixed evaluation pairs, before/after
   attrs: method, pairing, sign, distance, include_1d, unlearn_direction (+1: fine-tune by
          descent on the removed synsets, ddm; -1: by ascent, ddm-match), target (pairs or
-         displacement; absent in files made before it), augment (the DSA parts matched with, joined by _;
+         displacement or influence; absent in files made before it), augment (the DSA parts matched with, joined by _;
          only with --augment) + provenance
   <level>/layer_rates  float32 [G, n_tensors]     --layer-rates: each synset's rate per parameter tensor (attr
                                                   layer_rate_names), fitted to its target
@@ -237,50 +245,95 @@ class Matcher:
         self.members, self.sizes = group_members(groups, n_groups, self.group_ids)  # this shard's groups only
         self.n_groups = len(self.group_ids)
         self.impl = resolve_group_grads(dcfg.group_grads, device)
-        self.targets: list[torch.Tensor] | None = None  # --target displacement: per parameter [G, *shape]
+        self.targets: list[torch.Tensor] | None = None  # --target displacement/influence: per parameter [G, *shape]
         self.target_norm2: torch.Tensor | None = None  # [G] |target|^2, the relative L2's denominator
+
+    def _group_gradient_sums(self, t: int) -> list[torch.Tensor]:
+        """Per parameter [G, *shape]: each group's summed CE gradient at theta_t over *all* its rows (in column
+        chunks of ``batch_real``, blocks of ``DistillConfig.block`` groups). Nothing here is sampled."""
+        chunk, width, b = self.dcfg.block, self.members.shape[1], self.dcfg.batch_real
+        params = {k: v.detach() for k, v in self.reader.params(t).items()}
+        buffers = self.reader.buffers(t)
+        parts = []
+        for g0 in range(0, self.n_groups, chunk):
+            g1 = min(g0 + chunk, self.n_groups)
+            acc = None
+            for c0 in range(0, width, b):
+                cols = torch.arange(c0, min(c0 + b, width))
+                w = (cols[None, :] < self.sizes[g0:g1, None]).float()
+                if not w.any():
+                    break
+                r = self.members[g0:g1, c0:c0 + b]
+                keep = w.sum(1) > 0  # groups with rows in this column chunk
+                with torch.no_grad():
+                    g = per_group_grads(self.model, params, to_device(self.x[r[keep]], self.device),
+                                        to_device(self.y[r[keep]], self.device), to_device(w[keep], self.device),
+                                        self.impl, buffers)
+                n = to_device(w[keep].sum(1), self.device)
+                full = [torch.zeros(g1 - g0, *v.shape[1:], dtype=v.dtype, device=self.device) for v in g]
+                for f, v in zip(full, g):
+                    f[keep.to(self.device)] = v * n.reshape(-1, *[1] * (v.dim() - 1))  # sums, not means
+                acc = full if acc is None else [a + f for a, f in zip(acc, full)]
+            parts.append(acc)
+        return [torch.cat(p) for p in zip(*parts)]
+
+    def _set_targets(self, targets: list[torch.Tensor]) -> None:
+        self.targets = targets
+        self.target_norm2 = _group_norm(self.targets).square().clamp(min=1e-30)
 
     def set_displacement_targets(self, per_row: float, show_progress: bool = False) -> None:
         """Match every group to its whole contribution to training (``--target displacement``).
 
-        T_k = per_row * n_k * sum_{t < tau} mean grad L(theta_t; D_k), the mean over *all* of group k's rows (in
-        column chunks of ``batch_real``), so one fine-tune step of rate ``lr`` on a synset whose gradient at
-        theta_tau is -T_k moves theta by lr * T_k, what the group's rows contributed over training (``per_row``:
-        (epochs per recorded step) / (B (1 - momentum)), :func:`contribution_per_row`). Nothing here is sampled.
+        T_k = per_row * n_k * sum_{t < tau} mean grad L(theta_t; D_k), the mean over *all* of group k's rows, so one
+        fine-tune step of rate ``lr`` on a synset whose gradient at theta_tau is -T_k moves theta by lr * T_k, what
+        the group's rows contributed over training (``per_row``: (epochs per recorded step) / (B (1 - momentum)),
+        :func:`contribution_per_row`). Nothing here is sampled.
         """
-        tau, chunk = self.reader.tau, self.dcfg.block
+        tau = self.reader.tau
         if tau < 1:
             raise ConfigError("the trajectory has a single checkpoint: train for at least one epoch")
-        width, b = self.members.shape[1], self.dcfg.batch_real
         sums = None
         for t in progress(range(tau), "displacement targets", show_progress):
-            params = {k: v.detach() for k, v in self.reader.params(t).items()}
-            buffers = self.reader.buffers(t)
-            parts = []
-            for g0 in range(0, self.n_groups, chunk):
-                g1 = min(g0 + chunk, self.n_groups)
-                acc = None
-                for c0 in range(0, width, b):
-                    cols = torch.arange(c0, min(c0 + b, width))
-                    w = (cols[None, :] < self.sizes[g0:g1, None]).float()
-                    if not w.any():
-                        break
-                    r = self.members[g0:g1, c0:c0 + b]
-                    keep = w.sum(1) > 0  # groups with rows in this column chunk
-                    with torch.no_grad():
-                        g = per_group_grads(self.model, params, to_device(self.x[r[keep]], self.device),
-                                            to_device(self.y[r[keep]], self.device), to_device(w[keep], self.device),
-                                            self.impl, buffers)
-                    n = to_device(w[keep].sum(1), self.device)
-                    full = [torch.zeros(g1 - g0, *v.shape[1:], dtype=v.dtype, device=self.device) for v in g]
-                    for f, v in zip(full, g):
-                        f[keep.to(self.device)] = v * n.reshape(-1, *[1] * (v.dim() - 1))  # sums, not means
-                    acc = full if acc is None else [a + f for a, f in zip(acc, full)]
-                parts.append(acc)
-            step = [torch.cat(p) for p in zip(*parts)]
+            step = self._group_gradient_sums(t)
             sums = step if sums is None else [a + v for a, v in zip(sums, step)]
-        self.targets = [v * per_row for v in sums]
-        self.target_norm2 = _group_norm(self.targets).square().clamp(min=1e-30)
+        self._set_targets([v * per_row for v in sums])
+
+    def set_influence_targets(self, lr: float, damping: float, rows: torch.Tensor, show_progress: bool = False
+                              ) -> None:
+        """Match every group to its damped influence displacement at theta_tau (``--target influence``).
+
+        T_k = (F + damping I)^-1 (sum_{i in D_k} grad l_i(theta_tau)) / (N lr), with F = (1/n) sum_{i in rows}
+        grad l_i grad l_i^T the empirical Fisher of the training loss at theta_tau over ``rows`` (n of the N
+        training rows) and ``damping`` its ridge (:func:`influence_damping`: weight decay + the L2 penalty that
+        early stopping after the training's steps amounts to). One fine-tune step of rate ``lr`` on a synset whose
+        gradient at theta_tau is -T_k then moves theta by the damped Newton step of removing the group's rows.
+        Solved in float64 in whichever of the parameter space (P x P) or the rows' kernel (n x n, Woodbury) is
+        smaller (:func:`damped_fisher_solve`).
+        """
+        tau = self.reader.tau
+        theta = {k: v.detach() for k, v in self.reader.params(tau).items()}
+        buffers = self.reader.buffers(tau)
+        check_fisher_size(len(rows), sum(v.numel() for v in theta.values()))
+        sums = self._group_gradient_sums(tau)
+        shapes = [v.shape[1:] for v in sums]
+        per_row = []
+        for c0 in progress(range(0, len(rows), self.dcfg.batch_real), "influence: per-row gradients", show_progress):
+            r = rows[c0:c0 + self.dcfg.batch_real]
+            with torch.no_grad():
+                g = per_group_grads(self.model, theta, to_device(self.x[r][:, None], self.device),
+                                    to_device(self.y[r][:, None], self.device),
+                                    torch.ones(len(r), 1, device=self.device), self.impl, buffers)
+            per_row.append(torch.cat([v.reshape(len(r), -1) for v in g], 1).double())
+        m = torch.cat(per_row)
+        flat = torch.cat([v.reshape(self.n_groups, -1) for v in sums], 1).double()
+        n_train = len(self.x)
+        solved = damped_fisher_solve(m, flat, damping) / (n_train * lr)
+        out, p0 = [], 0
+        for v, shape in zip(sums, shapes):
+            n = v[0].numel()
+            out.append(solved[:, p0:p0 + n].reshape(self.n_groups, *shape).to(v.dtype))
+            p0 += n
+        self._set_targets(out)
 
     def losses(self, images: list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], pair: tuple[int, int],
                gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool, rated: bool = False,
@@ -436,6 +489,53 @@ def explained(syn: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tens
     return (dots.clamp(min=0).square() / norms.clamp(min=1e-30)).sum(0)
 
 
+FISHER_SOLVE_BYTES = 8 << 30  # the float64 system --target influence may build (P x P or n x n)
+
+
+def influence_damping(train: TrainConfig, n_train: int, damping: float = 0.0) -> float:
+    """``--target influence``'s ridge on the Fisher: weight decay plus ``damping``, or where that is 0, plus
+    (1 - momentum) / (lr x optimizer steps): training stopped after S steps of effective rate lr / (1 - momentum)
+    acts on each curvature direction like an L2 penalty of 1 / (effective rate x S) (early stopping as ridge), so
+    directions flatter than that keep the summed-gradient step and steeper ones the Newton step."""
+    if damping > 0:
+        return train.weight_decay + damping
+    steps = train.epochs * math.ceil(n_train / train.batch_size)
+    return train.weight_decay + (1.0 - train.momentum) / (train.lr * max(steps, 1))
+
+
+def influence_rows(n_train: int, fisher_rows: int, seed: int) -> torch.Tensor:
+    """int64 [n] the training rows ``--target influence`` estimates the Fisher on: all of them (``fisher_rows``
+    0 or >= N), else a seeded random subset of ``fisher_rows``, sorted."""
+    if fisher_rows <= 0 or fisher_rows >= n_train:
+        return torch.arange(n_train)
+    return torch.randperm(n_train, generator=generator(seed, 53))[:fisher_rows].sort().values
+
+
+def check_fisher_size(n: int, p: int) -> None:
+    """Refuses, in one line, a ``--target influence`` Fisher whose float64 per-row gradients (n x P) or system
+    (min(n, P) square) would pass ``FISHER_SOLVE_BYTES``."""
+    size = min(n, p)
+    if max(size * size, n * p) * 8 > FISHER_SOLVE_BYTES:
+        fit = max(1, min(int((FISHER_SOLVE_BYTES / 8) ** 0.5), FISHER_SOLVE_BYTES // (8 * p)))
+        raise ConfigError(f"--target influence would hold {n} Fisher rows x {p} parameters and solve a {size} x {size} "
+                          f"float64 system, over {FISHER_SOLVE_BYTES >> 30} GiB: pass --fisher-rows {fit} or fewer")
+
+
+def damped_fisher_solve(m: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+    """float64 [G, P]: (m^T m / n + damping I)^-1 b_g for each row b_g of ``b`` [G, P], ``m`` [n, P] the per-row
+    gradients. Solved in the parameter space when P <= n, else in the rows' kernel by Woodbury:
+    (b - m^T (n damping I + m m^T)^-1 m b) / damping. Refuses sizes over ``FISHER_SOLVE_BYTES``
+    (:func:`check_fisher_size`)."""
+    n, p = m.shape
+    check_fisher_size(n, p)
+    m, b = m.double(), b.double()
+    if p <= n:
+        a = m.T @ m / n + damping * torch.eye(p, dtype=m.dtype, device=m.device)
+        return torch.linalg.solve(a, b.T).T
+    k = m @ m.T + n * damping * torch.eye(n, dtype=m.dtype, device=m.device)
+    return (b - torch.linalg.solve(k, m @ b.T).T @ m) / damping
+
+
 def contribution_per_row(train: TrainConfig, tau: int) -> float:
     """What one training row's gradient adds to theta over one recorded step, per unit of lr: (epochs / tau) /
     (B (1 - momentum)). Each epoch applies lr/B times each row's gradient once, and momentum stretches it by
@@ -467,7 +567,8 @@ def init_images(x: torch.Tensor, members: torch.Tensor, sizes: torch.Tensor, ipc
 def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: torch.Tensor,
                    groups: torch.Tensor, group_class: torch.Tensor, dcfg: DistillConfig, seed: int,
                    device: torch.device, desc: str = "distill", show_progress: bool = True,
-                   group_ids: torch.Tensor | None = None, kernel: str = "auto", per_row: float = 0.0) -> Synset:
+                   group_ids: torch.Tensor | None = None, kernel: str = "auto", per_row: float = 0.0,
+                   influence: tuple[float, float, torch.Tensor] | None = None) -> Synset:
     """Learn ``ipc`` synthetic images for each group.
 
     Args:
@@ -482,17 +583,23 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
             are distilled with it.
         kernel: the matching loss's implementation (``--kernel``: auto, triton, reference).
         per_row: ``--target displacement`` only: the training's step per row (:func:`contribution_per_row`).
+        influence: ``--target influence`` only: (the training's lr, the Fisher's ridge (:func:`influence_damping`),
+            the Fisher's rows (:func:`influence_rows`)).
 
     The step loop never waits for the device: losses stay there until the end (one copy of the
     [G, steps] history), and the progress bar's loss is read every ``POSTFIX_EVERY`` steps, only when
     the bar is shown.
     """
     matcher = Matcher(model, reader, x, y, groups, len(group_class), dcfg, device, group_ids, kernel)
-    displacement = dcfg.target == "displacement"
-    if displacement:
+    displacement = dcfg.fixed_target  # one fixed target per group, matched at theta_tau
+    if dcfg.target == "displacement":
         if per_row <= 0:
             raise ValueError("--target displacement needs per_row > 0 (contribution_per_row of the training)")
         matcher.set_displacement_targets(per_row, show_progress)
+    elif dcfg.target == "influence":
+        if influence is None:
+            raise ValueError("--target influence needs (lr, damping, rows)")
+        matcher.set_influence_targets(*influence, show_progress=show_progress)
     ids = matcher.group_ids.tolist()
     n_groups = len(ids)
     images = init_images(x, matcher.members, matcher.sizes, dcfg.ipc, dcfg.init,
@@ -628,7 +735,10 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
         s = distill_groups(model, reader, bundle.x_train, bundle.y_train, groups, gclass, cfg.distill,
                            cfg.seed + 1000 * i, device, f"distill[{level} {lo}:{hi}]", cfg.runtime.progress,
                            group_ids=torch.arange(lo, hi), kernel=cfg.runtime.kernel,
-                           per_row=contribution_per_row(cfg.train, reader.tau))
+                           per_row=contribution_per_row(cfg.train, reader.tau),
+                           influence=(cfg.train.lr, influence_damping(cfg.train, len(bundle.y_train), cfg.distill.damping),
+                                      influence_rows(len(bundle.y_train), cfg.distill.fisher_rows, cfg.seed))
+                           if cfg.distill.target == "influence" else None)
         seconds = time.perf_counter() - t1
         log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,
                  n, s.init_loss.mean(), s.final_loss.mean(), seconds)

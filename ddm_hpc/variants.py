@@ -121,6 +121,20 @@ def displacement_matching(stages: tuple[str, ...] = ("distill", "attribute"), pa
                           attribute={"finetune_scale": "uniform", "finetune_steps": 1})
 
 
+# --target influence's settings: ddm-disp's synsets (learned labels, 10 images, Adam, 50 steps, per-tensor rates)
+# matched to the damped influence displacement at theta_tau instead of the summed trajectory gradient. Its scale is
+# the training's own (the ridge comes from the number of steps), so nothing is retrained: no --contraction.
+INFLUENCE = {**DISPLACEMENT, "target": "influence", "contraction": 0}
+
+
+def influence_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None
+                       ) -> Variant:
+    """``RUN/variants/ddm-inf``: synsets matched at theta_tau to each cluster's damped influence displacement
+    (``--target influence``) with per-tensor rates, removed by one fine-tune step."""
+    return synset_variant("ddm-inf", INFLUENCE, stages, parent,
+                          attribute={"finetune_scale": "uniform", "finetune_steps": 1})
+
+
 def paper_method(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
     """``RUN/variants/ddm-paper``: the paper's DDM on this run's trajectory and clusters, whatever this run's own
     distill and attribute options: every distill option at its default (reverse matching, hard labels, ipc 1,
@@ -144,5 +158,5 @@ def sequential_clusters() -> Variant:
     return Variant("variants/ddm-seq", over, ("train",), ("cluster", "distill", "attribute"))
 
 
-__all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "synset_variant", "forward_matching", "learned_labels",
+__all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "INFLUENCE", "synset_variant", "influence_matching", "forward_matching", "learned_labels",
            "displacement_matching", "paper_method", "sequential_clusters"]

@@ -391,37 +391,43 @@ def test_hierarchical_row_locates_the_searchs_pick(protocols):
         np.testing.assert_allclose(g["scores"][()], cls[:, cluster_class] / sizes[cluster_class], rtol=1e-6)
 
 
-def _displacement_variant(evaluated, monkeypatch):
-    """The evaluated run's ``ddm-disp`` variant, small (3 matching steps, 2 images per cluster): (config, directory)."""
+def _displacement_variant(evaluated, monkeypatch, method: str = "ddm-disp"):
+    """The evaluated run's ``ddm-disp`` (or ``ddm-inf``) variant, small (3 matching steps, 2 images per cluster):
+    (config, directory)."""
     from ddm_hpc import variants
     from ddm_hpc.pipeline import materialise
-    monkeypatch.setitem(variants.DISPLACEMENT, "distill_steps", 3)
-    monkeypatch.setitem(variants.DISPLACEMENT, "ipc", 2)
+    settings, make = {"ddm-disp": (variants.DISPLACEMENT, variants.displacement_matching),
+                      "ddm-inf": (variants.INFLUENCE, variants.influence_matching)}[method]
+    monkeypatch.setitem(settings, "distill_steps", 3)
+    monkeypatch.setitem(settings, "ipc", 2)
     cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
                             "runtime": {"out": str(evaluated), "progress": False}})
-    (out,) = materialise(cfg, [variants.displacement_matching()])
+    (out,) = materialise(cfg, [make()])
     return cfg, out
 
 
-def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monkeypatch):
-    """``ddm-disp``: its variant distils --target displacement synsets with per-tensor rates a_k and fine-tunes one
-    unweighted step of rate lr per cluster; its Dist2 scores are the CE change at theta_tau - lr c a_k * grad
-    L(theta_tau; S_k) (recomputed here from the synsets, their stored rates and the --contraction factors c), and
-    they also locate its Dist1."""
+@pytest.mark.parametrize("method, target", [("ddm-disp", "displacement"), ("ddm-inf", "influence")])
+def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monkeypatch, method, target):
+    """``ddm-disp`` and ``ddm-inf``: the variant distils --target displacement (influence) synsets with per-tensor
+    rates a_k and fine-tunes one unweighted step of rate lr per cluster; its Dist2 scores are the CE change at
+    theta_tau - lr c a_k * grad L(theta_tau; S_k) (recomputed here from the synsets, their stored rates and the
+    --contraction factors c, which only ddm-disp fits), and they also locate its Dist1."""
     from torch.func import functional_call
 
     from ddm_hpc.methods import score_methods
     from ddm_hpc.trajectory import TrajectoryReader
 
-    cfg, out = _displacement_variant(evaluated, monkeypatch)
+    cfg, out = _displacement_variant(evaluated, monkeypatch, method)
     ctx = RunContext(cfg)
-    res = score_methods(ctx, ["ddm-disp"])["ddm-disp"]
+    res = score_methods(ctx, [method])[method]
     assert torch.equal(res.for_metric("dist1"), res.for_metric("dist2"))
     with h5py.File(out / "synsets.h5") as f:
-        assert f.attrs["target"] == "displacement"
+        assert f.attrs["target"] == target
         images, targets = torch.from_numpy(f["cluster/images"][()]), torch.from_numpy(f["cluster/targets"][()])
         rates, names = torch.from_numpy(f["cluster/layer_rates"][()]), json.loads(f.attrs["layer_rate_names"])
-        rates = rates * torch.from_numpy(f["contraction"][()])[None]  # --contraction (ddm-disp fits one)
+        assert ("contraction" in f) == (method == "ddm-disp")
+        if "contraction" in f:
+            rates = rates * torch.from_numpy(f["contraction"][()])[None]  # --contraction (ddm-disp fits one)
     reader = TrajectoryReader.of_run(evaluated)
     theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
     model = ctx.build_model().eval()

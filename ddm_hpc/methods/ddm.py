@@ -15,6 +15,10 @@
               on this run's train.h5 and clusters.h5: each synset's gradient at theta_tau matched to its
               cluster's whole training contribution, removed by one fine-tune step at per-tensor rates
               fitted to it (``--layer-rates``); Dist1 located by its Dist2 (CE) scores.
+  ddm-inf     influence matching (``--target influence``, not in the paper), run in ``RUN/variants/ddm-inf``: as
+              ddm-disp, each synset matched to its cluster's damped influence displacement at theta_tau,
+              (F + lambda I)^-1 times its summed gradient over N (F the empirical Fisher of the training rows,
+              lambda the weight decay plus the ridge early stopping after the training's steps amounts to).
   ddm-hier    this run's class-first hierarchical search (Eq. 11): Dist1/2/3 locate the cluster it
               picks inside the class it picks; its LDS reads the class scores spread evenly over each
               class's clusters (the search has no score for clusters outside the chosen class).
@@ -35,8 +39,8 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.methods.base import AttributionMethod, MethodResult
 from ddm_hpc.storage import artifact_path, open_read, read_attrs
-from ddm_hpc.variants import (Variant, displacement_matching, forward_matching, learned_labels, paper_method,
-                              sequential_clusters)
+from ddm_hpc.variants import (Variant, displacement_matching, forward_matching, influence_matching, learned_labels,
+                              paper_method, sequential_clusters)
 
 
 def read_ddm_scores(run_dir: Path, note: str, dist1_by: str = "dist1") -> MethodResult:
@@ -152,6 +156,16 @@ class DDMDisp(_VariantDDM, name="ddm-disp", label="DDM, displacement matching",
 
     def score(self, ctx: RunContext) -> MethodResult:
         return read_ddm_scores(self.variant().directory(ctx.cfg), self.note, dist1_by="dist2")
+
+
+class DDMInf(DDMDisp, name="ddm-inf", label="DDM, influence matching",
+             help="synsets matched at theta_tau to each cluster's damped influence displacement, one fine-tune step",
+             scatter=True, table4="DDM, influence matching"):
+    note = ("--target influence --layer-rates: ddm-disp's synsets matched at theta_tau to (F + lambda I)^-1 times the "
+            "cluster's summed gradient (F the empirical Fisher, lambda from the training's steps), one fine-tune step")
+
+    def variant(self) -> Variant:
+        return influence_matching()
 
 
 def hierarchical_scores(run_dir: Path, cluster_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:

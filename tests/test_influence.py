@@ -1,0 +1,153 @@
+"""Influence matching (``--target influence``): the damped Fisher solve, the targets, the ridge, option checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_displacement import _data, _model, _trajectory
+from torch.func import functional_call
+
+from ddm_hpc import distill
+from ddm_hpc.config import Config, DistillConfig, TrainConfig, _key_dict
+from ddm_hpc.distill import (Matcher, damped_fisher_solve, distill_groups, influence_damping, influence_rows,
+                             per_group_grads)
+from ddm_hpc.errors import ConfigError
+from ddm_hpc.trajectory import MemoryTrajectory
+
+
+@pytest.mark.parametrize("n, p", [(40, 7), (7, 40)])  # the parameter-space solve, and Woodbury's kernel solve
+def test_damped_fisher_solve_is_the_explicit_inverse(n, p):
+    g = torch.Generator().manual_seed(1)
+    m, b = torch.randn(n, p, generator=g, dtype=torch.float64), torch.randn(3, p, generator=g, dtype=torch.float64)
+    for damping in (1e-3, 0.5):
+        want = torch.linalg.inv(m.T @ m / n + damping * torch.eye(p, dtype=torch.float64)) @ b.T
+        torch.testing.assert_close(damped_fisher_solve(m.float(), b.float(), damping), want.T.float().double(),
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(damped_fisher_solve(m, b, damping), want.T, rtol=1e-9, atol=1e-11)
+
+
+def test_damped_fisher_solve_refuses_a_system_too_large(monkeypatch):
+    monkeypatch.setattr(distill, "FISHER_SOLVE_BYTES", 8 * 110)
+    m = torch.randn(20, 11)
+    with pytest.raises(ConfigError, match="20 Fisher rows x 11 parameters and solve a 11 x 11 float64 system, .* "
+                                          "pass --fisher-rows 10 or fewer"):
+        damped_fisher_solve(m, torch.randn(2, 11), 0.1)
+    assert damped_fisher_solve(m[:10], torch.randn(2, 11), 0.1).shape == (2, 11)  # 10 x 11 rows: fits
+    monkeypatch.setattr(distill, "FISHER_SOLVE_BYTES", 8 * 99)
+    with pytest.raises(ConfigError, match="pass --fisher-rows 9 or fewer"):  # 10 rows x 11 parameters no longer fit
+        damped_fisher_solve(m[:10], torch.randn(2, 11), 0.1)
+
+
+def test_the_ridge_is_weight_decay_plus_early_stopping():
+    """(1 - momentum) / (lr x optimizer steps): 90 rows in batches of 30 for 4 epochs are 12 steps; 91 rows are 16."""
+    t = TrainConfig(epochs=4, batch_size=30, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    assert influence_damping(t, 90) == pytest.approx(1e-3 + 0.1 / (0.05 * 12))
+    assert influence_damping(t, 91) == pytest.approx(1e-3 + 0.1 / (0.05 * 16))
+    assert influence_damping(t, 90, damping=0.2) == pytest.approx(1e-3 + 0.2)
+
+
+def test_fisher_rows_are_all_or_a_seeded_subset():
+    assert torch.equal(influence_rows(50, 0, 0), torch.arange(50))
+    assert torch.equal(influence_rows(50, 50, 0), torch.arange(50))
+    rows = influence_rows(50, 12, 0)
+    assert len(rows) == 12 and len(set(rows.tolist())) == 12 and torch.equal(rows, rows.sort().values)
+    assert torch.equal(rows, influence_rows(50, 12, 0)) and not torch.equal(rows, influence_rows(50, 12, 1))
+
+
+@pytest.mark.parametrize("chunks", [(64, 32), (4, 2)])  # (batch_real, group_chunk): one chunk, or many
+@pytest.mark.parametrize("subset", [False, True])
+def test_influence_targets_are_the_damped_newton_step_of_removing_each_group(chunks, subset):
+    """T_k = (F + lambda I)^-1 (sum_{i in k} grad l_i(theta_tau)) / (N lr), F = (1/n) sum_i grad l_i grad l_i^T over
+    the Fisher rows, against per-row gradients by plain autograd and an explicit float64 inverse, whatever the
+    chunking; and one step of rate lr along T_k satisfies the Newton equation (F + lambda) N dtheta = group sum."""
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    b, chunk = chunks
+    rows = influence_rows(len(x), 25 if subset else 0, seed=0)
+    lam = influence_damping(tcfg, len(x))
+    m = Matcher(_model(), reader, x, y, groups, 6, DistillConfig(batch_real=b, group_chunk=chunk), torch.device("cpu"))
+    m.set_influence_targets(tcfg.lr, lam, rows)
+    model = _model()
+    p = {n: v.detach().requires_grad_(True) for n, v in reader.params(reader.tau).items()}
+
+    def flat_grad(loss):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(p.values()))]).double()
+
+    per = torch.stack([flat_grad(F.cross_entropy(functional_call(model, p, (x[i:i + 1],)), y[i:i + 1])) for i in rows])
+    fisher = per.T @ per / len(rows) + lam * torch.eye(per.shape[1], dtype=torch.float64)
+    assert per.shape[1] > len(rows)  # the kernel (Woodbury) form is the one under test here
+    got = torch.cat([v.reshape(6, -1) for v in m.targets], 1).double()
+    for k in (0, 5):
+        sel = groups == k
+        summed = flat_grad(F.cross_entropy(functional_call(model, p, (x[sel],)), y[sel], reduction="sum"))
+        want = torch.linalg.solve(fisher, summed) / (len(x) * tcfg.lr)
+        torch.testing.assert_close(got[k], want, rtol=2e-4, atol=1e-6)
+        torch.testing.assert_close(len(x) * fisher @ (tcfg.lr * got[k]), summed, rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(m.target_norm2, got.pow(2).sum(1).float(), rtol=1e-4, atol=1e-8)
+
+
+def test_influence_matching_lowers_the_relative_error_to_its_targets():
+    """The matching (same relative L2 as displacement, at theta_tau) lowers every group's error to the influence
+    targets; final_loss is recomputed from the returned synsets."""
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    dcfg = DistillConfig(target="influence", syn_labels="learn", ipc=3, optimizer="adam", lr_img=0.05,
+                         lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2)
+    lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 0, 0)
+    syn = distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
+                         torch.device("cpu"), show_progress=False, influence=(tcfg.lr, lam, rows))
+    assert (syn.final_loss < syn.init_loss).all()
+    m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
+    m.set_influence_targets(tcfg.lr, lam, rows)
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    g = per_group_grads(_model(), theta, syn.images, syn.targets, torch.ones(6, 3), "loop")
+    err = sum((a + b).reshape(6, -1).pow(2).sum(1) for a, b in zip(g, m.targets)) / m.target_norm2
+    torch.testing.assert_close(err, torch.from_numpy(syn.final_loss), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="needs .lr, damping, rows"):
+        distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
+                       torch.device("cpu"), show_progress=False)
+
+
+def test_influence_options_are_checked_and_stay_out_of_existing_stage_keys():
+    with pytest.raises(ConfigError, match="--target influence reverses .* --method ddm"):
+        DistillConfig(target="influence", method="ddm-match")
+    with pytest.raises(ConfigError, match="--damping and --fisher-rows .* --target influence"):
+        DistillConfig(target="displacement", damping=0.1)
+    with pytest.raises(ConfigError, match="--damping and --fisher-rows .* --target influence"):
+        DistillConfig(fisher_rows=100)
+    with pytest.raises(ConfigError, match="--damping is a ridge"):
+        DistillConfig(target="influence", damping=-1.0)
+    with pytest.raises(ConfigError, match="--fisher-rows is a number"):
+        DistillConfig(target="influence", fisher_rows=-3)
+    with pytest.raises(ConfigError, match="--augment .* --target influence has none"):
+        DistillConfig(target="influence", augment="dsa")
+    DistillConfig(target="influence", layer_rates=True, contraction=1)  # rates and contraction apply as well
+    key = _key_dict(DistillConfig(target="influence"))
+    assert key["target"] == "influence" and "damping" not in key and "fisher_rows" not in key
+    assert "damping" not in _key_dict(DistillConfig()) and "fisher_rows" not in _key_dict(DistillConfig())
+    assert _key_dict(DistillConfig(target="influence", damping=0.5, fisher_rows=9))["fisher_rows"] == 9
+    from ddm_hpc.attribute import check
+    with pytest.raises(ConfigError, match="--target influence synsets .* --finetune-steps 1"):
+        check(Config.from_dict({"distill": {"target": "influence"}}))
+    assert math.isfinite(influence_damping(TrainConfig(), 10))
+
+
+@pytest.mark.gpu
+def test_influence_targets_on_cuda_match_the_cpu():
+    """The per-row gradients, group sums and float64 solve on the GPU give the CPU's targets (float32 gradients:
+    a relative 1e-3)."""
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 0, 0)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        on = MemoryTrajectory(reader.table, reader.rows, dev)  # the checkpoints on the device, as distill reads them
+        m = Matcher(_model().to(dev), on, x, y, groups, 6, DistillConfig(), torch.device(dev))
+        m.set_influence_targets(tcfg.lr, lam, rows)
+        out[dev] = torch.cat([v.reshape(6, -1).cpu() for v in m.targets], 1)
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-3, atol=1e-5)
