@@ -9,7 +9,7 @@ displacement (saved by ``displacement_targets.py --exact --tangents F``), with e
 
 Rows: the empirical Fisher (per-row gradients at their labels, what the pipeline uses) at the automatic ridge
 (weight decay + (1 - momentum) / (lr x steps)) and at ``--dampings`` instead; ``--fisher-rows n ...``: estimated on
-n random rows; ``--mc``: the Fisher with labels sampled from the model (unbiased for the Gauss-Newton matrix);
+n random rows; ``--fisher-ranks r ...``: its top r eigenpairs (``--fisher-rank``); ``--mc``: the Fisher with labels sampled from the model (unbiased for the Gauss-Newton matrix);
 ``--ggn``: the exact Gauss-Newton matrix (every class's log-probability gradient, eigendecomposed: P x P, minutes).
 
     OMP_NUM_THREADS=2 python benchmarks/influence_targets.py runs_gt/seed0 --tangents tangents_seed0.pt --mc --ggn
@@ -35,14 +35,14 @@ from displacement_targets import flat_grads, score_stepped, uniform_targets  # n
 from score_more import open_run  # noqa: E402
 
 
-def pipeline_targets(ctx, reader, model, damping: float, fisher_rows: int) -> torch.Tensor:
+def pipeline_targets(ctx, reader, model, damping: float, fisher_rows: int, rank: int = 0) -> torch.Tensor:
     """float64 [K, P]: lr x the --target influence targets of every cluster (their displacements), by the pipeline."""
     cfg = ctx.cfg
     n = len(ctx.bundle.y_train)
     m = Matcher(model, reader, ctx.bundle.x_train, ctx.bundle.y_train, ctx.assignment, ctx.k, DistillConfig(),
                 torch.device("cpu"))
     m.set_influence_targets(cfg.train.lr, influence_damping(cfg.train, n, damping),
-                            influence_rows(n, fisher_rows, cfg.seed))
+                            influence_rows(n, fisher_rows, cfg.seed), rank=rank, seed=cfg.seed)
     return torch.cat([v.reshape(ctx.k, -1) for v in m.targets], 1).double() * cfg.train.lr
 
 
@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--dampings", nargs="*", type=float, default=[], help="ridges besides weight decay to add rows "
                     "for (the automatic one is always a row)")
     ap.add_argument("--fisher-rows", nargs="*", type=int, default=[], help="also rows with the Fisher on n random rows")
+    ap.add_argument("--fisher-ranks", nargs="*", type=int, default=[], help="also rows with the Fisher's top r "
+                    "eigenpairs (--fisher-rank r)")
     ap.add_argument("--mc", action="store_true", help="also the Fisher at labels sampled from the model")
     ap.add_argument("--ggn", action="store_true", help="also the exact Gauss-Newton matrix (minutes)")
     ap.add_argument("--json", help="also write {row: {'<removal>/<metric>[@alpha]': mean}} here (for --seeds)")
@@ -116,6 +118,8 @@ def main() -> None:
             ctx, reader, model, d, 0)
     for r in args.fisher_rows:
         rows[f"influence, empirical Fisher on {r} rows, lambda auto"] = pipeline_targets(ctx, reader, model, 0.0, r)
+    for r in args.fisher_ranks:
+        rows[f"influence, empirical Fisher of rank {r}, lambda auto"] = pipeline_targets(ctx, reader, model, 0.0, 0, r)
     sums = flat_grads(model, theta, ctx.bundle.x_train, ctx.bundle.y_train, ctx.assignment, ctx.k).double() * \
         torch.bincount(ctx.assignment, minlength=ctx.k).double()[:, None] / n  # sum_{i in k} grad l_i / N
     if args.mc:

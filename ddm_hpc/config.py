@@ -224,6 +224,10 @@ class DistillConfig:
     fisher_rows: int = field(default=0, metadata=_help(
         "--target influence only: estimate the Fisher on this many random training rows (bounds the n x n or "
         "P x P system solved); 0 = all", added=True))
+    fisher_rank: int = field(default=0, metadata=_help(
+        "--target influence only: use the Fisher's top this many eigenpairs (a randomized range finder streamed "
+        "over the per-row gradients: P x rank memory, no n x P matrix), the rest at the ridge alone; 0 = the exact "
+        "Fisher", added=True))
     augment: str = field(default="", metadata=_help(
         "differentiable siamese augmentation (DSA) during matching: each step, one draw per group applied to its "
         "real minibatch and its synthetic images alike (paper sec. 4.1). dsa = DSA's digit strategy "
@@ -246,9 +250,11 @@ class DistillConfig:
                               f"{self.damping}")
         if self.fisher_rows < 0:
             raise ConfigError(f"--fisher-rows is a number of training rows (0 = all); got {self.fisher_rows}")
-        if (self.damping or self.fisher_rows) and self.target != "influence":
-            raise ConfigError("--damping and --fisher-rows shape --target influence's Fisher: pass --target influence, "
-                              "or leave them at 0")
+        if self.fisher_rank < 0:
+            raise ConfigError(f"--fisher-rank is a number of eigenpairs (0 = the exact Fisher); got {self.fisher_rank}")
+        if (self.damping or self.fisher_rows or self.fisher_rank) and self.target != "influence":
+            raise ConfigError("--damping, --fisher-rows and --fisher-rank shape --target influence's Fisher: pass "
+                              "--target influence, or leave them at 0")
         if self.contraction < 0:
             raise ConfigError(f"--contraction is a number of retrainings (0 = off); got {self.contraction}")
         if self.contraction and not self.layer_rates:

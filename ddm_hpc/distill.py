@@ -24,7 +24,8 @@ empirical Fisher of the training rows at theta_tau (per-row gradients, one pass)
 (1 - momentum) / (lr x optimizer steps), the ridge that stopping after that many steps amounts to
 (:func:`influence_damping`): directions flatter than that keep the summed-gradient step, steeper ones, which later
 training contracts, get the Newton step (:meth:`Matcher.set_influence_targets`, :func:`damped_fisher_solve`). No
-trajectory sum and no retraining: the scale is the training's own.
+trajectory sum and no retraining: the scale is the training's own. ``--fisher-rank r`` keeps F's top r eigenpairs
+(:func:`low_rank_fisher`, streamed: P x r memory) where the exact F does not fit.
 
 ``--augment`` (DSA, paper sec. 4.1; :mod:`ddm_hpc.augment`): each step, every group takes one augmentation draw
 from its own generator, applied alike to its sampled real rows (before the real gradient) and to its synthetic
@@ -298,8 +299,8 @@ class Matcher:
             sums = step if sums is None else [a + v for a, v in zip(sums, step)]
         self._set_targets([v * per_row for v in sums])
 
-    def set_influence_targets(self, lr: float, damping: float, rows: torch.Tensor, show_progress: bool = False
-                              ) -> None:
+    def set_influence_targets(self, lr: float, damping: float, rows: torch.Tensor, show_progress: bool = False,
+                              rank: int = 0, seed: int = 0) -> None:
         """Match every group to its damped influence displacement at theta_tau (``--target influence``).
 
         T_k = (F + damping I)^-1 (sum_{i in D_k} grad l_i(theta_tau)) / (N lr), with F = (1/n) sum_{i in rows}
@@ -307,31 +308,39 @@ class Matcher:
         training rows) and ``damping`` its ridge (:func:`influence_damping`: weight decay + the L2 penalty that
         early stopping after the training's steps amounts to). One fine-tune step of rate ``lr`` on a synset whose
         gradient at theta_tau is -T_k then moves theta by the damped Newton step of removing the group's rows.
-        Solved in float64 in whichever of the parameter space (P x P) or the rows' kernel (n x n, Woodbury) is
-        smaller (:func:`damped_fisher_solve`).
+        ``rank`` 0: F exactly, solved in float64 in whichever of the parameter space (P x P) or the rows' kernel
+        (n x n, Woodbury) is smaller (:func:`damped_fisher_solve`); ``rank`` r > 0: F's top r eigenpairs, found by
+        a randomized range finder streamed over the per-row gradients (:func:`low_rank_fisher`, seeded by ``seed``),
+        so memory is P x O(r) and no n x P matrix is held.
         """
         tau = self.reader.tau
         theta = {k: v.detach() for k, v in self.reader.params(tau).items()}
         buffers = self.reader.buffers(tau)
-        check_fisher_size(len(rows), sum(v.numel() for v in theta.values()))
+        size = sum(v.numel() for v in theta.values())
+        check_fisher_size(len(rows), size, rank)
         sums = self._group_gradient_sums(tau)
-        shapes = [v.shape[1:] for v in sums]
-        per_row = []
-        for c0 in progress(range(0, len(rows), self.dcfg.batch_real), "influence: per-row gradients", show_progress):
-            r = rows[c0:c0 + self.dcfg.batch_real]
-            with torch.no_grad():
-                g = per_group_grads(self.model, theta, to_device(self.x[r][:, None], self.device),
-                                    to_device(self.y[r][:, None], self.device),
-                                    torch.ones(len(r), 1, device=self.device), self.impl, buffers)
-            per_row.append(torch.cat([v.reshape(len(r), -1) for v in g], 1).double())
-        m = torch.cat(per_row)
         flat = torch.cat([v.reshape(self.n_groups, -1) for v in sums], 1).double()
-        n_train = len(self.x)
-        solved = damped_fisher_solve(m, flat, damping) / (n_train * lr)
+
+        def row_chunks(desc: str):
+            """float64 [c, P] per-row gradients at theta_tau over ``rows``, a chunk of ``batch_real`` at a time."""
+            for c0 in progress(range(0, len(rows), self.dcfg.batch_real), desc, show_progress):
+                r = rows[c0:c0 + self.dcfg.batch_real]
+                with torch.no_grad():
+                    g = per_group_grads(self.model, theta, to_device(self.x[r][:, None], self.device),
+                                        to_device(self.y[r][:, None], self.device),
+                                        torch.ones(len(r), 1, device=self.device), self.impl, buffers)
+                yield torch.cat([v.reshape(len(r), -1) for v in g], 1).double()
+
+        if rank:
+            vecs, vals = low_rank_fisher(row_chunks, len(rows), size, rank, generator(seed, 59), self.device)
+            solved = low_rank_solve(vecs, vals, flat, damping)
+        else:
+            solved = damped_fisher_solve(torch.cat(list(row_chunks("influence: per-row gradients"))), flat, damping)
+        solved = solved / (len(self.x) * lr)
         out, p0 = [], 0
-        for v, shape in zip(sums, shapes):
+        for v in sums:
             n = v[0].numel()
-            out.append(solved[:, p0:p0 + n].reshape(self.n_groups, *shape).to(v.dtype))
+            out.append(solved[:, p0:p0 + n].reshape(v.shape).to(v.dtype))
             p0 += n
         self._set_targets(out)
 
@@ -490,6 +499,8 @@ def explained(syn: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tens
 
 
 FISHER_SOLVE_BYTES = 8 << 30  # the float64 system --target influence may build (P x P or n x n)
+FISHER_OVERSAMPLE = 16  # --fisher-rank's range finder: extra columns beyond the rank (Halko et al.: 5-20)
+FISHER_POWER_ITERS = 2  # --fisher-rank's subspace iterations (each one more pass of per-row gradients)
 
 
 def influence_damping(train: TrainConfig, n_train: int, damping: float = 0.0) -> float:
@@ -511,14 +522,57 @@ def influence_rows(n_train: int, fisher_rows: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_train, generator=generator(seed, 53))[:fisher_rows].sort().values
 
 
-def check_fisher_size(n: int, p: int) -> None:
-    """Refuses, in one line, a ``--target influence`` Fisher whose float64 per-row gradients (n x P) or system
-    (min(n, P) square) would pass ``FISHER_SOLVE_BYTES``."""
+def check_fisher_size(n: int, p: int, rank: int = 0) -> None:
+    """Refuses, in one line, a ``--target influence`` Fisher over ``FISHER_SOLVE_BYTES`` in float64: exact
+    (``rank`` 0), its per-row gradients (n x P) or its system (min(n, P) square); low rank, the range finder's
+    three P x (rank + oversampling) matrices."""
+    if rank:
+        need = 3 * p * (rank + FISHER_OVERSAMPLE) * 8
+        if need > FISHER_SOLVE_BYTES:
+            fit = max(1, FISHER_SOLVE_BYTES // (3 * 8 * p) - FISHER_OVERSAMPLE)
+            raise ConfigError(f"--fisher-rank {rank} would hold 3 x {p} x {rank + FISHER_OVERSAMPLE} float64, over "
+                              f"{FISHER_SOLVE_BYTES >> 30} GiB: pass --fisher-rank {fit} or fewer")
+        return
     size = min(n, p)
     if max(size * size, n * p) * 8 > FISHER_SOLVE_BYTES:
         fit = max(1, min(int((FISHER_SOLVE_BYTES / 8) ** 0.5), FISHER_SOLVE_BYTES // (8 * p)))
         raise ConfigError(f"--target influence would hold {n} Fisher rows x {p} parameters and solve a {size} x {size} "
-                          f"float64 system, over {FISHER_SOLVE_BYTES >> 30} GiB: pass --fisher-rows {fit} or fewer")
+                          f"float64 system, over {FISHER_SOLVE_BYTES >> 30} GiB: pass --fisher-rank (e.g. 256), or "
+                          f"--fisher-rows {fit} or fewer")
+
+
+def low_rank_fisher(row_chunks, n: int, p: int, rank: int, gen: torch.Generator, device: torch.device,
+                    power: int = FISHER_POWER_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vectors float64 [P, r], values float64 [r]): the top ``rank`` eigenpairs of F = (1/n) sum_i g_i g_i^T by a
+    randomized range finder (Halko, Martinsson & Tropp 2011, with ``power`` subspace iterations), each product
+    F X = (1/n) sum_chunks M_c^T (M_c X) streamed over ``row_chunks(desc)``, which yields the per-row gradients
+    M_c [c, P] again on every call (one pass per product; ``power + 2`` passes in all)."""
+    width = min(rank + FISHER_OVERSAMPLE, p)
+
+    def times(x: torch.Tensor, desc: str) -> torch.Tensor:
+        acc = torch.zeros_like(x)
+        for m in row_chunks(desc):
+            acc += m.T @ (m @ x)
+        return acc / n
+
+    omega = torch.randn(p, width, generator=gen, dtype=torch.float64).to(device)
+    q = torch.linalg.qr(times(omega, "influence: Fisher range")).Q
+    for i in range(power):
+        q = torch.linalg.qr(times(q, f"influence: power iteration {i + 1}")).Q
+    small = torch.zeros(width, width, dtype=torch.float64, device=device)
+    for m in row_chunks("influence: Fisher projection"):
+        mq = m @ q
+        small += mq.T @ mq
+    vals, vecs = torch.linalg.eigh(small / n)
+    keep = min(rank, width)
+    return q @ vecs[:, -keep:].flip(1), vals[-keep:].flip(0).clamp(min=0)
+
+
+def low_rank_solve(vecs: torch.Tensor, vals: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+    """float64 [G, P]: (V diag(vals) V^T + damping I)^-1 b_g for each row of ``b``, V = ``vecs`` orthonormal [P, r]:
+    V diag(1 / (vals + damping)) V^T b + (b - V V^T b) / damping."""
+    coef = b.double() @ vecs  # [G, r]
+    return (b.double() - coef @ vecs.T) / damping + (coef / (vals + damping)) @ vecs.T
 
 
 def damped_fisher_solve(m: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
@@ -568,7 +622,7 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
                    groups: torch.Tensor, group_class: torch.Tensor, dcfg: DistillConfig, seed: int,
                    device: torch.device, desc: str = "distill", show_progress: bool = True,
                    group_ids: torch.Tensor | None = None, kernel: str = "auto", per_row: float = 0.0,
-                   influence: tuple[float, float, torch.Tensor] | None = None) -> Synset:
+                   influence: tuple[float, float, torch.Tensor, int, int] | None = None) -> Synset:
     """Learn ``ipc`` synthetic images for each group.
 
     Args:
@@ -584,7 +638,7 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         kernel: the matching loss's implementation (``--kernel``: auto, triton, reference).
         per_row: ``--target displacement`` only: the training's step per row (:func:`contribution_per_row`).
         influence: ``--target influence`` only: (the training's lr, the Fisher's ridge (:func:`influence_damping`),
-            the Fisher's rows (:func:`influence_rows`)).
+            the Fisher's rows (:func:`influence_rows`), its rank (0 = exact), the range finder's seed).
 
     The step loop never waits for the device: losses stay there until the end (one copy of the
     [G, steps] history), and the progress bar's loss is read every ``POSTFIX_EVERY`` steps, only when
@@ -598,8 +652,9 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         matcher.set_displacement_targets(per_row, show_progress)
     elif dcfg.target == "influence":
         if influence is None:
-            raise ValueError("--target influence needs (lr, damping, rows)")
-        matcher.set_influence_targets(*influence, show_progress=show_progress)
+            raise ValueError("--target influence needs (lr, damping, rows, rank, seed)")
+        lr, damping, rows, rank, range_seed = influence
+        matcher.set_influence_targets(lr, damping, rows, show_progress, rank, range_seed)
     ids = matcher.group_ids.tolist()
     n_groups = len(ids)
     images = init_images(x, matcher.members, matcher.sizes, dcfg.ipc, dcfg.init,
@@ -737,7 +792,8 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
                            group_ids=torch.arange(lo, hi), kernel=cfg.runtime.kernel,
                            per_row=contribution_per_row(cfg.train, reader.tau),
                            influence=(cfg.train.lr, influence_damping(cfg.train, len(bundle.y_train), cfg.distill.damping),
-                                      influence_rows(len(bundle.y_train), cfg.distill.fisher_rows, cfg.seed))
+                                      influence_rows(len(bundle.y_train), cfg.distill.fisher_rows, cfg.seed),
+                                      cfg.distill.fisher_rank, cfg.seed)
                            if cfg.distill.target == "influence" else None)
         seconds = time.perf_counter() - t1
         log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,

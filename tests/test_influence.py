@@ -12,7 +12,7 @@ from torch.func import functional_call
 from ddm_hpc import distill
 from ddm_hpc.config import Config, DistillConfig, TrainConfig, _key_dict
 from ddm_hpc.distill import (Matcher, damped_fisher_solve, distill_groups, influence_damping, influence_rows,
-                             per_group_grads)
+                             low_rank_fisher, low_rank_solve, per_group_grads)
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.trajectory import MemoryTrajectory
 
@@ -28,16 +28,56 @@ def test_damped_fisher_solve_is_the_explicit_inverse(n, p):
         torch.testing.assert_close(damped_fisher_solve(m, b, damping), want.T, rtol=1e-9, atol=1e-11)
 
 
+def _chunks(m: torch.Tensor, size: int = 5):
+    """A ``row_chunks`` of per-row gradients ``m``, counting its passes."""
+    passes = []
+
+    def row_chunks(desc):
+        passes.append(desc)
+        yield from m.split(size)
+    return row_chunks, passes
+
+
+def test_low_rank_fisher_is_the_top_eigenpairs_and_exact_at_full_rank():
+    """The range finder's eigenpairs are F's top ones (against ``eigh``, where the spectrum has a gap), it streams
+    power + 2 passes, and at a rank that covers every row the solve is the exact one (Woodbury's)."""
+    g = torch.Generator().manual_seed(2)
+    n, p = 30, 60
+    scales = torch.cat([torch.tensor([8.0, 6.0, 4.0, 3.0]), torch.full((n - 4,), 0.05)]).double()
+    left = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(p, n, generator=g, dtype=torch.float64)).Q  # [p, n] orthonormal columns
+    m = (left * scales) @ right.T  # rows with 4 large singular directions, the rest small
+    fisher = m.T @ m / n
+    vals, vecs = torch.linalg.eigh(fisher)
+    row_chunks, passes = _chunks(m)
+    got_vecs, got_vals = low_rank_fisher(row_chunks, n, p, 4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert len(passes) == distill.FISHER_POWER_ITERS + 2
+    torch.testing.assert_close(got_vals, vals[-4:].flip(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close((got_vecs.T @ vecs[:, -4:]).abs().max(0).values, torch.ones(4, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)  # the same directions, up to sign
+    b = torch.randn(3, p, generator=g, dtype=torch.float64)
+    full = low_rank_fisher(_chunks(m)[0], n, p, n, torch.Generator().manual_seed(0), torch.device("cpu"))
+    torch.testing.assert_close(low_rank_solve(*full, b, 0.1), damped_fisher_solve(m, b, 0.1), rtol=1e-7, atol=1e-9)
+    # truncated: the top-4 solve is the exact solve of F's rank-4 part, and within the tail's share of the full one
+    top = vecs[:, -4:] @ torch.diag(vals[-4:]) @ vecs[:, -4:].T
+    want = torch.linalg.solve(top + 0.1 * torch.eye(p, dtype=torch.float64), b.T).T
+    torch.testing.assert_close(low_rank_solve(got_vecs, got_vals, b, 0.1), want, rtol=1e-6, atol=1e-8)
+
+
 def test_damped_fisher_solve_refuses_a_system_too_large(monkeypatch):
     monkeypatch.setattr(distill, "FISHER_SOLVE_BYTES", 8 * 110)
     m = torch.randn(20, 11)
     with pytest.raises(ConfigError, match="20 Fisher rows x 11 parameters and solve a 11 x 11 float64 system, .* "
-                                          "pass --fisher-rows 10 or fewer"):
+                                          "pass --fisher-rank .* or --fisher-rows 10 or fewer"):
         damped_fisher_solve(m, torch.randn(2, 11), 0.1)
     assert damped_fisher_solve(m[:10], torch.randn(2, 11), 0.1).shape == (2, 11)  # 10 x 11 rows: fits
     monkeypatch.setattr(distill, "FISHER_SOLVE_BYTES", 8 * 99)
-    with pytest.raises(ConfigError, match="pass --fisher-rows 9 or fewer"):  # 10 rows x 11 parameters no longer fit
+    with pytest.raises(ConfigError, match="pass --fisher-rank .* or --fisher-rows 9 or fewer"):  # 10 x 11 no longer fit
         damped_fisher_solve(m[:10], torch.randn(2, 11), 0.1)
+    monkeypatch.setattr(distill, "FISHER_SOLVE_BYTES", 8 * 3 * 11 * (4 + distill.FISHER_OVERSAMPLE))
+    distill.check_fisher_size(10**6, 11, rank=4)  # low rank: the rows do not count, P x (rank + oversampling) does
+    with pytest.raises(ConfigError, match="--fisher-rank 5 would hold .* pass --fisher-rank 4 or fewer"):
+        distill.check_fisher_size(10, 11, rank=5)
 
 
 def test_the_ridge_is_weight_decay_plus_early_stopping():
@@ -89,6 +129,20 @@ def test_influence_targets_are_the_damped_newton_step_of_removing_each_group(chu
     torch.testing.assert_close(m.target_norm2, got.pow(2).sum(1).float(), rtol=1e-4, atol=1e-8)
 
 
+def test_low_rank_influence_targets_equal_the_exact_ones_at_full_rank():
+    """``--fisher-rank`` >= the Fisher's rows: the streamed low-rank targets are the exact ones."""
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 20, 0)
+    targets = []
+    for rank in (0, 20):
+        m = Matcher(_model(), reader, x, y, groups, 6, DistillConfig(batch_real=8), torch.device("cpu"))
+        m.set_influence_targets(tcfg.lr, lam, rows, rank=rank, seed=3)
+        targets.append(torch.cat([v.reshape(6, -1) for v in m.targets], 1))
+    torch.testing.assert_close(targets[1], targets[0], rtol=1e-4, atol=1e-7)
+
+
 def test_influence_matching_lowers_the_relative_error_to_its_targets():
     """The matching (same relative L2 as displacement, at theta_tau) lowers every group's error to the influence
     targets; final_loss is recomputed from the returned synsets."""
@@ -99,7 +153,7 @@ def test_influence_matching_lowers_the_relative_error_to_its_targets():
                          lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2)
     lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 0, 0)
     syn = distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
-                         torch.device("cpu"), show_progress=False, influence=(tcfg.lr, lam, rows))
+                         torch.device("cpu"), show_progress=False, influence=(tcfg.lr, lam, rows, 0, 0))
     assert (syn.final_loss < syn.init_loss).all()
     m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
     m.set_influence_targets(tcfg.lr, lam, rows)
@@ -107,7 +161,7 @@ def test_influence_matching_lowers_the_relative_error_to_its_targets():
     g = per_group_grads(_model(), theta, syn.images, syn.targets, torch.ones(6, 3), "loop")
     err = sum((a + b).reshape(6, -1).pow(2).sum(1) for a, b in zip(g, m.targets)) / m.target_norm2
     torch.testing.assert_close(err, torch.from_numpy(syn.final_loss), rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="needs .lr, damping, rows"):
+    with pytest.raises(ValueError, match="needs .lr, damping, rows, rank, seed"):
         distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
                        torch.device("cpu"), show_progress=False)
 
@@ -115,10 +169,11 @@ def test_influence_matching_lowers_the_relative_error_to_its_targets():
 def test_influence_options_are_checked_and_stay_out_of_existing_stage_keys():
     with pytest.raises(ConfigError, match="--target influence reverses .* --method ddm"):
         DistillConfig(target="influence", method="ddm-match")
-    with pytest.raises(ConfigError, match="--damping and --fisher-rows .* --target influence"):
-        DistillConfig(target="displacement", damping=0.1)
-    with pytest.raises(ConfigError, match="--damping and --fisher-rows .* --target influence"):
-        DistillConfig(fisher_rows=100)
+    for option in ({"damping": 0.1}, {"fisher_rows": 100}, {"fisher_rank": 8}):
+        with pytest.raises(ConfigError, match="--damping, --fisher-rows and --fisher-rank .* --target influence"):
+            DistillConfig(target="displacement", **option)
+    with pytest.raises(ConfigError, match="--fisher-rank is a number"):
+        DistillConfig(target="influence", fisher_rank=-1)
     with pytest.raises(ConfigError, match="--damping is a ridge"):
         DistillConfig(target="influence", damping=-1.0)
     with pytest.raises(ConfigError, match="--fisher-rows is a number"):
@@ -127,7 +182,7 @@ def test_influence_options_are_checked_and_stay_out_of_existing_stage_keys():
         DistillConfig(target="influence", augment="dsa")
     DistillConfig(target="influence", layer_rates=True, contraction=1)  # rates and contraction apply as well
     key = _key_dict(DistillConfig(target="influence"))
-    assert key["target"] == "influence" and "damping" not in key and "fisher_rows" not in key
+    assert key["target"] == "influence" and not {"damping", "fisher_rows", "fisher_rank"} & set(key)
     assert "damping" not in _key_dict(DistillConfig()) and "fisher_rows" not in _key_dict(DistillConfig())
     assert _key_dict(DistillConfig(target="influence", damping=0.5, fisher_rows=9))["fisher_rows"] == 9
     from ddm_hpc.attribute import check
