@@ -24,7 +24,7 @@ import h5py
 from ddm_hpc.methods.ddm import DDMDisp, read_ddm_scores
 from ddm_hpc.pipeline import materialise
 from ddm_hpc.storage import artifact_path
-from ddm_hpc.variants import DISPLACEMENT, displacement_matching, synset_variant
+from ddm_hpc.variants import DISPLACEMENT, ONE_STEP, displacement_matching, synset_variant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_more import open_run, view_cells  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
     sources = {} if sets else {"distill": displacement_matching()}  # the same synsets: distil them once
     variant = synset_variant(name, {**DISPLACEMENT, **sets}, ("attribute",) if sources else ("distill", "attribute"),
                              sources=sources,
-                             attribute={"finetune_scale": "uniform", "finetune_steps": 1, **parse_sets(args.attr)})
+                             attribute={**ONE_STEP, **parse_sets(args.attr)})
     materialise(cfg, [variant] if sets else [displacement_matching(), variant])
     cfg, ctx, retrained = open_run(args.run_dir)
     out_dir = variant.directory(cfg)

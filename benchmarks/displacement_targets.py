@@ -111,7 +111,8 @@ def score_stepped(model, reader, theta: dict, D: torch.Tensor, ctx, retrained, c
     cells = view_cells(stepped(model, reader.table, theta, D, ctx.query_x, ctx.query_y), retrained, ctx.query_y, cfg)
     row = {f"{r}/dist1": m["dist1"][0] for (r, _), m in cells.items()}
     row.update({f"{r}/lds@{al:g}": m["lds"][0] for (r, al), m in cells.items()})
-    text = " | ".join(f"{r[:4]} a={al:g}: D1 {m['dist1'][0]:5.2f} LDS {m['lds'][0]:+.3f}" for (r, al), m in cells.items())
+    text = " | ".join(f"{r[:4]} a={al:g}: D1 {m['dist1'][0]:5.2f} LDS {m['lds'][0]:+.3f}"
+                      for (r, al), m in cells.items())
     return row, text
 
 

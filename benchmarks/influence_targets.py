@@ -9,7 +9,8 @@ displacement (saved by ``displacement_targets.py --exact --tangents F``), with e
 
 Rows: the empirical Fisher (per-row gradients at their labels, what the pipeline uses) at the automatic ridge
 (weight decay + (1 - momentum) / (lr x steps)) and at ``--dampings`` instead; ``--fisher-rows n ...``: estimated on
-n random rows; ``--fisher-ranks r ...``: its top r eigenpairs (``--fisher-rank``); ``--mc``: the Fisher with labels sampled from the model (unbiased for the Gauss-Newton matrix);
+n random rows; ``--fisher-ranks r ...``: its top r eigenpairs (``--fisher-rank``); ``--mc``: the Fisher with labels
+sampled from the model (unbiased for the Gauss-Newton matrix);
 ``--ggn``: the exact Gauss-Newton matrix (every class's log-probability gradient, eigendecomposed: P x P, minutes).
 
     OMP_NUM_THREADS=2 python benchmarks/influence_targets.py runs_gt/seed0 --tangents tangents_seed0.pt --mc --ggn
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vmap
 
 from ddm_hpc.config import DistillConfig
-from ddm_hpc.distill import Matcher, damped_fisher_solve, influence_damping, influence_rows
+from ddm_hpc.distill import Matcher, damped_fisher_solve, influence_damping, influence_rows, per_group_grads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from displacement_targets import flat_grads, score_stepped, uniform_targets  # noqa: E402
@@ -47,19 +48,16 @@ def pipeline_targets(ctx, reader, model, damping: float, fisher_rows: int, rank:
 
 
 def sampled_label_rows(model, theta: dict, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """float64 [N, P]: per-row CE gradients at labels drawn from the model's own softmax (a Monte Carlo Fisher)."""
+    """float64 [N, P]: per-row CE gradients at labels drawn from the model's own softmax (a Monte Carlo Fisher), by
+    the distill stage's ``per_group_grads`` with one row per group."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for lo in range(0, len(x), 256):
         xb = x[lo:lo + 256]
         with torch.no_grad():
             yb = torch.multinomial(functional_call(model, theta, (xb,)).softmax(-1), 1, generator=gen)[:, 0]
-        rows = []
-        for i in range(len(xb)):  # plain autograd per row: small and exact
-            p = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-            loss = F.cross_entropy(functional_call(model, p, (xb[i:i + 1],)), yb[i:i + 1])
-            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(p.values()))]))
-        out.append(torch.stack(rows).double())
+        g = per_group_grads(model, theta, xb[:, None], yb[:, None], torch.ones(len(xb), 1), "loop")
+        out.append(torch.cat([v.reshape(len(xb), -1) for v in g], 1).double())
     return torch.cat(out)
 
 

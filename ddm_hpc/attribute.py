@@ -470,9 +470,9 @@ def check(cfg: Config) -> None:
                           f"{cfg.distill.levels!r}: pass --levels cluster,class or --search flat")
     a = cfg.attribute
     if cfg.distill.fixed_target and (a.finetune_scale != "uniform" or a.finetune_steps != 1):
-        raise ConfigError(f"--target {cfg.distill.target} synsets reproduce a group's contribution in one unweighted fine-tune "
-                          f"step, not --finetune-scale {a.finetune_scale} --finetune-steps {a.finetune_steps}: pass "
-                          "--finetune-scale uniform --finetune-steps 1")
+        raise ConfigError(f"--target {cfg.distill.target} synsets reproduce a group's contribution in one unweighted "
+                          f"fine-tune step, not --finetune-scale {a.finetune_scale} --finetune-steps "
+                          f"{a.finetune_steps}: pass --finetune-scale uniform --finetune-steps 1")
 
 
 def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:

@@ -208,9 +208,9 @@ class DistillConfig:
     optimizer: str = field(default="sgd", metadata=_help(
         "synset optimizer: sgd (momentum --img-momentum; DC) or adam (rates --lr-img and --lr-label)", added=True))
     layer_rates: bool = field(default=False, metadata=_help(
-        "--target displacement only: after matching, give each synset one fine-tune rate per parameter tensor, "
-        "fitted in closed form to its target (the synset's steps are too short on the classifier layer); stored "
-        "in synsets.h5, used by the one-step fine-tune; the reported losses are those left at these rates",
+        "--target displacement or influence only: after matching, give each synset one fine-tune rate per parameter "
+        "tensor, fitted in closed form to its target (the synset's steps are too short on the classifier layer); "
+        "stored in synsets.h5, used by the one-step fine-tune; the reported losses are those left at these rates",
         added=True))
     contraction: int = field(default=0, metadata=_help(
         "--layer-rates only: scale every synset's rate on each parameter tensor by one factor shared by all "

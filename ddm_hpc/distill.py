@@ -514,6 +514,16 @@ def influence_damping(train: TrainConfig, n_train: int, damping: float = 0.0) ->
     return train.weight_decay + (1.0 - train.momentum) / (train.lr * max(steps, 1))
 
 
+def influence_spec(cfg: Config, n_train: int) -> tuple[float, float, torch.Tensor, int, int] | None:
+    """``distill_groups``'s ``influence`` argument for a run (None unless ``--target influence``): (lr, the Fisher's
+    ridge, its rows, its rank, the range finder's seed)."""
+    d = cfg.distill
+    if d.target != "influence":
+        return None
+    return (cfg.train.lr, influence_damping(cfg.train, n_train, d.damping),
+            influence_rows(n_train, d.fisher_rows, cfg.seed), d.fisher_rank, cfg.seed)
+
+
 def influence_rows(n_train: int, fisher_rows: int, seed: int) -> torch.Tensor:
     """int64 [n] the training rows ``--target influence`` estimates the Fisher on: all of them (``fisher_rows``
     0 or >= N), else a seeded random subset of ``fisher_rows``, sorted."""
@@ -791,10 +801,7 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
                            cfg.seed + 1000 * i, device, f"distill[{level} {lo}:{hi}]", cfg.runtime.progress,
                            group_ids=torch.arange(lo, hi), kernel=cfg.runtime.kernel,
                            per_row=contribution_per_row(cfg.train, reader.tau),
-                           influence=(cfg.train.lr, influence_damping(cfg.train, len(bundle.y_train), cfg.distill.damping),
-                                      influence_rows(len(bundle.y_train), cfg.distill.fisher_rows, cfg.seed),
-                                      cfg.distill.fisher_rank, cfg.seed)
-                           if cfg.distill.target == "influence" else None)
+                           influence=influence_spec(cfg, len(bundle.y_train)))
         seconds = time.perf_counter() - t1
         log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,
                  n, s.init_loss.mean(), s.final_loss.mean(), seconds)

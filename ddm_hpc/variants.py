@@ -113,12 +113,15 @@ DISPLACEMENT = {"target": "displacement", "syn_labels": "learn", "ipc": 10, "opt
                 "lr_label": 0.3, "distill_steps": 50, "layer_rates": True, "contraction": 1}
 
 
+# How --target displacement and influence synsets are removed online: one unweighted fine-tune step per cluster.
+ONE_STEP = {"finetune_scale": "uniform", "finetune_steps": 1}
+
+
 def displacement_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None
                           ) -> Variant:
     """``RUN/variants/ddm-disp``: synsets matched at theta_tau to each cluster's whole training contribution
     (``--target displacement``) with per-tensor rates (``--layer-rates``), removed by one fine-tune step."""
-    return synset_variant("ddm-disp", DISPLACEMENT, stages, parent,
-                          attribute={"finetune_scale": "uniform", "finetune_steps": 1})
+    return synset_variant("ddm-disp", DISPLACEMENT, stages, parent, attribute=ONE_STEP)
 
 
 # --target influence's settings: ddm-disp's synsets (learned labels, 10 images, Adam, 50 steps, per-tensor rates)
@@ -131,8 +134,7 @@ def influence_matching(stages: tuple[str, ...] = ("distill", "attribute"), paren
                        ) -> Variant:
     """``RUN/variants/ddm-inf``: synsets matched at theta_tau to each cluster's damped influence displacement
     (``--target influence``) with per-tensor rates, removed by one fine-tune step."""
-    return synset_variant("ddm-inf", INFLUENCE, stages, parent,
-                          attribute={"finetune_scale": "uniform", "finetune_steps": 1})
+    return synset_variant("ddm-inf", INFLUENCE, stages, parent, attribute=ONE_STEP)
 
 
 def paper_method(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
@@ -158,5 +160,6 @@ def sequential_clusters() -> Variant:
     return Variant("variants/ddm-seq", over, ("train",), ("cluster", "distill", "attribute"))
 
 
-__all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "INFLUENCE", "synset_variant", "influence_matching", "forward_matching", "learned_labels",
+__all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "INFLUENCE", "ONE_STEP", "synset_variant", "influence_matching",
+           "forward_matching", "learned_labels",
            "displacement_matching", "paper_method", "sequential_clusters"]
