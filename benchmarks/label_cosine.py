@@ -9,7 +9,6 @@ by descent moves theta the way removing D_k would; that is what the attribute st
     python benchmarks/label_cosine.py RUN_DIR learn 1     # --syn-labels learn --lr-label 1
 """
 import dataclasses
-import json
 import sys
 import time
 
@@ -22,10 +21,11 @@ from ddm_hpc.config import Config
 from ddm_hpc.context import load_data
 from ddm_hpc.distill import distill_groups
 from ddm_hpc.models import build_target
+from ddm_hpc.pipeline import load_saved_config
 from ddm_hpc.trajectory import TrajectoryReader
 
 run, mode, lr_label = sys.argv[1], sys.argv[2], float(sys.argv[3])
-cfg = Config.from_dict({**json.loads(open(f"{run}/config.json").read()), "runtime": {"out": run}})
+cfg = Config.from_dict({**load_saved_config(run), "runtime": {"out": run}})
 dc = dataclasses.replace(cfg.distill, syn_labels=mode, lr_label=lr_label, levels="cluster")
 b = load_data(cfg)
 r = TrajectoryReader(f"{run}/train.h5")

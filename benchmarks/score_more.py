@@ -21,14 +21,14 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.evaluate import load_retrained, method_metrics
 from ddm_hpc.methods import resolve, score_methods
 from ddm_hpc.metrics import located_values, mean_sem
-from ddm_hpc.pipeline import materialise
+from ddm_hpc.pipeline import load_saved_config, materialise
 
 
 def open_run(run_dir: str | Path) -> tuple[Config, RunContext, object]:
     """An evaluated run as its own config.json describes it (no progress bars, never overwriting): (config, context,
     its exact retrainings). The re-scoring benchmarks (this one, finetune_sweep, displacement_targets) start here."""
     run = Path(run_dir)
-    cfg = Config.from_dict({**json.loads((run / "config.json").read_text()),
+    cfg = Config.from_dict({**load_saved_config(run),
                             "runtime": {"out": str(run), "progress": False, "overwrite": False}})
     ctx = RunContext(cfg)
     return cfg, ctx, load_retrained(cfg, ctx.k, ctx.query_pos)

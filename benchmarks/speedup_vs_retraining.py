@@ -35,6 +35,7 @@ import torch
 from ddm_hpc.config import Config, merge
 from ddm_hpc.context import load_data
 from ddm_hpc.metrics import spearman
+from ddm_hpc.methods.ddm import dist1_rule
 from ddm_hpc.models import build_target
 from ddm_hpc.pipeline import run_stages
 from ddm_hpc.retrain import query_probs, retrain_without
@@ -79,9 +80,9 @@ def main() -> None:
                          "on 2 CPU cores), gpu (8000 images, width 64, 15 epochs, K = 50: minutes on one GPU), "
                          "full (the default: all 17k images, width 128, 30 epochs, K = 100)")
     ap.add_argument("--method", choices=("ddm", "ddm-disp", "ddm-inf"), default="ddm",
-                    help="ddm: the default distill and attribute options at that size; ddm-disp / ddm-inf: "
-                         "displacement / influence matching as those rows of evaluate run it (Dist1 located by "
-                         "their CE scores)")
+                    help="ddm: the default distill and attribute options at that size (influence matching, both "
+                         "levels); ddm-disp / ddm-inf: displacement / influence matching as those rows of evaluate "
+                         "run it (cluster level only); fixed-target synsets locate Dist1 by their CE scores")
     ap.add_argument("--run-dir", type=Path, help="report the ratios of an evaluated run instead of measuring")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--device", default="auto")
@@ -113,7 +114,7 @@ def main() -> None:
         k = len(f["clusters/class"])
     with h5py.File(artifact_path(out, "attribute"), "r") as f:
         online = float(f.attrs["seconds_flat"])
-        locate_by = "dist2" if fixed else "dist1"  # as evaluate locates each method's Dist1
+        locate_by = dist1_rule(cfg)  # as evaluate locates each method's Dist1
         d1_scores = f[f"objectives/{locate_by}/scores"][()]
         qpos = torch.from_numpy(f["query_position"][()])
         base = torch.from_numpy(f["base_probs"][()])

@@ -1,9 +1,10 @@
 """ddm_hpc: training-data attribution with Distilled Datamodels (DDM).
 
 The stages, in the order of the stage graph (``graph``, one table): ``train`` (the trajectory) ->
-``cluster`` -> ``distill`` (reverse gradient matching) -> ``attribute`` (perturb, fine-tune, WLS), then,
-outside ``ddm-hpc run``, ``evaluate`` (exact retraining, every method of the ``methods`` registry) and
-``diagnose``. Each module's docstring ends with its "Room": what it imports. Bottom up:
+``cluster`` -> ``distill`` (synsets matched to each cluster's influence step, or by reverse gradient matching)
+-> ``attribute`` (perturb, fine-tune, WLS), then, outside ``ddm-hpc run``, ``evaluate`` (exact retraining, every
+method of the ``methods`` registry) and ``diagnose``. Each module's docstring ends with its "Room": what it
+imports. Bottom up:
 
   leaves       ``errors``, ``utils``, ``graph``
   options      ``config``

@@ -452,7 +452,7 @@ def write_attribution(cfg: Config, bundle: DatasetBundle, setup: AttributeSetup,
         f.attrs["query_mode"] = acfg.query_mode
         f.attrs["finetune_steps"] = setup.unlearner.steps
         f.attrs["finetune_lr"] = setup.unlearner.lr
-        f.attrs["finetune_scale"] = acfg.finetune_scale
+        f.attrs["finetune_scale"] = cfg.finetune_weighting
         f.attrs["n_finetunes_flat"] = len(result["perturbations"]) if "perturbations" in result else 0
         f.attrs["n_finetunes_hierarchical"] = int(result["hier"]["n_finetunes"]) if "hier" in result else 0
         for name, sec in timings.items():
@@ -469,10 +469,10 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"--search {cfg.attribute.search} needs class synsets but --levels is "
                           f"{cfg.distill.levels!r}: pass --levels cluster,class or --search flat")
     a = cfg.attribute
-    if cfg.distill.fixed_target and (a.finetune_scale != "uniform" or a.finetune_steps != 1):
+    if cfg.distill.fixed_target and (cfg.finetune_weighting != "uniform" or cfg.finetune_step_count(1) != 1):
         raise ConfigError(f"--target {cfg.distill.target} synsets reproduce a group's contribution in one unweighted "
                           f"fine-tune step, not --finetune-scale {a.finetune_scale} --finetune-steps "
-                          f"{a.finetune_steps}: pass --finetune-scale uniform --finetune-steps 1")
+                          f"{a.finetune_steps}: pass --finetune-scale auto --finetune-steps 0 (or uniform and 1)")
 
 
 def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:

@@ -77,7 +77,8 @@ def _add_fields(parser: argparse.ArgumentParser, section: str | None, cls: type)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddm-hpc", description="Training-data attribution with Distilled "
-                                     "Datamodels (reverse gradient matching). Artifacts are HDF5 files in --out.")
+                                     "Datamodels (synsets matched to each cluster's influence step). Artifacts are "
+                                     "HDF5 files in --out.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd, (help_text, sections) in commands().items():

@@ -14,7 +14,7 @@ valid.
 
 Options whose value ``0`` (or ``auto``) means "the default" keep that value in the config, and so in
 the stage keys; each is resolved in exactly one place, a property or method of its section named
-for what it gives (``DataConfig.train_size``, ``DistillConfig.block``, ``AttributeConfig.steps(tau)``,
+for what it gives (``DataConfig.train_size``, ``DistillConfig.block``, ``Config.finetune_step_count(tau)``,
 ``Config.finetune_rate``, ``RuntimeConfig.worker_count`` ...). Defaults that need an artifact (the
 trajectory length tau, the cluster count K) take it as an argument.
 
@@ -36,20 +36,46 @@ from ddm_hpc.errors import ConfigError
 from ddm_hpc.utils import resolve_device
 
 
-def _help(text: str, added: bool = False, registry: str = "") -> dict[str, object]:
+_DEFAULT = object()
+
+
+def _help(text: str, added: bool = False, registry: str = "", legacy: Any = _DEFAULT) -> dict[str, object]:
     """Field metadata. ``added``: an option added after runs existed; it is left out of the stage key
-    while it has its default, so artifacts made before it existed stay valid. ``registry``: the option
-    names entries of a registry above this module, whose entries the CLI appends to the help."""
-    return {"help": text, "added": added, "registry": registry}
+    while it has its legacy value, so artifacts made before it existed stay valid. ``legacy``: the value runs
+    made before the option existed ran with (default: the field's default; given where the default changed
+    later). ``registry``: the option names entries of a registry above this module, whose entries the CLI
+    appends to the help."""
+    meta: dict[str, object] = {"help": text, "added": added, "registry": registry}
+    if legacy is not _DEFAULT:
+        meta["legacy"] = legacy
+    return meta
+
+
+def _legacy(f: dataclasses.Field) -> Any:
+    """The value a run made before added option ``f`` existed ran with."""
+    return f.metadata.get("legacy", f.default)
 
 
 def _key_dict(section: Any) -> dict[str, Any]:
-    """A config section as it enters a stage key: added options at their default are left out."""
+    """A config section as it enters a stage key: added options at their legacy value are left out, so a key
+    never depends on the current defaults."""
     d = dataclasses.asdict(section)
     for f in dataclasses.fields(section):
-        if f.metadata.get("added") and d[f.name] == f.default:
+        if f.metadata.get("added") and d[f.name] == _legacy(f):
             del d[f.name]
     return d
+
+
+def complete_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved ``config.json`` with the added options it predates set to the value it ran with
+    (:func:`_help`'s ``legacy``), so merging it over today's defaults gives the run's own config."""
+    out = json.loads(json.dumps(saved))
+    for name, section in out.items():
+        if name in SECTIONS and isinstance(section, dict):
+            for f in dataclasses.fields(SECTIONS[name]):
+                if f.metadata.get("added") and f.name not in section:
+                    section[f.name] = _legacy(f)
+    return out
 
 
 @dataclass
@@ -174,17 +200,20 @@ class DistillConfig:
         "trajectory pairing: reverse (tau-t, Eq. 6), alg1 (real at t, syn at t+s, Algorithm 1), same (t, t); "
         "auto = reverse for ddm, same for ddm-match"))
     step_length: int = field(default=4, metadata=_help("s of the alg1 pairing (paper Table 5: 4)"))
-    ipc: int = field(default=1, metadata=_help("synthetic images per cluster (paper: 1)"))
-    distill_steps: int = field(default=100, metadata=_help(
-        "synset updates, each at a freshly sampled t (paper Table 5 'step for synset': 50)"))
-    lr_img: float = field(default=0.1, metadata=_help(
-        "SGD rate for the synthetic images (Table 5: 0.1; sec. 4.1 says 10; 0.005 for ViT)"))
+    ipc: int = field(default=10, metadata=_help(
+        "synthetic images per cluster (paper: 1; 10 lets one fine-tune step carry an influence target)"))
+    distill_steps: int = field(default=50, metadata=_help(
+        "synset updates (--target pairs: each at a freshly sampled t; paper Table 5 'step for synset': 50)"))
+    lr_img: float = field(default=0.03, metadata=_help(
+        "rate of the synthetic images (with --optimizer adam: 0.03; SGD: Table 5 0.1, sec. 4.1 says 10, 0.005 for "
+        "ViT)"))
     img_momentum: float = field(default=0.5, metadata=_help("momentum of the synthetic-image optimizer (DC: 0.5)"))
-    syn_labels: str = field(default="hard", metadata=_help(
-        "labels of the synthetic images: hard (the cluster's class, fixed: the paper) or learn (soft labels "
-        "distilled with the images; needed for reverse matching to reach the classifier layer, whose gradient "
-        "on a correctly labelled image can never point against the real data's when features are >= 0)"))
-    lr_label: float = field(default=1.0, metadata=_help("SGD rate of the label logits (with --syn-labels learn)"))
+    syn_labels: str = field(default="learn", metadata=_help(
+        "labels of the synthetic images: learn (soft labels distilled with the images; needed for reverse matching "
+        "to reach the classifier layer, whose gradient on a correctly labelled image can never point against the "
+        "real data's when features are >= 0) or hard (the cluster's class, fixed: the paper)"))
+    lr_label: float = field(default=0.3, metadata=_help(
+        "rate of the label logits (with --syn-labels learn; 0.3 with --optimizer adam, 1.0 with SGD)"))
     batch_real: int = field(default=64, metadata=_help("real images per cluster per step (whole cluster if smaller)"))
     distance: str = field(default="cos", metadata=_help("matching distance: cos (layer-wise, DC) or mse (paper: ViT)"))
     include_1d: bool = field(default=False, metadata=_help(
@@ -198,20 +227,22 @@ class DistillConfig:
     group_chunk: int = field(default=0, metadata=_help(
         "groups computed together (one vmap call per step; bounds memory) and the unit of --shards; 0 = 32"))
 
-    target: str = field(default="pairs", metadata=_help(
-        "what a synset matches: pairs (a trajectory pair sampled per step, --pairing: the paper), displacement "
+    target: str = field(default="influence", metadata=_help(
+        "what a synset matches: influence (the default: each group's damped Newton step of removal at theta_tau, "
+        "(F + lambda I)^-1 times its summed gradient over N, F the empirical Fisher of the training rows, lambda "
+        "--damping; matched by relative L2 over every parameter and removed by one fine-tune step of rate lr), "
+        "pairs (a trajectory pair sampled per step, --pairing: the paper), or displacement "
         "(the group's whole contribution to training, sum over the recorded epochs of its real gradient, computed "
         "once over all its rows and matched at theta_tau by relative L2 over every parameter, so one fine-tune "
-        "step of rate lr reproduces it: use with --finetune-scale uniform --finetune-steps 1), or influence (the "
-        "same matching, to the damped Newton step of removing the group at theta_tau: (F + lambda I)^-1 times its "
-        "summed gradient over N, F the empirical Fisher of the training rows, lambda --damping)", added=True))
-    optimizer: str = field(default="sgd", metadata=_help(
-        "synset optimizer: sgd (momentum --img-momentum; DC) or adam (rates --lr-img and --lr-label)", added=True))
-    layer_rates: bool = field(default=False, metadata=_help(
+        "step of rate lr reproduces it)", added=True, legacy="pairs"))
+    optimizer: str = field(default="adam", metadata=_help(
+        "synset optimizer: adam (rates --lr-img and --lr-label) or sgd (momentum --img-momentum; DC, the paper)",
+        added=True, legacy="sgd"))
+    layer_rates: bool = field(default=True, metadata=_help(
         "--target displacement or influence only: after matching, give each synset one fine-tune rate per parameter "
         "tensor, fitted in closed form to its target (the synset's steps are too short on the classifier layer); "
-        "stored in synsets.h5, used by the one-step fine-tune; the reported losses are those left at these rates",
-        added=True))
+        "stored in synsets.h5, used by the one-step fine-tune; the reported losses are those left at these rates; "
+        "--no-layer-rates with --target pairs", added=True, legacy=False))
     contraction: int = field(default=0, metadata=_help(
         "--layer-rates only: scale every synset's rate on each parameter tensor by one factor shared by all "
         "groups, fitted by least squares so that the summed steps of the removed clusters reproduce the change of "
@@ -227,7 +258,7 @@ class DistillConfig:
     fisher_rank: int = field(default=0, metadata=_help(
         "--target influence only: use the Fisher's top this many eigenpairs (a randomized range finder streamed "
         "over the per-row gradients: P x rank memory, no n x P matrix), the rest at the ridge alone; 0 = the exact "
-        "Fisher", added=True))
+        "Fisher where its n x P rows and system fit 8 GiB of float64, else 256 (logged)", added=True))
     augment: str = field(default="", metadata=_help(
         "differentiable siamese augmentation (DSA) during matching: each step, one draw per group applied to its "
         "real minibatch and its synthetic images alike (paper sec. 4.1). dsa = DSA's digit strategy "
@@ -241,7 +272,7 @@ class DistillConfig:
         _choice(self, "optimizer", ("sgd", "adam"))
         if self.fixed_target and self.method != "ddm":
             raise ConfigError(f"--target {self.target} reverses a group's contribution (--method ddm), not with "
-                              f"--method {self.method}: pass --method ddm or --target pairs")
+                              f"--method {self.method}: pass --method ddm, or {self._to_pairs()}")
         if self.layer_rates and not self.fixed_target:
             raise ConfigError("--layer-rates fits each synset's fine-tune rates to its displacement target: pass "
                               "--target displacement or influence, or --no-layer-rates")
@@ -263,10 +294,10 @@ class DistillConfig:
         if self.contraction and "cluster" not in self.level_list():
             raise ConfigError("--contraction is fitted on the cluster synsets: add cluster to --levels, or "
                               "--contraction 0")
+        _ = self.augment_parts  # refuses unknown parts
         if self.augment and self.fixed_target:
             raise ConfigError(f"--augment augments the real minibatch of each step, and --target {self.target} has "
-                              "none: pass --target pairs, or --augment ''")
-        _ = self.augment_parts  # refuses unknown parts
+                              f"none: pass {self._to_pairs()}, or --augment ''")
         _choice(self, "pairing", ("auto", "reverse", "alg1", "same"))
         _choice(self, "distance", ("cos", "mse"))
         _choice(self, "init", ("real", "noise"))
@@ -280,6 +311,11 @@ class DistillConfig:
         bad = set(self.level_list()) - {"cluster", "class"}
         if bad or not self.level_list():
             raise ConfigError(f"--levels must name cluster and/or class (comma-separated), got {self.levels!r}")
+
+    def _to_pairs(self) -> str:
+        """The flags that switch these options to trajectory-pair matching (for refusals)."""
+        extra = " --no-layer-rates" if self.layer_rates else ""
+        return f"--target pairs{extra}{' --contraction 0' if self.contraction else ''} (or --preset paper)"
 
     def level_list(self) -> list[str]:
         return [s.strip() for s in self.levels.split(",") if s.strip()]
@@ -342,12 +378,14 @@ class AttributeConfig:
     beta: str = field(default="inverse", metadata=_help(
         "WLS weights beta_p by the number of zeros z: inverse (1/z), uniform, or shap (Shapley kernel)"))
     finetune_steps: int = field(default=0, metadata=_help(
-        "T: full-batch fine-tune steps on the removed synsets; 0 = tau (the recorded trajectory length, Eq. 3)"))
-    finetune_scale: str = field(default="matched", metadata=_help(
-        "weight of each removed synset in the fine-tune loss: matched (so one step moves theta by what the cluster "
-        "contributed per epoch: lr/(1-momentum) * n_k/batch * |grad D_k| / |grad S_k|, from Eq. 2-3) or uniform "
-        "(1 per removed synset, the paper's literal reading; also for --target displacement synsets, whose one step of "
-        "rate eta_f = lr reproduces the group's contribution)"))
+        "T: full-batch fine-tune steps on the removed synsets; 0 = 1 for --target influence or displacement synsets "
+        "(one step reproduces their target), tau for --target pairs (the recorded trajectory length, Eq. 3)"))
+    finetune_scale: str = field(default="auto", metadata=_help(
+        "weight of each removed synset in the fine-tune loss: uniform (1 per removed synset, the paper's literal "
+        "reading; --target influence and displacement synsets, whose one step of rate eta_f = lr reproduces the "
+        "group's target), matched (so one step moves theta by what the cluster contributed per epoch: "
+        "lr/(1-momentum) * n_k/batch * |grad D_k| / |grad S_k|, from Eq. 2-3), or auto (uniform for influence "
+        "and displacement synsets, matched for --target pairs)"))
     finetune_lr: float = field(default=0.0, metadata=_help("fine-tune rate eta_f; 0 = the training lr (Eq. 3 sets eta_a = eta_f)"))
     search: str = field(default="both", metadata=_help(
         "flat (all K clusters), hierarchical (class synsets first, then the C clusters of the chosen class), or both"))
@@ -360,7 +398,7 @@ class AttributeConfig:
         _choice(self, "perturbation", ("loo", "random"))
         _choice(self, "query_mode", ("single", "batch"))
         _choice(self, "beta", ("inverse", "uniform", "shap"))
-        _choice(self, "finetune_scale", ("matched", "uniform"))
+        _choice(self, "finetune_scale", ("auto", "matched", "uniform"))
         _choice(self, "search", ("flat", "hierarchical", "both"))
         _positive(self, "n_queries")
         if not 0.0 < self.removal_prob < 1.0:
@@ -376,10 +414,6 @@ class AttributeConfig:
     def block(self) -> int:
         """Perturbations per work block, the unit of ``--shards`` (``--batch-models``, 0 = 64)."""
         return self.batch_models or FINETUNE_BLOCK
-
-    def steps(self, tau: int) -> int:
-        """T, the fine-tune steps (``--finetune-steps``; 0 = tau, the trajectory length, Eq. 3)."""
-        return self.finetune_steps or tau
 
     def perturbation_count(self, k: int) -> int:
         """|P| of random perturbations (``--n-perturbations``; 0 = K, the paper's minimum)."""
@@ -397,7 +431,7 @@ class AttributeConfig:
 # The default of --methods: every built-in method, in the registry's order (ddm_hpc.methods; a test checks they
 # agree). Spelled out because it enters the evaluate stage key: a default that followed the registry would turn
 # every evaluated run stale when a method is added.
-DEFAULT_METHODS = "random,predict,clustering,ddm-seq,ddm-match,ddm,ddm-paper,ddm-soft,ddm-disp,ddm-inf,tracin,trak"
+DEFAULT_METHODS = "random,predict,clustering,ddm-seq,ddm-match,ddm,ddm-paper,ddm-soft,ddm-disp,tracin,trak"
 
 
 @dataclass
@@ -676,6 +710,20 @@ class Config:
         return dataclasses.asdict(self)
 
     @property
+    def finetune_weighting(self) -> str:
+        """How removed synsets are weighted in the fine-tune loss (``--finetune-scale``; auto = uniform for
+        ``--target influence`` and ``displacement`` synsets, matched for trajectory pairs)."""
+        scale = self.attribute.finetune_scale
+        if scale == "auto":
+            return "uniform" if self.distill.fixed_target else "matched"
+        return scale
+
+    def finetune_step_count(self, tau: int) -> int:
+        """T, the fine-tune steps (``--finetune-steps``; 0 = one step for influence and displacement synsets, tau,
+        the trajectory length, for trajectory pairs, Eq. 3)."""
+        return self.attribute.finetune_steps or (1 if self.distill.fixed_target else tau)
+
+    @property
     def finetune_rate(self) -> float:
         """eta_f, the unlearning fine-tune rate (``--finetune-lr``; 0 = the training lr: Eq. 3 sets eta_a = eta_f)."""
         return self.attribute.finetune_lr or self.train.lr
@@ -760,6 +808,13 @@ def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str
     return lines
 
 
+# The distill options whose defaults were the paper's trajectory-pair matching before influence matching became the
+# default (issue 18): hard labels, one image per cluster, SGD on the images at 0.1, 100 steps, no per-tensor rates.
+# --preset paper and the pair-matching variants (ddm-paper, ddm-match, ddm-soft) pin them.
+PAIRS_DISTILL: dict[str, Any] = {"target": "pairs", "syn_labels": "hard", "ipc": 1, "optimizer": "sgd", "lr_img": 0.1,
+                                 "lr_label": 1.0, "distill_steps": 100, "layer_rates": False}
+
+
 def paper_preset() -> dict[str, Any]:
     """The paper's method at the paper's scale (Table 5, MNIST row; Alg. 1; sec. 4.1); GPU-sized, not CPU-sized.
 
@@ -774,9 +829,10 @@ def paper_preset() -> dict[str, Any]:
         "data": {"n_train": 0, "n_test": 0},
         "model": {"width": 0},
         "train": {"lr": 0.001, "epochs": 30},
-        "distill": {"pairing": "alg1", "step_length": 4, "distill_steps": 50, "lr_img": 0.1, "batch_real": 256,
-                    "augment": "dsa"},
-        "attribute": {"n_queries": 20, "perturbation": "random", "n_perturbations": 0, "finetune_scale": "uniform"},
+        "distill": {**PAIRS_DISTILL, "pairing": "alg1", "step_length": 4, "distill_steps": 50, "lr_img": 0.1,
+                    "batch_real": 256, "augment": "dsa"},
+        "attribute": {"n_queries": 20, "perturbation": "random", "n_perturbations": 0, "finetune_scale": "uniform",
+                      "finetune_steps": 0},
     }
 
 

@@ -278,9 +278,17 @@ class Matcher:
             parts.append(acc)
         return [torch.cat(p) for p in zip(*parts)]
 
+    def _block_targets(self, g0: int, g1: int) -> list[torch.Tensor]:
+        """Groups g0..g1's targets, one tensor per parameter."""
+        return [v[g0:g1] for v in self.targets]
+
     def _set_targets(self, targets: list[torch.Tensor]) -> None:
         self.targets = targets
-        self.target_norm2 = _group_norm(self.targets).square().clamp(min=1e-30)
+        # |T_k|^2 block by block (the unit of --shards): a reduction over all groups at once may round a group's norm
+        # differently with other groups beside it
+        chunk = self.dcfg.block
+        self.target_norm2 = torch.cat([_group_norm(self._block_targets(g0, min(g0 + chunk, self.n_groups)))
+                                       for g0 in range(0, self.n_groups, chunk)]).square().clamp(min=1e-30)
 
     def set_displacement_targets(self, per_row: float, show_progress: bool = False) -> None:
         """Match every group to its whole contribution to training (``--target displacement``).
@@ -309,7 +317,8 @@ class Matcher:
         early stopping after the training's steps amounts to). One fine-tune step of rate ``lr`` on a synset whose
         gradient at theta_tau is -T_k then moves theta by the damped Newton step of removing the group's rows.
         ``rank`` 0: F exactly, solved in float64 in whichever of the parameter space (P x P) or the rows' kernel
-        (n x n, Woodbury) is smaller (:func:`damped_fisher_solve`); ``rank`` r > 0: F's top r eigenpairs, found by
+        (n x n, Woodbury) is smaller (:func:`damped_fisher_solve`), where that fits ``FISHER_SOLVE_BYTES``, else as
+        rank :data:`AUTO_FISHER_RANK` (:func:`fisher_rank_for`); ``rank`` r > 0: F's top r eigenpairs, found by
         a randomized range finder streamed over the per-row gradients (:func:`low_rank_fisher`, seeded by ``seed``),
         so memory is P x O(r) and no n x P matrix is held.
         """
@@ -317,6 +326,7 @@ class Matcher:
         theta = {k: v.detach() for k, v in self.reader.params(tau).items()}
         buffers = self.reader.buffers(tau)
         size = sum(v.numel() for v in theta.values())
+        rank = fisher_rank_for(len(rows), size, rank)
         check_fisher_size(len(rows), size, rank)
         sums = self._group_gradient_sums(tau)
         flat = torch.cat([v.reshape(self.n_groups, -1) for v in sums], 1).double()
@@ -331,11 +341,13 @@ class Matcher:
                                         torch.ones(len(r), 1, device=self.device), self.impl, buffers)
                 yield torch.cat([v.reshape(len(r), -1) for v in g], 1).double()
 
+        # solved block by block of groups (the unit of --shards), so a group's target is the same bits in any shard
         if rank:
             vecs, vals = low_rank_fisher(row_chunks, len(rows), size, rank, generator(seed, 59), self.device)
-            solved = low_rank_solve(vecs, vals, flat, damping)
+            solved = torch.cat([low_rank_solve(vecs, vals, b, damping) for b in flat.split(self.dcfg.block)])
         else:
-            solved = damped_fisher_solve(torch.cat(list(row_chunks("influence: per-row gradients"))), flat, damping)
+            solved = damped_fisher_solve(torch.cat(list(row_chunks("influence: per-row gradients"))), flat, damping,
+                                         self.dcfg.block)
         solved = solved / (len(self.x) * lr)
         out, p0 = [], 0
         for v in sums:
@@ -370,7 +382,7 @@ class Matcher:
         for g0 in range(0, self.n_groups, chunk):
             g1 = min(g0 + chunk, self.n_groups)
             if fixed:
-                real = [v[g0:g1] for v in self.targets]
+                real = self._block_targets(g0, g1)
             else:
                 r = rows[g0:g1].to(self.x.device)
                 with torch.no_grad():
@@ -416,7 +428,7 @@ class Matcher:
             with torch.no_grad():
                 syn = per_group_grads(self.model, theta, syn_x, lab, torch.ones(syn_x.shape[:2], device=self.device),
                                       buffers=self.reader.buffers(self.reader.tau))
-            dots, norms = _tensor_dots(syn, [v[g0:g1] for v in self.targets])
+            dots, norms = _tensor_dots(syn, self._block_targets(g0, g1))
             out.append((dots.clamp(min=0) / norms.clamp(min=1e-30)).T)
         return torch.cat(out).float()
 
@@ -500,6 +512,9 @@ def explained(syn: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tens
 
 FISHER_SOLVE_BYTES = 8 << 30  # the float64 system --target influence may build (P x P or n x n)
 FISHER_OVERSAMPLE = 16  # --fisher-rank's range finder: extra columns beyond the rank (Halko et al.: 5-20)
+# --fisher-rank 0 where the exact Fisher exceeds FISHER_SOLVE_BYTES: rank 256 attributed as the exact Fisher at the
+# eval preset (three seeds, benchmarks/RESULTS.md "Influence matching"); F's eigenvalues above the ridge numbered 95.
+AUTO_FISHER_RANK = 256
 FISHER_POWER_ITERS = 2  # --fisher-rank's subspace iterations (each one more pass of per-row gradients)
 
 
@@ -530,6 +545,21 @@ def influence_rows(n_train: int, fisher_rows: int, seed: int) -> torch.Tensor:
     if fisher_rows <= 0 or fisher_rows >= n_train:
         return torch.arange(n_train)
     return torch.randperm(n_train, generator=generator(seed, 53))[:fisher_rows].sort().values
+
+
+def fisher_rank_for(n: int, p: int, rank: int) -> int:
+    """The Fisher rank ``--target influence`` uses for ``n`` rows of ``p`` parameters: ``--fisher-rank`` when given;
+    for 0, the exact Fisher (0) where it fits ``FISHER_SOLVE_BYTES`` (:func:`check_fisher_size`), else
+    :data:`AUTO_FISHER_RANK` (logged)."""
+    if rank:
+        return rank
+    try:
+        check_fisher_size(n, p)
+        return 0
+    except ConfigError:
+        log.info("distill: the exact Fisher (%d rows x %d parameters) exceeds %d GiB: its top %d eigenpairs instead "
+                 "(--fisher-rank)", n, p, FISHER_SOLVE_BYTES >> 30, AUTO_FISHER_RANK)
+        return AUTO_FISHER_RANK
 
 
 def check_fisher_size(n: int, p: int, rank: int = 0) -> None:
@@ -585,19 +615,21 @@ def low_rank_solve(vecs: torch.Tensor, vals: torch.Tensor, b: torch.Tensor, damp
     return (b.double() - coef @ vecs.T) / damping + (coef / (vals + damping)) @ vecs.T
 
 
-def damped_fisher_solve(m: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+def damped_fisher_solve(m: torch.Tensor, b: torch.Tensor, damping: float, block: int = 0) -> torch.Tensor:
     """float64 [G, P]: (m^T m / n + damping I)^-1 b_g for each row b_g of ``b`` [G, P], ``m`` [n, P] the per-row
     gradients. Solved in the parameter space when P <= n, else in the rows' kernel by Woodbury:
-    (b - m^T (n damping I + m m^T)^-1 m b) / damping. Refuses sizes over ``FISHER_SOLVE_BYTES``
-    (:func:`check_fisher_size`)."""
+    (b - m^T (n damping I + m m^T)^-1 m b) / damping; the system is factored once (LU) and ``b`` solved ``block``
+    rows at a time (0 = all at once), so a row's result does not depend on the rows outside its block. Refuses
+    sizes over ``FISHER_SOLVE_BYTES`` (:func:`check_fisher_size`)."""
     n, p = m.shape
     check_fisher_size(n, p)
     m, b = m.double(), b.double()
+    blocks = b.split(block or len(b))
     if p <= n:
-        a = m.T @ m / n + damping * torch.eye(p, dtype=m.dtype, device=m.device)
-        return torch.linalg.solve(a, b.T).T
-    k = m @ m.T + n * damping * torch.eye(n, dtype=m.dtype, device=m.device)
-    return (b - torch.linalg.solve(k, m @ b.T).T @ m) / damping
+        lu = torch.linalg.lu_factor(m.T @ m / n + damping * torch.eye(p, dtype=m.dtype, device=m.device))
+        return torch.cat([torch.linalg.lu_solve(*lu, r.T).T for r in blocks])
+    lu = torch.linalg.lu_factor(m @ m.T + n * damping * torch.eye(n, dtype=m.dtype, device=m.device))
+    return torch.cat([(r - torch.linalg.lu_solve(*lu, m @ r.T).T @ m) / damping for r in blocks])
 
 
 def contribution_per_row(train: TrainConfig, tau: int) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ddm_hpc import graph
-from ddm_hpc.config import Config
+from ddm_hpc.config import Config, complete_saved
 from ddm_hpc.context import RunContext, load_data
 from ddm_hpc.data import DatasetBundle
 from ddm_hpc.errors import ConfigError
@@ -236,9 +236,10 @@ def summary(run_dir: str | Path, n_show: int = 10) -> str:
 
 
 def load_saved_config(run_dir: str | Path) -> dict:
-    """The config a run directory was last run with ({} if none)."""
+    """The config a run directory was last run with ({} if none); options added since it ran are at the value it ran
+    with (``config.complete_saved``)."""
     p = Path(run_dir) / "config.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    return complete_saved(json.loads(p.read_text())) if p.exists() else {}
 
 
 __all__ = ["run_command", "run_stages", "materialise", "summary", "load_saved_config", "decide"]

@@ -171,10 +171,10 @@ def findings(d: dict) -> list[str]:
         better = [method_label(n, meth[n]["attrs"]) for n in ranked[:ranked.index("ddm")]]
         name = "LDS" if m == "lds" else m.capitalize()
         if better:
-            out.append(f"- {name}: DDM-full ranks {ranked.index('ddm') + 1} of {len(ranked)}; better: "
+            out.append(f"- {name}: DDM (this run) ranks {ranked.index('ddm') + 1} of {len(ranked)}; better: "
                        f"{', '.join(better)}.")
         else:
-            out.append(f"- {name}: DDM-full ranks first of {len(ranked)}.")
+            out.append(f"- {name}: DDM (this run) ranks first of {len(ranked)}.")
     ref = d["reference"]
     if "noise floor (seed reruns)/dist1" in ref:
         out.append(f"- Signal versus noise: removing one cluster changes a query's softmax by "

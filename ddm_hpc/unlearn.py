@@ -241,12 +241,13 @@ class Unlearner:
 
     @classmethod
     def of_run(cls, ctx: RunContext) -> Unlearner:
-        """The run's unlearner: theta_tau of its ``train.h5``, ``--finetune-steps`` (0 = tau), ``--finetune-lr``
-        (0 = the training lr), ``--finetune-scale`` and ``--batch-models`` of its config."""
+        """The run's unlearner: theta_tau of its ``train.h5``, ``--finetune-steps`` (0 = 1 for influence and
+        displacement synsets, tau for trajectory pairs), ``--finetune-lr`` (0 = the training lr), ``--finetune-scale``
+        (auto = by the synsets' target) and ``--batch-models`` of its config."""
         cfg = ctx.cfg
         reader = ctx.trajectory(ctx.device)
-        return cls(ctx.build_model().to(ctx.device).eval(), reader.params(reader.tau), cfg.attribute.steps(reader.tau),
-                   cfg.finetune_rate, cfg.attribute.finetune_scale, cfg.train, cfg.attribute.batch_models, ctx.device,
+        return cls(ctx.build_model().to(ctx.device).eval(), reader.params(reader.tau), cfg.finetune_step_count(reader.tau),
+                   cfg.finetune_rate, cfg.finetune_weighting, cfg.train, cfg.attribute.batch_models, ctx.device,
                    cfg.runtime.progress, cfg.train.epochs / max(reader.tau, 1), reader.buffers(reader.tau))
 
     def weights(self, level: SynsetLevel) -> torch.Tensor:

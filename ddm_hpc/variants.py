@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddm_hpc.config import AttributeConfig, Config, DistillConfig, merge, paper_preset
+from ddm_hpc.config import PAIRS_DISTILL, AttributeConfig, Config, DistillConfig, merge, paper_preset
 
 
 @dataclass(frozen=True)
@@ -93,14 +93,28 @@ def synset_variant(name: str, distill: dict[str, Any], stages: tuple[str, ...] =
     return Variant(f"variants/{name}", over, shared, stages, sources, parent)
 
 
+# How trajectory-pair synsets are removed online, as before influence matching became the default: tau steps with
+# each synset weighted by its cluster's share of an epoch. The pair-matching variants pin it with PAIRS_DISTILL, so
+# they are the same rows (and the same stage keys) whatever this run's own target.
+PAIRS_ATTRIBUTE = {"finetune_scale": "matched", "finetune_steps": 0}
+
+
+def pair_matching(name: str, distill: dict[str, Any], stages: tuple[str, ...], parent: Variant | None) -> Variant:
+    """``RUN/variants/<name>``: trajectory-pair synsets (``config.PAIRS_DISTILL``, the former defaults, with
+    ``distill`` on top) on this run's clusters, removed by :data:`PAIRS_ATTRIBUTE`'s fine-tune."""
+    return synset_variant(name, {**PAIRS_DISTILL, **distill}, stages, parent, attribute=PAIRS_ATTRIBUTE)
+
+
 def forward_matching(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
-    """``RUN/variants/ddm-match``: forward gradient matching (the paper's DDM-match) on this run's clusters."""
-    return synset_variant("ddm-match", {"method": "ddm-match"}, stages, parent)
+    """``RUN/variants/ddm-match``: forward gradient matching of trajectory pairs (the paper's DDM-match) on this
+    run's clusters."""
+    return pair_matching("ddm-match", {"method": "ddm-match"}, stages, parent)
 
 
 def learned_labels(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
-    """``RUN/variants/ddm-soft``: reverse matching with learned soft labels (``--syn-labels learn``)."""
-    return synset_variant("ddm-soft", {"syn_labels": "learn"}, stages, parent)
+    """``RUN/variants/ddm-soft``: reverse matching of trajectory pairs with learned soft labels (``--syn-labels
+    learn``)."""
+    return pair_matching("ddm-soft", {"syn_labels": "learn"}, stages, parent)
 
 
 # --target displacement's settings (benchmarks/RESULTS.md, "Displacement matching"): learned labels and 10 images
@@ -139,10 +153,10 @@ def influence_matching(stages: tuple[str, ...] = ("distill", "attribute"), paren
 
 def paper_method(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
     """``RUN/variants/ddm-paper``: the paper's DDM on this run's trajectory and clusters, whatever this run's own
-    distill and attribute options: every distill option at its default (reverse matching, hard labels, ipc 1,
-    layer-wise cosine, SGD on the images) except what ``--preset paper`` pins (Alg. 1 pairing with step length 4,
-    50 steps, DSA augmentation during matching, random perturbations with |P| = K, synsets weighted 1). Its
-    training is this run's."""
+    distill and attribute options: ``--preset paper``'s distill and attribute options (reverse matching of
+    trajectory pairs, hard labels, ipc 1, SGD on the images, Alg. 1 pairing with step length 4, 50 steps, DSA
+    augmentation during matching, random perturbations with |P| = K, synsets weighted 1), every other distill option
+    at its default (layer-wise cosine ...). Its training is this run's."""
     preset = paper_preset()
     distill = {**dataclasses.asdict(DistillConfig()), **preset["distill"]}
     for runtime_only in ("levels", "group_grads", "group_chunk"):  # flat search; this run's implementation
@@ -160,6 +174,6 @@ def sequential_clusters() -> Variant:
     return Variant("variants/ddm-seq", over, ("train",), ("cluster", "distill", "attribute"))
 
 
-__all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "INFLUENCE", "ONE_STEP", "synset_variant", "influence_matching",
-           "forward_matching", "learned_labels",
+__all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "INFLUENCE", "ONE_STEP", "PAIRS_ATTRIBUTE", "synset_variant",
+           "pair_matching", "influence_matching", "forward_matching", "learned_labels",
            "displacement_matching", "paper_method", "sequential_clusters"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddm_hpc import augment as A
-from ddm_hpc.config import AUGMENT_PARTS, DSA_STRATEGY, Config, DistillConfig, TrainConfig, _key_dict
+from ddm_hpc.config import AUGMENT_PARTS, DSA_STRATEGY, PAIRS_DISTILL, Config, DistillConfig, TrainConfig, _key_dict
 from ddm_hpc.distill import Matcher, distill_groups
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.models import build_model
@@ -185,8 +185,8 @@ def test_matcher_applies_one_draw_to_the_real_and_the_synthetic_side():
     both sides get the same draw; and the augmentation does change the real gradient."""
     x, y, reader = _problem()
     groups = torch.arange(len(x)) % 6  # 8 rows each, one class each
-    dcfg = DistillConfig(method="ddm-match", distance="mse", include_1d=True, batch_real=8, augment="rotate_crop_cutout",
-                         group_chunk=4)
+    dcfg = DistillConfig(**PAIRS_DISTILL, method="ddm-match", distance="mse", include_1d=True, batch_real=8,
+                         augment="rotate_crop_cutout", group_chunk=4)
     m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
     images = [x[m.members[k]].clone() for k in range(6)]
     labels = torch.stack([y[m.members[k]] for k in range(6)])
@@ -217,7 +217,7 @@ def test_matcher_gradient_to_the_images_through_the_augmentation_matches_finite_
     model = _model().double()
     x = x.double()
     groups = torch.arange(len(x)) % 3
-    dcfg = DistillConfig(batch_real=4, augment="scale_rotate", group_chunk=3)
+    dcfg = DistillConfig(**PAIRS_DISTILL, batch_real=4, augment="scale_rotate", group_chunk=3)
     m = Matcher(model, reader, x, y, groups, 3, dcfg, torch.device("cpu"), kernel="reference")
     images = [x[m.members[k, :2]].clone().requires_grad_(True) for k in range(3)]
     labels = torch.arange(3)[:, None].expand(3, 2)
@@ -251,7 +251,8 @@ def _distill(x, y, reader, ids, dcfg):
 @pytest.mark.parametrize("chunk,alone", [(1, [2]), (2, [2, 3])])
 def test_a_groups_augmented_synset_does_not_depend_on_the_other_groups(chunk, alone):
     x, y, reader = _problem()
-    dcfg = DistillConfig(distill_steps=6, lr_img=0.5, batch_real=6, augment="dsa", group_chunk=chunk)
+    dcfg = DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 6, "lr_img": 0.5}, batch_real=6, augment="dsa",
+                         group_chunk=chunk)
     together = _distill(x, y, reader, [0, 1, 2, 3], dcfg)
     shard = _distill(x, y, reader, alone, dcfg)
     assert torch.equal(together.images[2], shard.images[0])
@@ -264,8 +265,11 @@ def test_a_groups_augmented_synset_does_not_depend_on_the_other_groups(chunk, al
 def test_augmentation_off_is_the_old_distill_stage(monkeypatch):
     """At its default the option stays out of the stage key, and the distill stage never draws nor applies."""
     assert "augment" not in _key_dict(DistillConfig())
-    assert Config().stage_key("distill") == Config.from_dict({"distill": {"augment": ""}}).stage_key("distill")
-    assert Config.from_dict({"distill": {"augment": "dsa"}}).stage_key("distill") != Config().stage_key("distill")
+    pairs = Config.from_dict({"distill": PAIRS_DISTILL})
+    assert pairs.stage_key("distill") == Config.from_dict({"distill": {**PAIRS_DISTILL, "augment": ""}}).stage_key(
+        "distill")
+    assert Config.from_dict({"distill": {**PAIRS_DISTILL, "augment": "dsa"}}).stage_key("distill") != pairs.stage_key(
+        "distill")
 
     def boom(*a, **k):
         raise AssertionError("augmentation used with --augment off")
@@ -273,23 +277,23 @@ def test_augmentation_off_is_the_old_distill_stage(monkeypatch):
     monkeypatch.setattr(A, "draw", boom)
     monkeypatch.setattr(A, "apply", boom)
     x, y, reader = _problem(n=24, epochs=1)
-    syn = _distill(x, y, reader, [0, 1, 2, 3], DistillConfig(distill_steps=2, batch_real=4))
+    syn = _distill(x, y, reader, [0, 1, 2, 3], DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 2}, batch_real=4))
     assert np.isfinite(syn.loss_history).all()
 
 
 # ----------------------------------------------------------------------------- options
 
 def test_augment_option_refusals_are_one_line():
-    with pytest.raises(ConfigError, match="--target pairs, or --augment ''") as e:
+    with pytest.raises(ConfigError, match=r"--target pairs --no-layer-rates \(or --preset paper\), or --augment ''") as e:
         DistillConfig(augment="dsa", target="displacement")
     assert "\n" not in str(e.value)
     for bad in ("colour", "color_color", "color__flip_x", "_"):
         with pytest.raises(ConfigError, match="color, crop, cutout, flip, scale, rotate") as e:
             DistillConfig(augment=bad)
         assert "\n" not in str(e.value)
-    assert DistillConfig(augment="dsa").augment_parts == tuple(DSA_STRATEGY.split("_")) == (
+    assert DistillConfig(**PAIRS_DISTILL, augment="dsa").augment_parts == tuple(DSA_STRATEGY.split("_")) == (
         "color", "crop", "cutout", "scale", "rotate")
-    assert DistillConfig(augment="color_crop_cutout_flip_scale_rotate").augment_parts == AUGMENT_PARTS
+    assert DistillConfig(**PAIRS_DISTILL, augment="color_crop_cutout_flip_scale_rotate").augment_parts == AUGMENT_PARTS
     assert DistillConfig().augment_parts == ()
 
 

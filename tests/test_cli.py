@@ -71,9 +71,10 @@ def test_attribution_schema_and_values(smoke_run):
 
 def test_synsets_and_trajectory(smoke_run):
     with h5py.File(smoke_run / "synsets.h5") as f:
-        assert f["cluster/images"].shape == (30, 1, 1, 28, 28)
-        assert f["class/images"].shape == (10, 1, 1, 28, 28)
-        assert f.attrs["method"] == "ddm" and f.attrs["pairing"] == "reverse"
+        assert f["cluster/images"].shape == (30, 10, 1, 28, 28)  # the default: 10 images per synset
+        assert f["class/images"].shape == (10, 10, 1, 28, 28)
+        assert f.attrs["method"] == "ddm" and f.attrs["target"] == "influence" and f.attrs["syn_labels"] == "learn"
+        assert f["cluster/layer_rates"].shape[0] == 30  # per-tensor rates, used by the one-step fine-tune
     with h5py.File(smoke_run / "train.h5") as f:
         assert f["trajectory/params"].shape[0] == 4  # theta_0..theta_3
         assert f["trajectory/params"].dtype == np.float32

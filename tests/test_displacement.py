@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm_hpc.attribute import check
-from ddm_hpc.config import Config, DistillConfig, TrainConfig
+from ddm_hpc.config import PAIRS_DISTILL, Config, DistillConfig, TrainConfig
 from ddm_hpc.distill import Matcher, contribution_per_row, distill_groups, per_group_grads
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.models import build_model
@@ -74,7 +74,7 @@ def test_matching_reports_the_relative_error_of_the_synset_gradient():
     tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
     reader = _trajectory(x, y, tcfg)
     dcfg = DistillConfig(target="displacement", syn_labels="learn", ipc=3, optimizer="adam", lr_img=0.05,
-                         lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2)
+                         lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2, layer_rates=False)
     cls = torch.tensor([0, 1, 2, 0, 1, 2])
     per_row = contribution_per_row(tcfg, reader.tau)
     syn = distill_groups(_model(), reader, x, y, groups, cls, dcfg, 0, torch.device("cpu"), show_progress=False,
@@ -91,14 +91,16 @@ def test_matching_reports_the_relative_error_of_the_synset_gradient():
     assert torch.equal(part.images, syn.images[2:4])
 
 
-@pytest.mark.parametrize("attribute", [{}, {"finetune_steps": 1}, {"finetune_scale": "uniform"},
+@pytest.mark.parametrize("attribute", [{"finetune_scale": "matched"}, {"finetune_steps": 3},
+                                       {"finetune_scale": "matched", "finetune_steps": 1},
                                        {"finetune_scale": "uniform", "finetune_steps": 3}])
 def test_displacement_synsets_need_one_unweighted_step(attribute):
     cfg = Config.from_dict({"distill": {"target": "displacement"}, "attribute": attribute})
-    with pytest.raises(ConfigError, match="--finetune-scale uniform --finetune-steps 1"):
+    with pytest.raises(ConfigError, match="pass --finetune-scale auto --finetune-steps 0 \\(or uniform and 1\\)"):
         check(cfg)
-    check(Config.from_dict({"distill": {"target": "displacement"},
-                            "attribute": {"finetune_scale": "uniform", "finetune_steps": 1}}))
+    for ok in ({}, {"finetune_scale": "uniform", "finetune_steps": 1}, {"finetune_scale": "auto", "finetune_steps": 1},
+               {"finetune_scale": "uniform"}):  # auto and 0 resolve to one unweighted step for fixed targets
+        check(Config.from_dict({"distill": {"target": "displacement"}, "attribute": ok}))
 
 
 def test_displacement_needs_reverse_matching():
@@ -108,7 +110,8 @@ def test_displacement_needs_reverse_matching():
 
 def test_displacement_options_leave_existing_stage_keys_alone():
     from ddm_hpc.config import _key_dict
-    assert "target" not in _key_dict(DistillConfig()) and "optimizer" not in _key_dict(DistillConfig())
+    pairs = DistillConfig(**PAIRS_DISTILL)  # the former defaults: what runs made before these options had
+    assert "target" not in _key_dict(pairs) and "optimizer" not in _key_dict(pairs)
     assert _key_dict(DistillConfig(target="displacement"))["target"] == "displacement"
 
 
@@ -223,10 +226,11 @@ def test_one_step_with_layer_rates_is_the_scaled_sum_of_the_synset_steps():
 
 
 def test_layer_rates_need_the_displacement_target():
-    with pytest.raises(ConfigError, match="--layer-rates .* --target displacement"):
-        DistillConfig(layer_rates=True)
+    with pytest.raises(ConfigError, match="--layer-rates .* --target displacement or influence, or --no-layer-rates"):
+        DistillConfig(target="pairs", layer_rates=True)
     from ddm_hpc.config import _key_dict
-    assert "layer_rates" not in _key_dict(DistillConfig(target="displacement"))
+    assert "layer_rates" not in _key_dict(DistillConfig(target="displacement", layer_rates=False))
+    assert _key_dict(DistillConfig(target="displacement"))["layer_rates"] is True  # the default now
 
 
 def test_rated_synsets_refuse_more_than_one_step():
@@ -280,7 +284,7 @@ def test_contraction_factor_is_each_tensors_least_squares_scale():
 
 def test_contraction_needs_layer_rates_and_the_cluster_level():
     with pytest.raises(ConfigError, match="--contraction .* --layer-rates"):
-        DistillConfig(target="displacement", contraction=1)
+        DistillConfig(target="displacement", layer_rates=False, contraction=1)
     with pytest.raises(ConfigError, match="--contraction is fitted on the cluster synsets"):
         DistillConfig(target="displacement", layer_rates=True, contraction=1, levels="class")
     with pytest.raises(ConfigError, match="number of retrainings"):

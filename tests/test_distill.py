@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import matching_loss, matching_loss_reference
-from ddm_hpc.config import DistillConfig
+from ddm_hpc.config import PAIRS_DISTILL, DistillConfig
 from ddm_hpc.distill import distill_groups, group_members, per_group_grads, sample_real, trajectory_pairs
 from ddm_hpc.models import build_model
 from ddm_hpc.train import train_trajectory
@@ -160,7 +160,7 @@ def test_matching_loss_decreases_on_tiny_problem(method):
     traj = train_trajectory(model, x, y, x[:30], y[:30], TrainConfig(epochs=4, batch_size=32, lr=0.05), 0,
                             torch.device("cpu"), show_progress=False)
     groups = torch.arange(n) % 6  # 6 groups, 2 per class
-    dcfg = DistillConfig(method=method, distill_steps=40, lr_img=1.0, batch_real=20, ipc=1)
+    dcfg = DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 40, "lr_img": 1.0}, method=method, batch_real=20)
     syn = distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, groups, torch.tensor([0, 1, 2] * 2),
                          dcfg, 0, torch.device("cpu"), show_progress=False)
     assert syn.images.shape == (6, 1, 1, 8, 8)
@@ -177,7 +177,7 @@ def test_shown_progress_bar_gives_the_same_synsets(monkeypatch):
     x, y = torch.randn(60, 1, 8, 8, generator=g), torch.arange(60) % 3
     traj = train_trajectory(_tiny_model(), x, y, x[:10], y[:10], TrainConfig(epochs=2, batch_size=20, lr=0.05), 0,
                             torch.device("cpu"), show_progress=False)
-    dcfg = DistillConfig(distill_steps=12, lr_img=0.5, batch_real=8)
+    dcfg = DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 12, "lr_img": 0.5}, batch_real=8)
 
     def run(show):
         return distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, torch.arange(60) % 6,
@@ -239,6 +239,6 @@ def test_kernel_option_reaches_the_matching_loss(monkeypatch):
     traj = train_trajectory(_tiny_model(), x, y, x[:10], y[:10], TrainConfig(epochs=1, batch_size=10), 0,
                             torch.device("cpu"), show_progress=False)
     distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, y.clone(), torch.arange(3),
-                   DistillConfig(distill_steps=2, batch_real=4), 0, torch.device("cpu"), show_progress=False,
+                   DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 2}, batch_real=4), 0, torch.device("cpu"), show_progress=False,
                    kernel="reference")
     assert seen and set(seen) == {"reference"}

@@ -58,9 +58,10 @@ def test_evaluation_schema(evaluated):
         with h5py.File(evaluated / "attribution.h5") as a:
             np.testing.assert_allclose(f["gt/base"][()], a["base_probs"][()], atol=tol)
             np.testing.assert_array_equal(f["query_index"][()], a["query_index"][()])
-        # DDM's per-objective scores are the attribute stage's flat scores, unchanged
-            for obj in ("dist1", "dist2", "dist3"):
-                np.testing.assert_array_equal(f[f"methods/ddm/objectives/{obj}"][()], a[f"objectives/{obj}/scores"][()])
+        # DDM's per-objective scores are the attribute stage's flat scores, unchanged; Dist1 of the default
+        # (influence) synsets is located by their Dist2 scores
+            for obj, src in (("dist1", "dist2"), ("dist2", "dist2"), ("dist3", "dist3")):
+                np.testing.assert_array_equal(f[f"methods/ddm/objectives/{obj}"][()], a[f"objectives/{src}/scores"][()])
 
 
 def test_metrics_recompute_from_the_file(evaluated):
@@ -243,12 +244,12 @@ def test_mean_and_std_over_seeds(evaluated, mnist_root, tmp_path):
     report_main(["--seeds", str(out), str(evaluated / "evaluation.h5"), str(other / "evaluation.h5")])
     text = out.read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "Random select" in rows and "DDM-full (reverse GM)" in rows and "TRAK (peer)" not in rows  # common methods
+    assert "Random select" in rows and "DDM (this run's synsets)" in rows and "TRAK (peer)" not in rows  # common
     vals = []
     for run in (evaluated, other):
         with h5py.File(run / "evaluation.h5") as f:
             vals.append(f["methods/ddm"].attrs["dist1"])
-    assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in rows["DDM-full (reverse GM)"]
+    assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in rows["DDM (this run's synsets)"]
     with pytest.raises(SystemExit):
         report_main(["--seeds", str(out), str(tmp_path / "missing.h5")])
 
@@ -260,7 +261,8 @@ def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
     from ddm_hpc.methods import read_ddm_scores
     from ddm_hpc.pipeline import materialise
     from ddm_hpc.storage import artifact_path, read_attrs
-    from ddm_hpc.variants import learned_labels, synset_variant
+    from ddm_hpc.config import PAIRS_DISTILL
+    from ddm_hpc.variants import PAIRS_ATTRIBUTE, learned_labels, synset_variant
 
     cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
                             "runtime": {"out": str(evaluated), "progress": False}})
@@ -273,8 +275,8 @@ def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
     assert soft == evaluated / "variants" / "ddm-soft"
     ref = read_ddm_scores(soft, "").scores
     for steps, same in ((0, True), (1, False)):
-        variant = synset_variant(f"t-steps{steps}", {"syn_labels": "learn"}, ("attribute",),
-                                 attribute={"finetune_steps": steps}, sources={"distill": soft_variant})
+        variant = synset_variant(f"t-steps{steps}", {**PAIRS_DISTILL, "syn_labels": "learn"}, ("attribute",),
+                                 attribute={**PAIRS_ATTRIBUTE, "finetune_steps": steps}, sources={"distill": soft_variant})
         (out,) = materialise(cfg, [variant])
         assert read_attrs(artifact_path(out, "distill"))["uid"] == read_attrs(artifact_path(soft, "distill"))["uid"]
         assert torch.equal(read_ddm_scores(out, "").scores, ref) == same, steps

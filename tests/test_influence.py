@@ -143,6 +143,32 @@ def test_low_rank_influence_targets_equal_the_exact_ones_at_full_rank():
     torch.testing.assert_close(targets[1], targets[0], rtol=1e-4, atol=1e-7)
 
 
+def test_fisher_rank_0_falls_back_to_the_low_rank_fisher_where_the_exact_one_does_not_fit(monkeypatch, caplog):
+    """``--fisher-rank 0`` (the default) is the exact Fisher while it fits ``FISHER_SOLVE_BYTES``, else the
+    ``AUTO_FISHER_RANK`` range finder (logged), never a refusal; a given rank is kept."""
+    assert distill.fisher_rank_for(20, 11, 0) == 0 and distill.fisher_rank_for(20, 11, 7) == 7
+    monkeypatch.setattr(distill, "FISHER_SOLVE_BYTES", 8 * 110)
+    assert distill.fisher_rank_for(10, 11, 0) == 0  # 10 x 11 rows, a 10 x 10 kernel: fits
+    with caplog.at_level("INFO", logger="ddm_hpc.distill"):
+        assert distill.fisher_rank_for(20, 11, 0) == distill.AUTO_FISHER_RANK
+    assert "exceeds" in caplog.text and "--fisher-rank" in caplog.text
+    # the pipeline takes that rank: the targets are those of an explicit --fisher-rank AUTO_FISHER_RANK (here 4,
+    # and a budget between the range finder's 3 x P x (4 + 16) and the exact 90 x P float64)
+    monkeypatch.setattr(distill, "AUTO_FISHER_RANK", 4)
+    x, y, groups = _data()
+    p = sum(v.numel() for v in _model().parameters())
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 0, 0)
+    targets = []
+    for budget, rank in ((1 << 40, 4), (8 * 75 * p, 0)):
+        monkeypatch.setattr(distill, "FISHER_SOLVE_BYTES", budget)
+        m = Matcher(_model(), reader, x, y, groups, 6, DistillConfig(batch_real=8), torch.device("cpu"))
+        m.set_influence_targets(tcfg.lr, lam, rows, rank=rank, seed=3)
+        targets.append(torch.cat([v.reshape(6, -1) for v in m.targets], 1))
+    torch.testing.assert_close(targets[1], targets[0], rtol=0, atol=0)
+
+
 def test_influence_matching_lowers_the_relative_error_to_its_targets():
     """The matching (same relative L2 as displacement, at theta_tau) lowers every group's error to the influence
     targets; final_loss is recomputed from the returned synsets."""
@@ -150,7 +176,7 @@ def test_influence_matching_lowers_the_relative_error_to_its_targets():
     tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
     reader = _trajectory(x, y, tcfg)
     dcfg = DistillConfig(target="influence", syn_labels="learn", ipc=3, optimizer="adam", lr_img=0.05,
-                         lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2)
+                         lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2, layer_rates=False)
     lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 0, 0)
     syn = distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
                          torch.device("cpu"), show_progress=False, influence=(tcfg.lr, lam, rows, 0, 0))
@@ -186,8 +212,9 @@ def test_influence_options_are_checked_and_stay_out_of_existing_stage_keys():
     assert "damping" not in _key_dict(DistillConfig()) and "fisher_rows" not in _key_dict(DistillConfig())
     assert _key_dict(DistillConfig(target="influence", damping=0.5, fisher_rows=9))["fisher_rows"] == 9
     from ddm_hpc.attribute import check
-    with pytest.raises(ConfigError, match="--target influence synsets .* --finetune-steps 1"):
-        check(Config.from_dict({"distill": {"target": "influence"}}))
+    with pytest.raises(ConfigError, match="--target influence synsets .* --finetune-steps 0"):
+        check(Config.from_dict({"distill": {"target": "influence"}, "attribute": {"finetune_scale": "matched"}}))
+    check(Config())  # the default: influence synsets, removed by one unweighted step
     assert math.isfinite(influence_damping(TrainConfig(), 10))
 
 

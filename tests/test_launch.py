@@ -103,7 +103,7 @@ def test_resolve_shards_caps_at_items(tmp_path, caplog):
 def test_distill_groups_subset_equals_full_run(base_run, mnist_root):
     """A block's synsets do not depend on which other blocks are distilled with it."""
     from ddm_hpc.cluster import read_clusters
-    from ddm_hpc.distill import distill_groups
+    from ddm_hpc.distill import distill_groups, influence_spec
     from ddm_hpc.context import load_data
     from ddm_hpc.models import build_target
     from ddm_hpc.trajectory import TrajectoryReader
@@ -115,8 +115,9 @@ def test_distill_groups_subset_equals_full_run(base_run, mnist_root):
     assignment, cclass = read_clusters(base_run)
     args = (model, reader, bundle.x_train, bundle.y_train, torch.from_numpy(assignment), torch.from_numpy(cclass),
             cfg.distill, 5, torch.device("cpu"))
-    full = distill_groups(*args, show_progress=False)
-    part = distill_groups(*args, show_progress=False, group_ids=torch.tensor([4, 5, 6, 7]))
+    influence = influence_spec(cfg, len(bundle.y_train))  # the default target; its solve is per block too
+    full = distill_groups(*args, show_progress=False, influence=influence)
+    part = distill_groups(*args, show_progress=False, group_ids=torch.tensor([4, 5, 6, 7]), influence=influence)
     assert torch.equal(full.images[4:8], part.images)
     np.testing.assert_array_equal(full.group_history[4:8], part.group_history)
     np.testing.assert_array_equal(full.final_loss[4:8], part.final_loss)

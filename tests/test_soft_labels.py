@@ -70,17 +70,17 @@ def test_finetune_on_one_hot_targets_equals_hard_labels():
 def test_learned_labels_are_distributions_and_reach_the_attribute_stage(tmp_path, mnist_root):
     out = tmp_path / "run"
     args = ["run", "--preset", "smoke", "--data-root", str(mnist_root), "--out", str(out), "--no-progress",
-            "--syn-labels", "learn", "--lr-label", "5", "--search", "flat", "--group-chunk", "8"]  # 4 blocks
+            "--syn-labels", "learn", "--search", "flat", "--group-chunk", "8"]  # 4 blocks; learned labels: the default
     assert main(args) == 0
     with h5py.File(out / "synsets.h5") as f:
         assert f.attrs["syn_labels"] == "learn"
         t, c = f["cluster/targets"][()], f["cluster/group_class"][()]
-        assert t.shape == (30, 1, 10) and t.dtype == np.float32
+        assert t.shape == (30, 10, 10) and t.dtype == np.float32  # 10 images per synset, a distribution each
         np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-5)
-        q_c = t[np.arange(30), 0, c]
+        q_c = t[np.arange(30), :, c]
         assert (q_c < 0.9 - 1e-3).mean() > 0.5  # moved off the init (0.9 on the class)
     level = read_synsets(out, "cluster")
-    assert level.targets is not None and level.flat_targets().shape == (30, 10)
+    assert level.targets is not None and level.flat_targets().shape == (300, 10)  # one row per image
     torch.testing.assert_close(level.subset(torch.tensor([3, 4])).targets, level.targets[3:5])
     with h5py.File(out / "attribution.h5") as f:  # the attribute stage fine-tuned on them
         outputs = f["outputs"][()]

@@ -34,12 +34,13 @@ def test_matched_group_weights_follow_eq2():
 
 def test_unlearner_scales_matched_weights_by_epochs_per_recorded_step(tmp_path, mnist_root):
     from ddm_hpc import train
-    from ddm_hpc.config import Config
+    from ddm_hpc.config import PAIRS_DISTILL, Config
     from ddm_hpc.context import RunContext
     from ddm_hpc.unlearn import Unlearner
 
     cfg = Config.from_dict({"data": {"n_train": 100, "n_test": 20, "data_root": str(mnist_root)},
                             "model": {"width": 4}, "train": {"epochs": 4, "save_every": 2},
+                            "distill": PAIRS_DISTILL,  # trajectory pairs: tau matched steps
                             "runtime": {"out": str(tmp_path), "progress": False}})
     train.run(cfg)
     u = Unlearner.of_run(RunContext(cfg))
@@ -85,7 +86,7 @@ def test_the_unlearner_resolves_a_runs_defaults_once(tmp_path, mnist_root):
     import json
 
     from ddm_hpc.cli import main
-    from ddm_hpc.config import Config
+    from ddm_hpc.config import PAIRS_DISTILL, Config
     from ddm_hpc.context import RunContext
     from ddm_hpc.synsets import SynsetLevel
     from ddm_hpc.trajectory import TrajectoryReader
@@ -97,7 +98,10 @@ def test_the_unlearner_resolves_a_runs_defaults_once(tmp_path, mnist_root):
     cfg = Config.from_dict(saved)
     u = Unlearner.of_run(RunContext(cfg, device=cpu))
     reader = TrajectoryReader.of_run(out)
-    assert (u.steps, u.lr, u.scale) == (reader.tau, cfg.train.lr, "matched") and reader.tau == 3
+    assert (u.steps, u.lr, u.scale) == (1, cfg.train.lr, "uniform") and reader.tau == 3  # influence: one step
+    pairs = Unlearner.of_run(RunContext(Config.from_dict({**saved, "distill": PAIRS_DISTILL}), device=cpu))
+    assert (pairs.steps, pairs.lr, pairs.scale) == (reader.tau, cfg.train.lr, "matched")
+    u = pairs  # below: the matched tau-step fine-tune, recomputed
     assert torch.equal(reader.table.flatten(u.theta), reader.flat(reader.tau))
     tuned = Unlearner.of_run(RunContext(Config.from_dict({**saved, "attribute": {"finetune_steps": 2,
                                                                                  "finetune_lr": 0.05}}), device=cpu))

@@ -1,13 +1,16 @@
 """DDM and its variants as attribution methods: each reads the flat scores of a run's attribute stage.
 
-  ddm         this run's ``attribution.h5`` (flat search), one score matrix per objective.
-  ddm-match   the same pipeline with forward gradient matching, run in ``RUN/variants/ddm-match``
-              on this run's train.h5 and clusters.h5.
+  ddm         this run's ``attribution.h5`` (flat search), one score matrix per objective: with the defaults,
+              influence matching (as ddm-inf below); Dist1 located by the Dist2 scores when its synsets
+              have a fixed target (``--target influence`` or ``displacement``).
+  ddm-match   forward gradient matching of trajectory pairs (``config.PAIRS_DISTILL``, the defaults before
+              influence matching, with ``--method ddm-match``), run in ``RUN/variants/ddm-match`` on this
+              run's train.h5 and clusters.h5.
   ddm-paper   the paper's method (``--preset paper``'s distill and attribute options, every other distill
               option at its default) in ``RUN/variants/ddm-paper`` on this run's train.h5 and clusters.h5,
               whatever this run's own options: the paper-literal row, always in the table.
-  ddm-soft    reverse matching with learned soft labels (``--syn-labels learn``; not in the paper), run
-              in ``RUN/variants/ddm-soft`` on this run's train.h5 and clusters.h5.
+  ddm-soft    reverse matching of trajectory pairs with learned soft labels (``PAIRS_DISTILL`` with
+              ``--syn-labels learn``; not in the paper), run in ``RUN/variants/ddm-soft``.
   ddm-seq     "DDM w/o cluster": clusters by sequence number (``RUN/variants/ddm-seq``, on this
               run's train.h5). Its scores live on other clusters, so they are spread evenly over
               each sequential cluster's members and summed per k-means cluster.
@@ -19,12 +22,16 @@
               ddm-disp, each synset matched to its cluster's damped influence displacement at theta_tau,
               (F + lambda I)^-1 times its summed gradient over N (F the empirical Fisher of the training rows,
               lambda the weight decay plus the ridge early stopping after the training's steps amounts to).
+              The default ``ddm`` on its cluster level, so not in the default ``--methods``: it is the row for
+              runs made with other distill options (``--preset paper``).
   ddm-hier    this run's class-first hierarchical search (Eq. 11): Dist1/2/3 locate the cluster it
               picks inside the class it picks; its LDS reads the class scores spread evenly over each
               class's clusters (the search has no score for clusters outside the chosen class).
 
 DDM methods carry one score matrix per objective (``per_objective``): the Eq. 10 metric Dist_m
-locates with the Dist_m scores, as the paper does.
+locates with the Dist_m scores, as the paper does, except Dist1 of fixed-target synsets (ddm with the
+defaults, ddm-disp, ddm-inf), which the Dist2 scores locate (they measured better, benchmarks/RESULTS.md;
+the report shows both rules for every row).
 
 Room: a method file (imports ``config``, ``context``, ``methods.base``, ``storage``, ``variants``).
 """
@@ -68,6 +75,12 @@ def read_ddm_scores(run_dir: Path, note: str, dist1_by: str = "dist1") -> Method
         located["dist1"] = per[dist1_by]
         note = f"{note}; Dist1 located by the {dist1_by} scores"
     return MethodResult(main, online, offline, located, note=f"{note}; attribute objective {objective}")
+
+
+def dist1_rule(cfg: Config) -> str:
+    """The objective whose scores locate Dist1 for synsets made with ``cfg``: dist2 for fixed targets (influence,
+    displacement: their Dist1 scores measured worse at locating, benchmarks/RESULTS.md), dist1 otherwise (Eq. 10)."""
+    return "dist2" if cfg.distill.fixed_target else "dist1"
 
 
 def spread_to_clusters(scores: torch.Tensor, src_assign: torch.Tensor, dst_assign: torch.Tensor, k: int
@@ -121,10 +134,12 @@ class DDMMatch(_VariantDDM, name="ddm-match", label="DDM-match", help="forward g
         return forward_matching()
 
 
-class DDM(AttributionMethod, name="ddm", label="DDM-full (reverse GM)", help="this run", scatter=True,
+class DDM(AttributionMethod, name="ddm", label="DDM (this run's synsets)", help="this run", scatter=True,
           heatmap=True, table4="DDM"):
     def score(self, ctx: RunContext) -> MethodResult:
-        return read_ddm_scores(ctx.run_dir, "this run (reverse gradient matching)")
+        d = ctx.cfg.distill
+        return read_ddm_scores(ctx.run_dir, f"this run (--target {d.target})",
+                               dist1_by=dist1_rule(ctx.cfg))
 
 
 class DDMPaper(_VariantDDM, name="ddm-paper", label="DDM-full, the paper's settings",
@@ -155,7 +170,7 @@ class DDMDisp(_VariantDDM, name="ddm-disp", label="DDM, displacement matching",
         return displacement_matching()
 
     def score(self, ctx: RunContext) -> MethodResult:
-        return read_ddm_scores(self.variant().directory(ctx.cfg), self.note, dist1_by="dist2")
+        return read_ddm_scores(self.variant().directory(ctx.cfg), self.note, dist1_by=dist1_rule(self.synset_run(ctx.cfg)))
 
 
 class DDMInf(DDMDisp, name="ddm-inf", label="DDM, influence matching",

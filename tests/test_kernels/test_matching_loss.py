@@ -270,7 +270,7 @@ def test_interpreter_with_cuda_tensors(monkeypatch):
 
 def test_distill_stage_kernel_path_equals_reference_path(monkeypatch):
     """The distill stage gives the same synsets through the fused kernel as through the reference."""
-    from ddm_hpc.config import DistillConfig, TrainConfig
+    from ddm_hpc.config import PAIRS_DISTILL, DistillConfig, TrainConfig
     from ddm_hpc.distill import distill_groups
     from ddm_hpc.models import build_model
     from ddm_hpc.train import train_trajectory
@@ -284,7 +284,7 @@ def test_distill_stage_kernel_path_equals_reference_path(monkeypatch):
     traj = train_trajectory(model, x, y, x[:10], y[:10], TrainConfig(epochs=3, batch_size=20, lr=0.05), 0,
                             torch.device(DEVICE), show_progress=False)
     reader = MemoryTrajectory(traj.table, traj.params, DEVICE)
-    dcfg = DistillConfig(distill_steps=6, lr_img=0.5, batch_real=8, include_1d=True)
+    dcfg = DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 6, "lr_img": 0.5}, batch_real=8, include_1d=True)
 
     def run():
         return distill_groups(model, reader, x, y, torch.arange(60) % 6, torch.tensor([0, 1, 2] * 2), dcfg, 0,
