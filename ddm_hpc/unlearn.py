@@ -246,9 +246,10 @@ class Unlearner:
         (auto = by the synsets' target) and ``--batch-models`` of its config."""
         cfg = ctx.cfg
         reader = ctx.trajectory(ctx.device)
-        return cls(ctx.build_model().to(ctx.device).eval(), reader.params(reader.tau), cfg.finetune_step_count(reader.tau),
-                   cfg.finetune_rate, cfg.finetune_weighting, cfg.train, cfg.attribute.batch_models, ctx.device,
-                   cfg.runtime.progress, cfg.train.epochs / max(reader.tau, 1), reader.buffers(reader.tau))
+        return cls(ctx.build_model().to(ctx.device).eval(), reader.params(reader.tau),
+                   cfg.finetune_step_count(reader.tau), cfg.finetune_rate, cfg.finetune_weighting, cfg.train,
+                   cfg.attribute.batch_models, ctx.device, cfg.runtime.progress, cfg.train.epochs / max(reader.tau, 1),
+                   reader.buffers(reader.tau))
 
     def weights(self, level: SynsetLevel) -> torch.Tensor:
         """c_k, the loss weight of each group's synset (:func:`group_weights`)."""

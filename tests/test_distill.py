@@ -239,6 +239,6 @@ def test_kernel_option_reaches_the_matching_loss(monkeypatch):
     traj = train_trajectory(_tiny_model(), x, y, x[:10], y[:10], TrainConfig(epochs=1, batch_size=10), 0,
                             torch.device("cpu"), show_progress=False)
     distill_groups(_tiny_model(), MemoryTrajectory(traj.table, traj.params), x, y, y.clone(), torch.arange(3),
-                   DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 2}, batch_real=4), 0, torch.device("cpu"), show_progress=False,
-                   kernel="reference")
+                   DistillConfig(**{**PAIRS_DISTILL, "distill_steps": 2}, batch_real=4), 0, torch.device("cpu"),
+                   show_progress=False, kernel="reference")
     assert seen and set(seen) == {"reference"}

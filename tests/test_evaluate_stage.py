@@ -276,7 +276,8 @@ def test_variant_on_another_variants_synsets_reproduces_it(evaluated):
     ref = read_ddm_scores(soft, "").scores
     for steps, same in ((0, True), (1, False)):
         variant = synset_variant(f"t-steps{steps}", {**PAIRS_DISTILL, "syn_labels": "learn"}, ("attribute",),
-                                 attribute={**PAIRS_ATTRIBUTE, "finetune_steps": steps}, sources={"distill": soft_variant})
+                                 attribute={**PAIRS_ATTRIBUTE, "finetune_steps": steps},
+                                 sources={"distill": soft_variant})
         (out,) = materialise(cfg, [variant])
         assert read_attrs(artifact_path(out, "distill"))["uid"] == read_attrs(artifact_path(soft, "distill"))["uid"]
         assert torch.equal(read_ddm_scores(out, "").scores, ref) == same, steps

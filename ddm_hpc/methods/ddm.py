@@ -170,7 +170,8 @@ class DDMDisp(_VariantDDM, name="ddm-disp", label="DDM, displacement matching",
         return displacement_matching()
 
     def score(self, ctx: RunContext) -> MethodResult:
-        return read_ddm_scores(self.variant().directory(ctx.cfg), self.note, dist1_by=dist1_rule(self.synset_run(ctx.cfg)))
+        run = self.synset_run(ctx.cfg)
+        return read_ddm_scores(self.variant().directory(ctx.cfg), self.note, dist1_by=dist1_rule(run))
 
 
 class DDMInf(DDMDisp, name="ddm-inf", label="DDM, influence matching",
