@@ -9,8 +9,10 @@ the paper (Ye et al., CVPR 2024, Table 5 / section 4.1), the help text says so a
 Each stage's artifact stores a hash of the config sections it depends on (``stage_key``; the
 sections come from the stage graph, ``ddm_hpc.graph``); a run directory whose artifact was made
 with a different upstream config is refused. A field added to a section that runs already hash
-declares ``_help(..., added=True)``: at its default it stays out of the hash, so those runs remain
-valid.
+declares ``_help(..., added=True)``: at the value runs had before it existed (its default, or ``legacy=``
+where the default changed later) it stays out of the hash, so those runs remain valid, and a saved
+``config.json`` that predates it reads as that value (:func:`complete_saved`). A key never depends on
+the current defaults: changing a default changes the keys of new runs only.
 
 Options whose value ``0`` (or ``auto``) means "the default" keep that value in the config, and so in
 the stage keys; each is resolved in exactly one place, a property or method of its section named
