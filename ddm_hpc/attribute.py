@@ -469,7 +469,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"--search {cfg.attribute.search} needs class synsets but --levels is "
                           f"{cfg.distill.levels!r}: pass --levels cluster,class or --search flat")
     a = cfg.attribute
-    if cfg.distill.fixed_target and (cfg.finetune_weighting != "uniform" or cfg.finetune_step_count(1) != 1):
+    if cfg.distill.fixed_target and (cfg.finetune_weighting != "uniform" or a.finetune_steps > 1):
         raise ConfigError(f"--target {cfg.distill.target} synsets reproduce a group's contribution in one unweighted "
                           f"fine-tune step, not --finetune-scale {a.finetune_scale} --finetune-steps "
                           f"{a.finetune_steps}: pass --finetune-scale auto --finetune-steps 0 (or uniform and 1)")
