@@ -38,18 +38,23 @@ def stored(run: Path, name: str) -> MethodResult | None:
             return None
         g = f[f"methods/{name}"]
         objs = {k: torch.from_numpy(v[()]) for k, v in g["objectives"].items()} if "objectives" in g else {}
-        return MethodResult(torch.from_numpy(g["scores"][()]), float(g["seconds"][()]), per_objective=objs)
+        return MethodResult(torch.from_numpy(g["scores"][()]), float(g["seconds"][()]), per_objective=objs,
+                            dist1_by=str(g.attrs.get("dist1_by", "dist1")))
 
 
-def per_query(run: Path, names: list[str]) -> dict[tuple[str, str, float], dict[str, torch.Tensor]]:
-    """(method, removal, alpha) -> {'dist1': [Q], 'lds': [Q], 'located': [Q]} on one run."""
+def per_query(run: Path, names: list[str], dist1_by: str = "") -> dict[tuple[str, str, float], dict[str, torch.Tensor]]:
+    """(method, removal, alpha) -> {'dist1': [Q], 'lds': [Q], 'located': [Q]} on one run. ``dist1_by`` (dist1 or
+    dist2): the first method's Dist1 located by those scores instead of its own rule (it is then scored afresh, as
+    an evaluation.h5 made before ``dist1_by`` was stored kept only the located scores)."""
     cfg, _, _ = open_run(run)
-    results = {n: stored(run, n) for n in names}
+    results = {n: None if dist1_by and i == 0 else stored(run, n) for i, n in enumerate(names)}
     missing = [n for n, r in results.items() if r is None]
     if missing:
         materialise(cfg, [v for m in resolve(missing) for v in m.variants(cfg)])
     cfg, ctx, retrained = open_run(run)
     results.update(score_methods(ctx, missing) if missing else {})
+    if dist1_by:
+        results[names[0]].dist1_by = dist1_by
     out = {}
     for removal in cfg.evaluate.removal_list():
         for alpha in cfg.evaluate.alpha_list():
@@ -67,12 +72,14 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="evaluated run directories (e.g. three seeds)")
     ap.add_argument("--method", required=True)
     ap.add_argument("--against", default="clustering,trak,tracin,replay", help="comma-separated methods")
+    ap.add_argument("--dist1-by", choices=("dist1", "dist2"), default="",
+                    help="locate --method's Dist1 by these scores instead of its own rule (methods.ddm.dist1_rule)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     others = [n for n in args.against.split(",") if n]
     pooled: dict[tuple[str, str, float], dict[str, list[torch.Tensor]]] = {}
     for run in args.runs:
-        for key, v in per_query(Path(run), [args.method, *others]).items():
+        for key, v in per_query(Path(run), [args.method, *others], args.dist1_by).items():
             for metric, x in v.items():
                 pooled.setdefault(key, {}).setdefault(metric, []).append(x)
     cat = {key: {m: torch.cat(xs) for m, xs in v.items()} for key, v in pooled.items()}

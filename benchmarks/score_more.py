@@ -3,8 +3,8 @@
 For a run ``ddm-hpc evaluate`` has finished, scores ``--methods`` (any registered name, e.g.
 ``ddm-hier`` or ``replay``) exactly as ``evaluate`` does, under every removal protocol and LDS kept
 fraction the run was evaluated with, and prints one row per method: Dist1 x100 (and Dist1 located
-by the Dist2 scores), Dist2, LDS, per protocol / alpha. Nothing is retrained; methods that need
-variant runs make them first (as ``evaluate`` would).
+by the Dist1 and by the Dist2 scores, both rules), Dist2, LDS, per protocol / alpha. Nothing is
+retrained; methods that need variant runs make them first (as ``evaluate`` would).
 
     python benchmarks/score_more.py runs_gt/seed0 --methods ddm-hier,ddm --json seed0.json
     python benchmarks/score_more.py --seeds seed0.json seed1.json seed2.json   # mean ± std over seeds
@@ -35,16 +35,18 @@ def open_run(run_dir: str | Path) -> tuple[Config, RunContext, object]:
 
 
 def view_cells(res, retrained, labels, cfg: Config) -> dict[tuple[str, float], dict[str, tuple[float, float]]]:
-    """(removal, alpha) -> {dist1, dist1 by dist2, dist2, lds: (mean, s.e.m.)} of one method under every protocol and
-    kept fraction of the run, scored exactly as ``evaluate`` scores it."""
+    """(removal, alpha) -> {dist1, dist1 by dist1, dist1 by dist2, dist2, lds: (mean, s.e.m.)} of one method under
+    every protocol and kept fraction of the run, scored exactly as ``evaluate`` scores it ('dist1 by X': located by
+    the X scores, whatever the method's own rule)."""
     out = {}
     for removal in cfg.evaluate.removal_list():
         for alpha in cfg.evaluate.alpha_list():
             view = retrained.view(removal, alpha)
             m = method_metrics(res, view, labels)
-            d12 = mean_sem(located_values(res.for_metric("dist2"), view.gt.outputs, view.removed, view.gt.base,
-                                          labels)["dist1"])
-            out[(removal, alpha)] = {"dist1": m["dist1"], "dist1 by dist2": d12, "dist2": m["dist2"], "lds": m["lds"]}
+            by = {f"dist1 by {obj}": mean_sem(located_values(res.per_objective.get(obj, res.scores), view.gt.outputs,
+                                                             view.removed, view.gt.base, labels)["dist1"])
+                  for obj in ("dist1", "dist2")}
+            out[(removal, alpha)] = {"dist1": m["dist1"], **by, "dist2": m["dist2"], "lds": m["lds"]}
     return out
 
 
@@ -72,12 +74,14 @@ def main() -> None:
         cells = []
         for (removal, alpha), m in view_cells(res, retrained, labels, cfg).items():
             out.setdefault(name, {}).update({f"{removal}/dist1": m["dist1"][0],
+                                             f"{removal}/dist1 by dist1": m["dist1 by dist1"][0],
                                              f"{removal}/dist1 by dist2": m["dist1 by dist2"][0],
                                              f"{removal}/lds@{alpha:g}": m["lds"][0]})
             out[name]["online s"] = res.seconds
             out[name]["offline s"] = res.offline_seconds
             cells.append(f"{removal} a={alpha:g}: Dist1 {m['dist1'][0]:.2f}±{m['dist1'][1]:.2f} "
-                         f"(by Dist2 {m['dist1 by dist2'][0]:.2f}) Dist2 {m['dist2'][0]:.3f} "
+                         f"(by Dist1 {m['dist1 by dist1'][0]:.2f}, by Dist2 {m['dist1 by dist2'][0]:.2f}) "
+                         f"Dist2 {m['dist2'][0]:.3f} "
                          f"LDS {m['lds'][0]:+.3f}±{m['lds'][1]:.3f}")
         print(f"{name:10s} online {res.seconds:.1f} s  " + " | ".join(cells))
     if args.json:

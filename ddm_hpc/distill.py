@@ -308,7 +308,7 @@ class Matcher:
         self._set_targets([v * per_row for v in sums])
 
     def set_influence_targets(self, lr: float, damping: float, rows: torch.Tensor, show_progress: bool = False,
-                              rank: int = 0, seed: int = 0) -> None:
+                              rank: int = 0, seed: int = 0, cache: dict | None = None) -> None:
         """Match every group to its damped influence displacement at theta_tau (``--target influence``).
 
         T_k = (F + damping I)^-1 (sum_{i in D_k} grad l_i(theta_tau)) / (N lr), with F = (1/n) sum_{i in rows}
@@ -320,7 +320,9 @@ class Matcher:
         (n x n, Woodbury) is smaller (:func:`damped_fisher_solve`), where that fits ``FISHER_SOLVE_BYTES``, else as
         rank :data:`AUTO_FISHER_RANK` (:func:`fisher_rank_for`); ``rank`` r > 0: F's top r eigenpairs, found by
         a randomized range finder streamed over the per-row gradients (:func:`low_rank_fisher`, seeded by ``seed``),
-        so memory is P x O(r) and no n x P matrix is held.
+        so memory is P x O(r) and no n x P matrix is held. ``cache``: a dict shared by the levels of one distill
+        shard; the factored Fisher is kept there, so the second level (classes after clusters) skips the pass of
+        per-row gradients and the factorisation, with the same bits.
         """
         tau = self.reader.tau
         theta = {k: v.detach() for k, v in self.reader.params(tau).items()}
@@ -328,9 +330,27 @@ class Matcher:
         size = sum(v.numel() for v in theta.values())
         rank = fisher_rank_for(len(rows), size, rank)
         check_fisher_size(len(rows), size, rank)
+        key = ("fisher", tau, float(damping), rank, seed, tuple(rows.tolist()))
+        solve = cache.get(key) if cache is not None else None
+        if solve is None:
+            solve = self._fisher_solver(theta, buffers, rows, size, damping, rank, seed, show_progress)
+            if cache is not None:
+                cache[key] = solve
         sums = self._group_gradient_sums(tau)
         flat = torch.cat([v.reshape(self.n_groups, -1) for v in sums], 1).double()
+        # solved block by block of groups (the unit of --shards), so a group's target is the same bits in any shard
+        solved = solve(flat, self.dcfg.block) / (len(self.x) * lr)
+        out, p0 = [], 0
+        for v in sums:
+            n = v[0].numel()
+            out.append(solved[:, p0:p0 + n].reshape(v.shape).to(v.dtype))
+            p0 += n
+        self._set_targets(out)
 
+    def _fisher_solver(self, theta: dict[str, torch.Tensor], buffers, rows: torch.Tensor, size: int, damping: float,
+                       rank: int, seed: int, show_progress: bool):
+        """``solve(b [G, P], block) -> (F + damping I)^-1 b_g`` per row, F the empirical Fisher at ``theta`` over
+        ``rows``: factored here once (exact, or its top ``rank`` eigenpairs), solved ``block`` rows at a time."""
         def row_chunks(desc: str):
             """float64 [c, P] per-row gradients at theta_tau over ``rows``, a chunk of ``batch_real`` at a time."""
             for c0 in progress(range(0, len(rows), self.dcfg.batch_real), desc, show_progress):
@@ -341,20 +361,11 @@ class Matcher:
                                         torch.ones(len(r), 1, device=self.device), self.impl, buffers)
                 yield torch.cat([v.reshape(len(r), -1) for v in g], 1).double()
 
-        # solved block by block of groups (the unit of --shards), so a group's target is the same bits in any shard
         if rank:
             vecs, vals = low_rank_fisher(row_chunks, len(rows), size, rank, generator(seed, 59), self.device)
-            solved = torch.cat([low_rank_solve(vecs, vals, b, damping) for b in flat.split(self.dcfg.block)])
-        else:
-            solved = damped_fisher_solve(torch.cat(list(row_chunks("influence: per-row gradients"))), flat, damping,
-                                         self.dcfg.block)
-        solved = solved / (len(self.x) * lr)
-        out, p0 = [], 0
-        for v in sums:
-            n = v[0].numel()
-            out.append(solved[:, p0:p0 + n].reshape(v.shape).to(v.dtype))
-            p0 += n
-        self._set_targets(out)
+            return lambda b, block: torch.cat([low_rank_solve(vecs, vals, part, damping)
+                                               for part in b.split(block or len(b))])
+        return damped_fisher_factor(torch.cat(list(row_chunks("influence: per-row gradients"))), damping)
 
     def losses(self, images: list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], pair: tuple[int, int],
                gen: torch.Generator | list[torch.Generator], chunk: int, backward: bool, rated: bool = False,
@@ -617,19 +628,32 @@ def low_rank_solve(vecs: torch.Tensor, vals: torch.Tensor, b: torch.Tensor, damp
 
 def damped_fisher_solve(m: torch.Tensor, b: torch.Tensor, damping: float, block: int = 0) -> torch.Tensor:
     """float64 [G, P]: (m^T m / n + damping I)^-1 b_g for each row b_g of ``b`` [G, P], ``m`` [n, P] the per-row
-    gradients. Solved in the parameter space when P <= n, else in the rows' kernel by Woodbury:
-    (b - m^T (n damping I + m m^T)^-1 m b) / damping; the system is factored once (LU) and ``b`` solved ``block``
-    rows at a time (0 = all at once), so a row's result does not depend on the rows outside its block. Refuses
-    sizes over ``FISHER_SOLVE_BYTES`` (:func:`check_fisher_size`)."""
+    gradients (:func:`damped_fisher_factor`, then its solve, ``block`` rows of ``b`` at a time: 0 = all at once)."""
+    return damped_fisher_factor(m, damping)(b, block)
+
+
+def damped_fisher_factor(m: torch.Tensor, damping: float):
+    """``solve(b [G, P], block=0) -> float64 [G, P]``: (m^T m / n + damping I)^-1 b_g for each row, ``m`` [n, P] the
+    per-row gradients. Factored once (LU) in the parameter space when P <= n, else in the rows' kernel by Woodbury:
+    (b - m^T (n damping I + m m^T)^-1 m b) / damping; ``solve`` takes ``b`` ``block`` rows at a time (0 = all at
+    once), so a row's result does not depend on the rows outside its block. Refuses sizes over
+    ``FISHER_SOLVE_BYTES`` (:func:`check_fisher_size`)."""
     n, p = m.shape
     check_fisher_size(n, p)
-    m, b = m.double(), b.double()
-    blocks = b.split(block or len(b))
+    m = m.double()
     if p <= n:
         lu = torch.linalg.lu_factor(m.T @ m / n + damping * torch.eye(p, dtype=m.dtype, device=m.device))
-        return torch.cat([torch.linalg.lu_solve(*lu, r.T).T for r in blocks])
-    lu = torch.linalg.lu_factor(m @ m.T + n * damping * torch.eye(n, dtype=m.dtype, device=m.device))
-    return torch.cat([(r - torch.linalg.lu_solve(*lu, m @ r.T).T @ m) / damping for r in blocks])
+        m = None  # the P x P factor is all the solve needs
+
+        def solve(b: torch.Tensor, block: int = 0) -> torch.Tensor:
+            return torch.cat([torch.linalg.lu_solve(*lu, r.T).T for r in b.double().split(block or len(b))])
+    else:
+        lu = torch.linalg.lu_factor(m @ m.T + n * damping * torch.eye(n, dtype=m.dtype, device=m.device))
+
+        def solve(b: torch.Tensor, block: int = 0) -> torch.Tensor:
+            return torch.cat([(r - torch.linalg.lu_solve(*lu, m @ r.T).T @ m) / damping
+                              for r in b.double().split(block or len(b))])
+    return solve
 
 
 def contribution_per_row(train: TrainConfig, tau: int) -> float:
@@ -664,7 +688,8 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
                    groups: torch.Tensor, group_class: torch.Tensor, dcfg: DistillConfig, seed: int,
                    device: torch.device, desc: str = "distill", show_progress: bool = True,
                    group_ids: torch.Tensor | None = None, kernel: str = "auto", per_row: float = 0.0,
-                   influence: tuple[float, float, torch.Tensor, int, int] | None = None) -> Synset:
+                   influence: tuple[float, float, torch.Tensor, int, int] | None = None,
+                   fisher_cache: dict | None = None) -> Synset:
     """Learn ``ipc`` synthetic images for each group.
 
     Args:
@@ -681,6 +706,8 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         per_row: ``--target displacement`` only: the training's step per row (:func:`contribution_per_row`).
         influence: ``--target influence`` only: (the training's lr, the Fisher's ridge (:func:`influence_damping`),
             the Fisher's rows (:func:`influence_rows`), its rank (0 = exact), the range finder's seed).
+        fisher_cache: ``--target influence``: a dict kept across the levels of one shard, so the Fisher is computed
+            and factored once (:meth:`Matcher.set_influence_targets`); None = not kept.
 
     The step loop never waits for the device: losses stay there until the end (one copy of the
     [G, steps] history), and the progress bar's loss is read every ``POSTFIX_EVERY`` steps, only when
@@ -696,7 +723,7 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         if influence is None:
             raise ValueError("--target influence needs (lr, damping, rows, rank, seed)")
         lr, damping, rows, rank, range_seed = influence
-        matcher.set_influence_targets(lr, damping, rows, show_progress, rank, range_seed)
+        matcher.set_influence_targets(lr, damping, rows, show_progress, rank, range_seed, fisher_cache)
     ids = matcher.group_ids.tolist()
     n_groups = len(ids)
     images = init_images(x, matcher.members, matcher.sizes, dcfg.ipc, dcfg.init,
@@ -818,6 +845,7 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
     bundle, device = ctx.bundle, ctx.device
     reader = ctx.trajectory(device)
     model = ctx.build_model().to(device)
+    fisher: dict = {}  # the influence target's factored Fisher, shared by the levels (same theta_tau, same rows)
     levels = {
         "cluster": (ctx.assignment, ctx.cluster_class),
         "class": (bundle.y_train.clone(), torch.arange(bundle.num_classes)),
@@ -833,7 +861,7 @@ def distill_shard(cfg: Config, shard: int, n_shards: int, bundle=None) -> dict[s
                            cfg.seed + 1000 * i, device, f"distill[{level} {lo}:{hi}]", cfg.runtime.progress,
                            group_ids=torch.arange(lo, hi), kernel=cfg.runtime.kernel,
                            per_row=contribution_per_row(cfg.train, reader.tau),
-                           influence=influence_spec(cfg, len(bundle.y_train)))
+                           influence=influence_spec(cfg, len(bundle.y_train)), fisher_cache=fisher)
         seconds = time.perf_counter() - t1
         log.info("distill[%s]: groups %d..%d of %d, matching loss %.4f -> %.4f (mean) in %.1f s", level, lo, hi - 1,
                  n, s.init_loss.mean(), s.final_loss.mean(), seconds)

@@ -422,6 +422,7 @@ def run(cfg: Config, bundle: DatasetBundle | None = None) -> Path:
             for obj, s in res.per_objective.items():
                 create_dataset(g, f"objectives/{obj}", data=s.float().numpy())
             g.attrs["note"] = res.note
+            g.attrs["dist1_by"] = res.dist1_by  # objectives/dist1 holds the Dist1 scores whichever rule locates
             g.attrs.update(label=m.label, scatter=m.scatter, heatmap=m.heatmap, table4=m.table4)
             for metric in (*METRICS, "lds"):
                 g.attrs[metric], g.attrs[f"{metric}_sem"] = metrics[name][metric]

@@ -6,8 +6,8 @@ so the report can be regenerated, and every number recomputed, without retrainin
 over seeds: ``python -m ddm_hpc.report --seeds seeds.md RUN_A/evaluation.h5 RUN_B/evaluation.h5``.
 
 Tables:
-  * Table 1/2 shape: methods x {Dist1 (x100), Dist1 located by the Dist2 scores, Dist2, Dist3, LDS,
-    online s, offline s}, each mean +- s.e.m. over queries, followed by the oracle, the mean over all clusters (what a random
+  * Table 1/2 shape: methods x {Dist1 (x100), Dist1 located by the Dist1 scores and by the Dist2 scores (DDM
+    rows: both locating rules), Dist2, Dist3, LDS, online s, offline s}, each mean +- s.e.m. over queries, followed by the oracle, the mean over all clusters (what a random
     pick scores in expectation) and the noise floor (full-data reruns with other seeds).
   * Table 4 shape: test accuracy of theta_0, theta_tau and theta_tau fine-tuned on all synsets.
 Plots (``--plots``): per-query predicted vs exact effect (``scatter_<method>.png``) and the class x
@@ -59,9 +59,9 @@ def method_label(name: str, attrs=None) -> str:
     return str(_attr(name, attrs, "label", name))
 
 
-def _fmt(mean: float, sem: float, digits: int) -> str:
+def _fmt(mean: float, sem: float, digits: int, missing: str = "n/a") -> str:
     if not math.isfinite(mean):
-        return "n/a"
+        return missing
     return f"{mean:.{digits}f} ± {sem:.{digits}f}"
 
 
@@ -97,7 +97,8 @@ def read_evaluation(path: str | Path) -> dict:
                                   "offline": float(g["offline_seconds"][()]), "attrs": dict(g.attrs),
                                   "objectives": {k: g["objectives"][k][()] for k in g.get("objectives", {})}}
     for name, m in d["methods"].items():  # derived from the stored scores, so older files get it too
-        m["attrs"]["dist1_by_dist2"], m["attrs"]["dist1_by_dist2_sem"] = dist1_by_dist2(d, name)
+        for obj in ("dist1", "dist2"):
+            m["attrs"][f"dist1_by_{obj}"], m["attrs"][f"dist1_by_{obj}_sem"] = dist1_by_rule(d, name, obj)
     return d
 
 
@@ -127,11 +128,18 @@ def _context_lines(run_dir: Path, d: dict) -> list[str]:
     return lines
 
 
-def dist1_by_dist2(d: dict, name: str) -> tuple[float, float]:
-    """Dist1 (x100, mean ± s.e.m.) of the cluster a method's *Dist2* scores locate: the other locating rule
-    for methods with one score matrix per objective (for the others it is their Dist1)."""
+def dist1_by_rule(d: dict, name: str, objective: str) -> tuple[float, float]:
+    """Dist1 (x100, mean ± s.e.m.) of the cluster a method's ``objective`` (dist1 or dist2) scores locate: both
+    locating rules for methods with one score matrix per objective (DDM rows), whichever rule their Dist1 column
+    uses; NaN for the others (one matrix: their Dist1), and for Dist1 scores a file predating ``dist1_by`` did not
+    keep (it stored the Dist2 scores in their place)."""
     m = d["methods"][name]
-    scores = m["objectives"].get("dist2", m["scores"])
+    if objective not in m["objectives"]:
+        return math.nan, math.nan
+    if objective == "dist1" and "dist1_by" not in m["attrs"] and "Dist1 located by the dist2" in str(
+            m["attrs"].get("note", "")):
+        return math.nan, math.nan
+    scores = m["objectives"][objective]
     pick = np.argmax(scores[:, d["removed"]], 1)
     q = np.arange(len(pick))
     d1 = 100.0 * np.linalg.norm(d["outputs"][pick, q] - d["base"], axis=-1)
@@ -139,12 +147,12 @@ def dist1_by_dist2(d: dict, name: str) -> tuple[float, float]:
 
 
 def table1(d: dict) -> list[str]:
-    lines = ["| Method | Dist1 (x100) ↑ | Dist1 by Dist2 scores ↑ | Dist2 ↑ | Dist3 ↑ | LDS ↑ | online s | offline s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | Dist1 (x100) ↑ | Dist1 by Dist1 scores ↑ | Dist1 by Dist2 scores ↑ | Dist2 ↑ | Dist3 ↑ | LDS ↑ "
+             "| online s | offline s |", "|---|---|---|---|---|---|---|---|---|"]
     for name in method_order(d["methods"]):
         a, m = d["methods"][name]["attrs"], d["methods"][name]
-        cells = [_fmt(a["dist1"], a["dist1_sem"], 2), _fmt(a["dist1_by_dist2"], a["dist1_by_dist2_sem"], 2),
-                 _fmt(a["dist2"], a["dist2_sem"], 3),
+        cells = [_fmt(a["dist1"], a["dist1_sem"], 2), _fmt(a["dist1_by_dist1"], a["dist1_by_dist1_sem"], 2, "-"),
+                 _fmt(a["dist1_by_dist2"], a["dist1_by_dist2_sem"], 2, "-"), _fmt(a["dist2"], a["dist2_sem"], 3),
                  _fmt(a["dist3"], a["dist3_sem"], 4), _fmt(a["lds"], a["lds_sem"], 3), _secs(m["seconds"]),
                  _secs(m["offline"]) if m["offline"] else "-"]
         lines.append(f"| {method_label(name, a)} | " + " | ".join(cells) + " |")
@@ -153,7 +161,7 @@ def table1(d: dict) -> list[str]:
         if f"{row}/dist1" not in ref:
             continue
         cells = [_fmt(ref[f"{row}/{m}"], ref[f"{row}/{m}_sem"], dg) for m, dg in zip(METRICS, (2, 3, 4))]
-        lines.append(f"| *{row}* | {cells[0]} | - | " + " | ".join(cells[1:]) + " | - | - | - |")
+        lines.append(f"| *{row}* | {cells[0]} | - | - | " + " | ".join(cells[1:]) + " | - | - | - |")
     return lines
 
 
@@ -353,8 +361,9 @@ def write_report(eval_path: str | Path, out: str | Path, plots: bool = True) -> 
     lines = ["# DDM evaluation report", "", *_context_lines(run_dir, d), "",
              "## Locating the responsible cluster (paper Eq. 10, Tables 1-2) and LDS", "",
              "Each method picks one cluster per query (Dist1/Dist2: its top cluster; Dist3: the cluster it ranks "
-             "least influential; 'Dist1 by Dist2 scores': Dist1 of the cluster its Dist2 scores rank top, the other "
-             "locating rule for methods with one score matrix per objective); the value is what exact retraining "
+             "least influential; 'Dist1 by Dist1 / Dist2 scores': Dist1 of the cluster the Dist1 / Dist2 scores rank "
+             "top, the two locating rules of methods with one score matrix per objective, the Dist1 column using one "
+             "of them, as its row's note says); the value is what exact retraining "
              "without that cluster gives. Larger is better "
              "in every column. LDS: Spearman correlation, per query, between the method's predicted effect of "
              "removing half of the clusters and the exact change of the query's cross-entropy. Mean ± s.e.m. over "
@@ -404,7 +413,7 @@ def _columns_over_runs(runs: list[dict], names: list[str], cols: list[tuple[str,
         cells = []
         for _, key, dg in cols:
             mean, std = stats[name, key]
-            cell = _fmt(mean, std, dg)
+            cell = _fmt(mean, std, dg, "-" if key.startswith("dist1_by_") else "n/a")
             top = best[key]
             if top is not None and math.isfinite(mean):
                 bm, bs = stats[top, key]
@@ -427,8 +436,10 @@ def seed_table(eval_paths: list[str | Path]) -> list[str]:
     if len(runs) < 2:
         raise ValueError("seed_table needs at least two evaluation.h5 files (runs with different --seed)")
     names = [m for m in method_order(runs[0]["methods"]) if all(m in r["methods"] for r in runs)]
-    cols = [(h, m, dg) for h, m, dg in zip(("Dist1 (x100) ↑", "Dist1 by Dist2 scores ↑", "Dist2 ↑", "Dist3 ↑", "LDS ↑"),
-                                           ("dist1", "dist1_by_dist2", "dist2", "dist3", "lds"), (2, 2, 3, 4, 3))]
+    cols = [(h, m, dg) for h, m, dg in zip(("Dist1 (x100) ↑", "Dist1 by Dist1 scores ↑", "Dist1 by Dist2 scores ↑",
+                                            "Dist2 ↑", "Dist3 ↑", "LDS ↑"),
+                                           ("dist1", "dist1_by_dist1", "dist1_by_dist2", "dist2", "dist3", "lds"),
+                                           (2, 2, 2, 3, 4, 3))]
     lines = [f"Mean ± std over {len(runs)} runs: " + ", ".join(str(p) for p in eval_paths) + ". Bold: the best "
              "mean of the column and the means within twice the spread of it (ties).", "",
              *_columns_over_runs(runs, names, cols)]

@@ -37,7 +37,8 @@ def test_the_default_ddm_is_influence_matching_removed_by_one_step():
         assert getattr(d, name) == value, name
     assert (cfg.finetune_weighting, cfg.finetune_step_count(15)) == ("uniform", 1)
     check(cfg)  # a consistent set of options
-    assert dist1_rule(cfg) == "dist2"
+    assert dist1_rule(cfg) == "dist1"  # influence synsets locate Dist1 by their own Dist1 scores
+    assert dist1_rule(Config.from_dict({"distill": {"target": "displacement"}})) == "dist2"
     # the ddm-inf variant of a default run distils the default run's cluster synsets
     assert influence_matching().config(cfg).distill == DistillConfig(levels="cluster")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -58,14 +59,19 @@ def test_evaluation_schema(evaluated):
         with h5py.File(evaluated / "attribution.h5") as a:
             np.testing.assert_allclose(f["gt/base"][()], a["base_probs"][()], atol=tol)
             np.testing.assert_array_equal(f["query_index"][()], a["query_index"][()])
-        # DDM's per-objective scores are the attribute stage's flat scores, unchanged; Dist1 of the default
-        # (influence) synsets is located by their Dist2 scores
-            for obj, src in (("dist1", "dist2"), ("dist2", "dist2"), ("dist3", "dist3")):
-                np.testing.assert_array_equal(f[f"methods/ddm/objectives/{obj}"][()], a[f"objectives/{src}/scores"][()])
+        # DDM's per-objective scores are the attribute stage's flat scores, unchanged; the file records which of them
+        # locate Dist1 (the default's influence synsets: their own)
+            for obj in ("dist1", "dist2", "dist3"):
+                np.testing.assert_array_equal(f[f"methods/ddm/objectives/{obj}"][()], a[f"objectives/{obj}/scores"][()])
+        assert f["methods/ddm"].attrs["dist1_by"] == "dist1" and f["methods/ddm-match"].attrs["dist1_by"] == "dist1"
 
 
 def test_metrics_recompute_from_the_file(evaluated):
     """Every table number follows from the stored scores and ground truth (Eq. 10 and LDS by hand)."""
+    from ddm_hpc.report import read_evaluation
+
+    d = read_evaluation(evaluated / "evaluation.h5")
+    by_rule = {(n, f"by_{m}"): d["methods"][n]["attrs"][f"dist1_by_{m}"] for n in d["methods"] for m in ("dist1", "dist2")}
     with h5py.File(evaluated / "evaluation.h5") as f:
         base, out, labels = f["gt/base"][()], f["gt/outputs"][()], f["query_label"][()]
         removed = f["gt/removed"][()]
@@ -75,13 +81,21 @@ def test_metrics_recompute_from_the_file(evaluated):
             scores = g["scores"][()]
             objs = {m: g[f"objectives/{m}"][()] for m in ("dist1", "dist2", "dist3")} if "objectives" in g else \
                 {"dist1": scores, "dist2": scores, "dist3": -scores}
-            for m in ("dist1", "dist2", "dist3"):
+            rules = {f"by_{m}": objs[m] for m in ("dist1", "dist2")}  # the report's two locating-rule columns
+            objs["dist1"] = objs[g.attrs["dist1_by"]]
+            for m in ("dist1", "dist2", "dist3", *rules):
                 vals = []
                 for qi in range(len(labels)):
-                    r = int(np.argmax(objs[m][qi, removed]))
+                    r = int(np.argmax({**objs, **rules}[m][qi, removed]))
                     d1 = np.linalg.norm(out[r, qi] - base[qi])
                     vals.append({"dist1": 100 * d1, "dist2": -np.log(max(out[r, qi, labels[qi]], 1e-12)),
-                                 "dist3": 1 / (1 + d1)}[m])
+                                 "dist3": 1 / (1 + d1)}.get(m, 100 * d1))
+                if m in rules:
+                    if "objectives" in g:  # DDM rows: both rules in the report's columns
+                        assert by_rule[name, m] == pytest.approx(np.mean(vals), rel=1e-5), (name, m)
+                    else:
+                        assert np.isnan(by_rule[name, m]), name
+                    continue
                 assert g.attrs[m] == pytest.approx(np.mean(vals), rel=1e-5, abs=1e-7), (name, m)
             pred = (~masks).astype(np.float64) @ scores.T.astype(np.float64)  # removed-sum, [n_masks, Q]
             actual = _ce(mask_out, labels)
@@ -129,12 +143,32 @@ def test_report_tables_and_plots(evaluated):
     with h5py.File(evaluated / "evaluation.h5") as f:
         d1 = f["methods/ddm"].attrs["dist1"]
     assert f"{d1:.2f} ±" in text  # the table prints the stored number
+    assert "| Dist1 by Dist1 scores ↑ | Dist1 by Dist2 scores ↑ |" in text
     for png in ("scatter_ddm.png", "scatter_trak.png", "heatmap.png"):
         path = evaluated / png
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = imread(path)
         assert img.shape[0] >= 200 and img.shape[1] >= 300 and img[..., :3].std() > 0.05, png  # not blank
         assert f"]({png})" in text
+
+
+def test_report_rules_of_a_file_predating_dist1_by(evaluated, tmp_path):
+    """Before ``dist1_by`` was stored, a fixed-target row kept its Dist2 scores as objectives/dist1: the report then
+    leaves the Dist1-scores column empty instead of showing the Dist2 rule under its name."""
+    from ddm_hpc.report import read_evaluation
+
+    old = tmp_path / "evaluation.h5"
+    shutil.copy(evaluated / "evaluation.h5", old)
+    with h5py.File(old, "r+") as f:
+        g = f["methods/ddm"]
+        del g.attrs["dist1_by"], g["objectives/dist1"]
+        g["objectives/dist1"] = g["objectives/dist2"][()]  # as when the default located Dist1 by its Dist2 scores
+        g.attrs["note"] = f"{g.attrs['note']}; Dist1 located by the dist2 scores"
+        del f["methods/ddm-match"].attrs["dist1_by"]
+    new, d = read_evaluation(evaluated / "evaluation.h5"), read_evaluation(old)
+    assert np.isnan(d["methods"]["ddm"]["attrs"]["dist1_by_dist1"])
+    assert d["methods"]["ddm"]["attrs"]["dist1_by_dist2"] == new["methods"]["ddm"]["attrs"]["dist1_by_dist2"]
+    assert d["methods"]["ddm-match"]["attrs"]["dist1_by_dist1"] == new["methods"]["ddm-match"]["attrs"]["dist1_by_dist1"]
 
 
 def _cfg(run_dir, **evaluate):
@@ -221,6 +255,10 @@ def test_method_result_locates_dist3_at_the_least_responsible():
     assert int(r.for_metric("dist1").argmax()) == 1 and int(r.for_metric("dist3").argmax()) == 0
     r2 = MethodResult(s, 0.0, per_objective={"dist3": torch.tensor([[0.0, 0.0, 1.0]])})
     assert int(r2.for_metric("dist3").argmax()) == 2
+    d1, d2 = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])
+    r3 = MethodResult(s, 0.0, per_objective={"dist1": d1, "dist2": d2}, dist1_by="dist2")
+    assert int(r3.for_metric("dist1").argmax()) == 2 and r3.per_objective["dist1"] is d1  # its own scores kept
+    assert int(MethodResult(s, 0.0, per_objective={"dist1": d1}, dist1_by="dist2").for_metric("dist1").argmax()) == 0
 
 
 def test_bad_evaluate_options_fail_in_one_line(capsys, tmp_path):
@@ -414,7 +452,7 @@ def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monke
     """``ddm-disp`` and ``ddm-inf``: the variant distils --target displacement (influence) synsets with per-tensor
     rates a_k and fine-tunes one unweighted step of rate lr per cluster; its Dist2 scores are the CE change at
     theta_tau - lr c a_k * grad L(theta_tau; S_k) (recomputed here from the synsets, their stored rates and the
-    --contraction factors c, which only ddm-disp fits), and they also locate its Dist1."""
+    --contraction factors c, which only ddm-disp fits); they also locate ddm-disp's Dist1, not ddm-inf's."""
     from torch.func import functional_call
 
     from ddm_hpc.methods import score_methods
@@ -423,7 +461,8 @@ def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monke
     cfg, out = _displacement_variant(evaluated, monkeypatch, method)
     ctx = RunContext(cfg)
     res = score_methods(ctx, [method])[method]
-    assert torch.equal(res.for_metric("dist1"), res.for_metric("dist2"))
+    assert torch.equal(res.for_metric("dist1"), res.for_metric("dist2")) == (method == "ddm-disp")
+    assert res.dist1_by == ("dist2" if method == "ddm-disp" else "dist1")
     with h5py.File(out / "synsets.h5") as f:
         assert f.attrs["target"] == target
         images, targets = torch.from_numpy(f["cluster/images"][()]), torch.from_numpy(f["cluster/targets"][()])

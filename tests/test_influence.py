@@ -143,6 +143,34 @@ def test_low_rank_influence_targets_equal_the_exact_ones_at_full_rank():
     torch.testing.assert_close(targets[1], targets[0], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("rank", [0, 5])
+def test_a_shared_fisher_cache_gives_the_same_bits_and_skips_the_second_factorisation(monkeypatch, rank):
+    """The levels of one shard share the factored Fisher (``cache``): the second level's targets are bit for bit those
+    of a fresh Matcher, and its Fisher is not recomputed; another ridge is not served from the cache."""
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 0, 0)
+    built = []
+    real = Matcher._fisher_solver
+    monkeypatch.setattr(Matcher, "_fisher_solver", lambda self, *a: built.append(a[4]) or real(self, *a))
+
+    def targets(grp, n, cache, damping=lam):
+        m = Matcher(_model(), reader, x, y, grp, n, DistillConfig(batch_real=8), torch.device("cpu"))
+        m.set_influence_targets(tcfg.lr, damping, rows, rank=rank, seed=3, cache=cache)
+        return torch.cat([v.reshape(n, -1) for v in m.targets], 1), m.target_norm2
+
+    cache: dict = {}
+    targets(groups, 6, cache)
+    shared = targets(y, 3, cache)  # the second level: the 3 classes
+    assert built == [lam]
+    fresh = targets(y, 3, None)
+    for a, b in zip(shared, fresh):
+        assert torch.equal(a, b)
+    targets(y, 3, cache, 2 * lam)
+    assert built == [lam, lam, 2 * lam] and len(cache) == 2
+
+
 def test_fisher_rank_0_falls_back_to_the_low_rank_fisher_where_the_exact_one_does_not_fit(monkeypatch, caplog):
     """``--fisher-rank 0`` (the default) is the exact Fisher while it fits ``FISHER_SOLVE_BYTES``, else the
     ``AUTO_FISHER_RANK`` range finder (logged), never a refusal; a given rank is kept."""

@@ -43,8 +43,11 @@ class MethodResult:
         scores: float32 [Q, K], higher = more responsible.
         seconds: online wall time (answering these queries, given the offline artifacts).
         offline_seconds: one-off cost shared by all queries (distillation; 0 if none).
-        per_objective: DDM only: objective name -> float32 [Q, K] from the same fine-tunings.
+        per_objective: DDM only: objective name -> float32 [Q, K] from the same fine-tunings, each its own scores.
         note: how the scores were obtained, for the report.
+        dist1_by: the objective whose scores locate Dist1 (Eq. 10: ``dist1``; fixed-target synsets: ``dist2``,
+            :func:`ddm_hpc.methods.ddm.dist1_rule`); ``per_objective["dist1"]`` stays the Dist1 scores, so the
+            report can show both rules.
     """
 
     scores: torch.Tensor
@@ -52,9 +55,13 @@ class MethodResult:
     offline_seconds: float = 0.0
     per_objective: dict[str, torch.Tensor] = field(default_factory=dict)
     note: str = ""
+    dist1_by: str = "dist1"
 
     def for_metric(self, metric: str) -> torch.Tensor:
-        """Scores whose argmax locates the cluster for Eq. 10's ``metric`` (dist1, dist2, dist3)."""
+        """Scores whose argmax locates the cluster for Eq. 10's ``metric`` (dist1, dist2, dist3); Dist1 by the
+        ``dist1_by`` scores."""
+        if metric == "dist1" and self.dist1_by in self.per_objective:
+            return self.per_objective[self.dist1_by]
         if metric in self.per_objective:
             return self.per_objective[metric]
         return -self.scores if metric == "dist3" else self.scores
