@@ -7,8 +7,9 @@ over seeds: ``python -m ddm_hpc.report --seeds seeds.md RUN_A/evaluation.h5 RUN_
 
 Tables:
   * Table 1/2 shape: methods x {Dist1 (x100), Dist1 located by the Dist1 scores and by the Dist2 scores (DDM
-    rows: both locating rules), Dist2, Dist3, LDS, online s, offline s}, each mean +- s.e.m. over queries, followed by the oracle, the mean over all clusters (what a random
-    pick scores in expectation) and the noise floor (full-data reruns with other seeds).
+    rows: both locating rules), Dist2, Dist3, LDS, online s, offline s}, each mean +- s.e.m. over queries,
+    followed by the oracle, the mean over all clusters (what a random pick scores in expectation) and the
+    noise floor (full-data reruns with other seeds).
   * Table 4 shape: test accuracy of theta_0, theta_tau and theta_tau fine-tuned on all synsets.
 Plots (``--plots``): per-query predicted vs exact effect (``scatter_<method>.png``) and the class x
 class attribution heat map of the paper's Fig. 3, DDM beside exact retraining (``heatmap.png``).
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from ddm_hpc.methods import REGISTRY
+from ddm_hpc.methods.ddm import LOCATED_BY
 from ddm_hpc.metrics import METRICS, spearman
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ def dist1_by_rule(d: dict, name: str, objective: str) -> tuple[float, float]:
     m = d["methods"][name]
     if objective not in m["objectives"]:
         return math.nan, math.nan
-    if objective == "dist1" and "dist1_by" not in m["attrs"] and "Dist1 located by the dist2" in str(
+    if objective == "dist1" and "dist1_by" not in m["attrs"] and LOCATED_BY.format("dist2") in str(
             m["attrs"].get("note", "")):
         return math.nan, math.nan
     scores = m["objectives"][objective]

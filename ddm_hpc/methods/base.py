@@ -45,7 +45,7 @@ class MethodResult:
         offline_seconds: one-off cost shared by all queries (distillation; 0 if none).
         per_objective: DDM only: objective name -> float32 [Q, K] from the same fine-tunings, each its own scores.
         note: how the scores were obtained, for the report.
-        dist1_by: the objective whose scores locate Dist1 (Eq. 10: ``dist1``; fixed-target synsets: ``dist2``,
+        dist1_by: the objective whose scores locate Dist1 (Eq. 10: ``dist1``; displacement synsets: ``dist2``,
             :func:`ddm_hpc.methods.ddm.dist1_rule`); ``per_objective["dist1"]`` stays the Dist1 scores, so the
             report can show both rules.
     """

@@ -1,8 +1,8 @@
 """DDM and its variants as attribution methods: each reads the flat scores of a run's attribute stage.
 
   ddm         this run's ``attribution.h5`` (flat search), one score matrix per objective: with the defaults,
-              influence matching (as ddm-inf below); Dist1 located by its Dist1 scores (Eq. 10), by the Dist2
-              scores when its synsets have the ``--target displacement``.
+              influence matching (as ddm-inf below); Dist1 located by its Dist1 scores (Eq. 10), or by its
+              Dist2 scores for ``--target displacement`` synsets.
   ddm-match   forward gradient matching of trajectory pairs (``config.PAIRS_DISTILL``, the defaults before
               influence matching, with ``--method ddm-match``), run in ``RUN/variants/ddm-match`` on this
               run's train.h5 and clusters.h5.
@@ -50,6 +50,9 @@ from ddm_hpc.variants import (Variant, displacement_matching, forward_matching, 
                               paper_method, sequential_clusters)
 
 
+LOCATED_BY = "Dist1 located by the {} scores"  # the note of a row whose Dist1 another objective locates (report.py)
+
+
 def read_ddm_scores(run_dir: Path, note: str, dist1_by: str = "dist1") -> MethodResult:
     """A run's flat attribution scores (every objective) and its online/offline seconds.
 
@@ -72,7 +75,7 @@ def read_ddm_scores(run_dir: Path, note: str, dist1_by: str = "dist1") -> Method
     main = per.get("dist2", per[objective])
     located = {k: v for k, v in per.items() if k in ("dist1", "dist2", "dist3")}
     if dist1_by != "dist1" and dist1_by in per:
-        note = f"{note}; Dist1 located by the {dist1_by} scores"
+        note = f"{note}; {LOCATED_BY.format(dist1_by)}"
     else:
         dist1_by = "dist1"
     return MethodResult(main, online, offline, located, note=f"{note}; attribute objective {objective}",
