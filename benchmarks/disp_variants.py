@@ -3,7 +3,7 @@
 Distils ``RUN/variants/ddm-disp-<name>`` from the run's trajectory and clusters with the ``ddm-disp``
 settings (``ddm_hpc.variants.DISPLACEMENT``) plus ``--set`` overrides of the distill options, attributes
 with one unweighted fine-tune step per cluster, and scores it exactly as ``evaluate`` scores ``ddm-disp``
-(Dist1 located by the Dist2 scores) under every protocol and kept fraction of the run. Prints the
+(Dist1 located by the variant's own rule, ``methods.ddm.dist1_rule``; both rules printed) under every protocol and kept fraction of the run. Prints the
 distill seconds and the matching loss too. Nothing is retrained.
 
     OMP_NUM_THREADS=1 python benchmarks/disp_variants.py runs_gt/seed0 --name s50 --set distill_steps=50 --json s50_seed0.json
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import h5py
 
-from ddm_hpc.methods.ddm import DDMDisp, read_ddm_scores
+from ddm_hpc.methods.ddm import DDMDisp, dist1_rule, read_ddm_scores
 from ddm_hpc.pipeline import materialise
 from ddm_hpc.storage import artifact_path
 from ddm_hpc.variants import DISPLACEMENT, ONE_STEP, displacement_matching, synset_variant
@@ -65,15 +65,17 @@ def main() -> None:
     materialise(cfg, [variant] if sets else [displacement_matching(), variant])
     cfg, ctx, retrained = open_run(args.run_dir)
     out_dir = variant.directory(cfg)
-    res = read_ddm_scores(out_dir, DDMDisp.note, dist1_by="dist2")
+    res = read_ddm_scores(out_dir, DDMDisp.note, dist1_by=dist1_rule(variant.config(cfg)))
     with h5py.File(artifact_path(out_dir, "distill"), "r") as f:
         init, final = float(f["cluster/init_loss"][()].mean()), float(f["cluster/final_loss"][()].mean())
     print(f"{name}: distill {res.offline_seconds:.1f} s, attribute {res.seconds:.1f} s; mean matching loss "
           f"{init:.3f} -> {final:.3f}")
     row: dict[str, float] = {"online s": res.seconds, "offline s": res.offline_seconds, "matching loss": final}
     for (removal, alpha), m in view_cells(res, retrained, ctx.query_y, cfg).items():
-        row.update({f"{removal}/dist1": m["dist1"][0], f"{removal}/lds@{alpha:g}": m["lds"][0]})
-        print(f"  {removal} a={alpha:g}: Dist1 {m['dist1'][0]:.2f}±{m['dist1'][1]:.2f} LDS {m['lds'][0]:+.3f}"
+        row.update({f"{removal}/dist1": m["dist1"][0], f"{removal}/lds@{alpha:g}": m["lds"][0],
+                    f"{removal}/dist1 by dist1": m["dist1 by dist1"][0], f"{removal}/dist1 by dist2": m["dist1 by dist2"][0]})
+        print(f"  {removal} a={alpha:g}: Dist1 {m['dist1'][0]:.2f}±{m['dist1'][1]:.2f} (by {res.dist1_by}; by dist1 "
+              f"{m['dist1 by dist1'][0]:.2f}, by dist2 {m['dist1 by dist2'][0]:.2f}) LDS {m['lds'][0]:+.3f}"
               f"±{m['lds'][1]:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({name: row}, indent=1))

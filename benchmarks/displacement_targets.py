@@ -93,7 +93,8 @@ def result(d_ce: torch.Tensor, d_p: torch.Tensor, note: str) -> MethodResult:
 
 def stepped(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> MethodResult:
     """What a perfect displacement synset gives online: the objectives at theta_tau + D_k (not linearised), scored
-    as the attribute stage scores a fine-tune; Dist1 located by the CE change, as ``ddm-disp`` does."""
+    as the attribute stage scores a fine-tune; Dist1 located by the CE change, as ``ddm-disp`` does (the Dist1 scores,
+    the softmax's distance from theta_tau's, are kept too: ``view_cells``' 'dist1 by dist1')."""
     flat0 = table.flatten(theta).double()
     with torch.no_grad():
         base = functional_call(model, theta, (x,)).softmax(-1)
@@ -101,7 +102,8 @@ def stepped(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor, labels:
                              for d in D])
     obj = objective_values(probs, base, labels, "single")
     d_ce = (obj["dist2"] - objective_values(base[None], base, labels, "single")["dist2"]).T.float()
-    return MethodResult(d_ce, 0.0, per_objective={"dist1": d_ce, "dist2": d_ce, "dist3": obj["dist3"].T.float()})
+    return MethodResult(d_ce, 0.0, per_objective={"dist1": obj["dist1"].T.float(), "dist2": d_ce,
+                                                  "dist3": obj["dist3"].T.float()}, dist1_by="dist2")
 
 
 def score_stepped(model, reader, theta: dict, D: torch.Tensor, ctx, retrained, cfg) -> tuple[dict[str, float], str]:
@@ -111,7 +113,8 @@ def score_stepped(model, reader, theta: dict, D: torch.Tensor, ctx, retrained, c
     cells = view_cells(stepped(model, reader.table, theta, D, ctx.query_x, ctx.query_y), retrained, ctx.query_y, cfg)
     row = {f"{r}/dist1": m["dist1"][0] for (r, _), m in cells.items()}
     row.update({f"{r}/lds@{al:g}": m["lds"][0] for (r, al), m in cells.items()})
-    text = " | ".join(f"{r[:4]} a={al:g}: D1 {m['dist1'][0]:5.2f} LDS {m['lds'][0]:+.3f}"
+    row.update({f"{r}/dist1 by dist1": m["dist1 by dist1"][0] for (r, _), m in cells.items()})
+    text = " | ".join(f"{r[:4]} a={al:g}: D1 {m['dist1'][0]:5.2f} ({m['dist1 by dist1'][0]:5.2f}) LDS {m['lds'][0]:+.3f}"
                       for (r, al), m in cells.items())
     return row, text
 

@@ -3,7 +3,8 @@
 ``--target influence`` matches each cluster's synset at theta_tau to the damped Newton step of removing it,
 D_k = (F + lambda I)^-1 (sum_{i in D_k} grad l_i(theta_tau)) / N (``ddm_hpc.distill.Matcher.set_influence_targets``,
 the pipeline's own code, used here). This scores D_k as a perfect synset would give it online (the objectives at
-theta_tau + D_k, Dist1 located by the CE change, exactly as ``evaluate`` scores ``ddm-inf``), beside the uniform
+theta_tau + D_k, Dist1 located by the CE change, and in brackets by the Dist1 scores, the rule ``evaluate`` uses for
+``ddm-inf`` and the default ``ddm``), beside the uniform
 target of ``ddm-disp`` (the summed trajectory gradient) and, with ``--tangents``, the exact first-order removal
 displacement (saved by ``displacement_targets.py --exact --tangents F``), with each row's cosine to it.
 
@@ -12,6 +13,14 @@ Rows: the empirical Fisher (per-row gradients at their labels, what the pipeline
 n random rows; ``--fisher-ranks r ...``: its top r eigenpairs (``--fisher-rank``); ``--mc``: the Fisher with labels
 sampled from the model (unbiased for the Gauss-Newton matrix);
 ``--ggn``: the exact Gauss-Newton matrix (every class's log-probability gradient, eigendecomposed: P x P, minutes).
+``--projections r ...``: the automatic row's target split along F's eigenvectors, its part in the top r
+directions and the rest, each scored alone, with the share of |D_k|^2 each holds (where do the outputs read a
+target?). ``--checkpoints J``: the target computed as at theta_{tau-j} for j < J (the Fisher and the cluster sums at
+that checkpoint), and the means of the first 2..J of them (a checkpoint ensemble), all stepped from theta_tau.
+``--rate-rules``: the run's own cluster synsets' one rated step (``synsets.h5``) with its stored least-squares
+per-tensor rates (it reproduces the evaluated ``ddm`` row's LDS), and with rates that give each tensor's step the
+target's length instead, |T_l| / |g_l| (and the geometric middle of the two); and the stored step with one parameter
+tensor replaced by its target (tensors holding >= 0.5 % of the parameters or of |D|^2): where the synsets' gap sits.
 
     OMP_NUM_THREADS=2 python benchmarks/influence_targets.py runs_gt/seed0 --tangents tangents_seed0.pt --mc --ggn
     python benchmarks/score_more.py --seeds inf_seed0.json inf_seed1.json inf_seed2.json
@@ -61,6 +70,22 @@ def sampled_label_rows(model, theta: dict, x: torch.Tensor, seed: int) -> torch.
     return torch.cat(out)
 
 
+def fisher_eigvecs(model, theta: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """float64 [P, n]: the empirical Fisher's eigenvectors (per-row CE gradients at the training labels, as the
+    pipeline's Fisher), by the n x n row kernel, in decreasing order of eigenvalue; directions with eigenvalue 0 left
+    out."""
+    rows = []
+    for lo in range(0, len(x), 256):
+        g = per_group_grads(model, theta, x[lo:lo + 256, None], y[lo:lo + 256, None], torch.ones(len(x[lo:lo + 256]), 1),
+                            "loop")
+        rows.append(torch.cat([v.reshape(len(g[0]), -1) for v in g], 1).double())
+    m = torch.cat(rows)
+    vals, u = torch.linalg.eigh(m @ m.T)
+    keep = vals > vals.max() * 1e-12
+    vals, u = vals[keep].flip(0), u[:, keep].flip(1)
+    return (m.T @ u) / vals.sqrt()
+
+
 def ggn(model, theta: dict, x: torch.Tensor) -> torch.Tensor:
     """float64 [P, P]: the Gauss-Newton matrix of the mean CE, (1/N) sum_i sum_c p_ic g_ic g_ic^T with g_ic the
     gradient of log p_c(x_i) (since diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T)."""
@@ -82,6 +107,50 @@ def ggn(model, theta: dict, x: torch.Tensor) -> torch.Tensor:
     return g / len(x)
 
 
+class _Earlier:
+    """A trajectory whose last checkpoint is theta_{tau-j}: the pipeline's influence targets computed there."""
+
+    def __init__(self, reader, j: int):
+        self.reader, self.tau = reader, reader.tau - j
+
+    def params(self, t: int):
+        return self.reader.params(t)
+
+    def buffers(self, t: int):
+        return self.reader.buffers(t)
+
+
+def rate_rule_rows(path: Path, ctx, model, theta: dict, D: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+    """The run's cluster synsets' one-step displacements -lr a_kl grad_l L(theta_tau; S_k) [K, P] under each rate rule."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        if "cluster/layer_rates" not in f:
+            raise SystemExit(f"{path} has no cluster layer rates: --rate-rules needs --layer-rates synsets")
+        images, labels, stored = (torch.from_numpy(f[f"cluster/{k}"][()]) for k in ("images", "targets", "layer_rates"))
+    k, ipc = images.shape[:2]
+    steps = [-lr * v.double().reshape(k, -1) for v in per_group_grads(model, theta, images, labels, torch.ones(k, ipc),
+                                                                     "loop")]
+    parts = D.split([v.shape[1] for v in steps], 1)
+    dots = torch.stack([(a * t).sum(1) for a, t in zip(steps, parts)], 1)  # [K, n_tensors]
+    n2 = torch.stack([a.pow(2).sum(1) for a in steps], 1).clamp(min=1e-30)
+    t2 = torch.stack([t.pow(2).sum(1) for t in parts], 1)
+    length = (dots > 0) * (t2 / n2).sqrt()
+    rules = {"synsets, stored least-squares rates": stored.double(), "synsets, rates to the target's length": length,
+             "synsets, geometric middle of the two": (stored.double() * length).sqrt()}
+    out = {name: torch.cat([a[:, i:i + 1] * v for i, v in enumerate(steps)], 1) for name, a in rules.items()}
+    names, rated = list(theta), out["synsets, stored least-squares rates"]
+    bounds = torch.tensor([0] + [v.shape[1] for v in steps]).cumsum(0).tolist()
+    for i, name in enumerate(names):  # where does the synsets' gap to a perfect one sit? one tensor made perfect
+        if bounds[i + 1] - bounds[i] >= 0.005 * D.shape[1] or D[:, bounds[i]:bounds[i + 1]].pow(2).sum() >= \
+                0.005 * D.pow(2).sum():
+            hybrid = rated.clone()
+            hybrid[:, bounds[i]:bounds[i + 1]] = D[:, bounds[i]:bounds[i + 1]]
+            share = float((D[:, bounds[i]:bounds[i + 1]].pow(2).sum(1) / D.pow(2).sum(1)).mean())
+            cos = float((dots[:, i] / (n2[:, i] * t2[:, i]).sqrt().clamp(min=1e-30)).mean())
+            out[f"synsets, {name} (cos {cos:.2f}) replaced by its target ({share:.2f} of |D|^2)"] = hybrid
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -94,6 +163,13 @@ def main() -> None:
                     "eigenpairs (--fisher-rank r)")
     ap.add_argument("--mc", action="store_true", help="also the Fisher at labels sampled from the model")
     ap.add_argument("--ggn", action="store_true", help="also the exact Gauss-Newton matrix (minutes)")
+    ap.add_argument("--projections", nargs="*", type=int, default=[], help="also the automatic row's part in the "
+                    "Fisher's top r eigen-directions, and the rest, each alone")
+    ap.add_argument("--checkpoints", type=int, default=0, metavar="J", help="also the target as at theta_{tau-j}, "
+                    "j < J, and the means of the first 2..J")
+    ap.add_argument("--rate-rules", action="store_true", help="also the run's synsets' rated step under other rate rules")
+    ap.add_argument("--synsets", type=Path, help="--rate-rules: these synsets.h5 (e.g. RUN/variants/V/synsets.h5, "
+                    "distilled on this run's trajectory and clusters) instead of RUN/synsets.h5")
     ap.add_argument("--json", help="also write {row: {'<removal>/<metric>[@alpha]': mean}} here (for --seeds)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -110,7 +186,25 @@ def main() -> None:
             raise SystemExit(f"{args.tangents} holds tangents of shape {tuple(de.shape)}, not this run's: give the "
                              "tangents of this run")
         rows["exact target"] = de
-    rows[f"influence, empirical Fisher, lambda auto = {auto:.4g}"] = pipeline_targets(ctx, reader, model, 0.0, 0)
+    main_row = rows[f"influence, empirical Fisher, lambda auto = {auto:.4g}"] = pipeline_targets(ctx, reader, model,
+                                                                                                 0.0, 0)
+    if args.projections:
+        vecs = fisher_eigvecs(model, theta, ctx.bundle.x_train, ctx.bundle.y_train)
+        for r in args.projections:
+            top = (main_row @ vecs[:, :r]) @ vecs[:, :r].T
+            share = float((top.pow(2).sum(1) / main_row.pow(2).sum(1)).mean())
+            rows[f"influence, top {r} Fisher directions only ({share:.2f} of |D|^2)"] = top
+            rows[f"influence, without the top {r} ({1 - share:.2f} of |D|^2)"] = main_row - top
+    if args.checkpoints > reader.tau:
+        raise SystemExit(f"--checkpoints {args.checkpoints}: the trajectory has {reader.tau + 1} checkpoints")
+    earlier = [main_row] + [pipeline_targets(ctx, _Earlier(reader, j), model, 0.0, 0) for j in range(1, args.checkpoints)]
+    for j in range(1, args.checkpoints):
+        rows[f"influence as at theta_(tau-{j})"] = earlier[j]
+    for j in range(2, args.checkpoints + 1):
+        rows[f"influence, mean over theta_tau..theta_(tau-{j - 1})"] = sum(earlier[:j]) / j
+    if args.rate_rules:
+        rows.update(rate_rule_rows(args.synsets or Path(args.run_dir) / "synsets.h5", ctx, model, theta, main_row,
+                                   cfg.train.lr))
     for d in args.dampings:
         rows[f"influence, empirical Fisher, lambda = {cfg.train.weight_decay + d:.4g}"] = pipeline_targets(
             ctx, reader, model, d, 0)

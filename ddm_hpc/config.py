@@ -261,6 +261,19 @@ class DistillConfig:
         "--target influence only: use the Fisher's top this many eigenpairs (a randomized range finder streamed "
         "over the per-row gradients: P x rank memory, no n x P matrix), the rest at the ridge alone; 0 = the exact "
         "Fisher where its n x P rows and system fit 8 GiB of float64, else 256 (logged)", added=True))
+    rated_matching: bool = field(default=False, metadata=_help(
+        "--layer-rates only: match each parameter tensor's direction and leave its length to its fitted rate, i.e. "
+        "minimise sum_l |T_l|^2 (1 - c_l |c_l|) / |T|^2 (c_l: the cosine of the synset's step on tensor l with its "
+        "target), which where every c_l >= 0 is the residual left at the per-tensor rates the synsets are used at "
+        "(the reported loss); off: the relative L2 at rate 1", added=True))
+    tensor_weights: str = field(default="none", metadata=_help(
+        "--target influence only: how the training steps of the matching weigh each parameter tensor's residual: "
+        "none (relative L2 over every parameter), or fisher (by the tensor's mean Fisher diagonal tr(F_ll) / n_l at "
+        "theta_tau, one more pass of per-row gradients: an error in a tensor the outputs are more sensitive to "
+        "counts more). The reported losses stay unweighted", added=True))
+    lr_schedule: str = field(default="constant", metadata=_help(
+        "rates of the synset optimizer over --distill-steps: constant, or cosine (decayed from --lr-img and "
+        "--lr-label to 0 along a half cosine)", added=True))
     augment: str = field(default="", metadata=_help(
         "differentiable siamese augmentation (DSA) during matching: each step, one draw per group applied to its "
         "real minibatch and its synthetic images alike (paper sec. 4.1). dsa = DSA's digit strategy "
@@ -288,6 +301,14 @@ class DistillConfig:
         if (self.damping or self.fisher_rows or self.fisher_rank) and self.target != "influence":
             raise ConfigError("--damping, --fisher-rows and --fisher-rank shape --target influence's Fisher: pass "
                               "--target influence, or leave them at 0")
+        if self.rated_matching and not self.layer_rates:
+            raise ConfigError("--rated-matching matches each tensor up to its fitted fine-tune rate: pass --layer-rates "
+                              "(with --target displacement or influence), or --no-rated-matching")
+        _choice(self, "lr_schedule", ("constant", "cosine"))
+        _choice(self, "tensor_weights", ("none", "fisher"))
+        if self.tensor_weights != "none" and self.target != "influence":
+            raise ConfigError(f"--tensor-weights {self.tensor_weights} reads the Fisher that --target influence "
+                              f"computes: pass --target influence, or --tensor-weights none")
         if self.contraction < 0:
             raise ConfigError(f"--contraction is a number of retrainings (0 = off); got {self.contraction}")
         if self.contraction and not self.layer_rates:

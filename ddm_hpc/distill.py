@@ -248,6 +248,8 @@ class Matcher:
         self.impl = resolve_group_grads(dcfg.group_grads, device)
         self.targets: list[torch.Tensor] | None = None  # --target displacement/influence: per parameter [G, *shape]
         self.target_norm2: torch.Tensor | None = None  # [G] |target|^2, the relative L2's denominator
+        self.tensor_weights: torch.Tensor | None = None  # --tensor-weights fisher: float64 [n_tensors] w_l
+        self.target_wnorm2: torch.Tensor | None = None  # [G] sum_l w_l |T_l|^2, the training loss's denominator
 
     def _group_gradient_sums(self, t: int) -> list[torch.Tensor]:
         """Per parameter [G, *shape]: each group's summed CE gradient at theta_t over *all* its rows (in column
@@ -287,8 +289,12 @@ class Matcher:
         # |T_k|^2 block by block (the unit of --shards): a reduction over all groups at once may round a group's norm
         # differently with other groups beside it
         chunk = self.dcfg.block
+        blocks = range(0, self.n_groups, chunk)
         self.target_norm2 = torch.cat([_group_norm(self._block_targets(g0, min(g0 + chunk, self.n_groups)))
-                                       for g0 in range(0, self.n_groups, chunk)]).square().clamp(min=1e-30)
+                                       for g0 in blocks]).square().clamp(min=1e-30)
+        self.target_wnorm2 = self.target_norm2 if self.tensor_weights is None else torch.cat(
+            [_group_norm(self._weighted(self._block_targets(g0, min(g0 + chunk, self.n_groups)))) for g0 in blocks]
+        ).square().clamp(min=1e-30)
 
     def set_displacement_targets(self, per_row: float, show_progress: bool = False) -> None:
         """Match every group to its whole contribution to training (``--target displacement``).
@@ -336,6 +342,14 @@ class Matcher:
             solve = self._fisher_solver(theta, buffers, rows, size, damping, rank, seed, show_progress)
             if cache is not None:
                 cache[key] = solve
+        if self.dcfg.tensor_weights == "fisher":
+            wkey = ("tensor weights",) + key[1:]
+            weights = cache.get(wkey) if cache is not None else None
+            if weights is None:
+                weights = self._fisher_tensor_weights(theta, buffers, rows, show_progress)
+                if cache is not None:
+                    cache[wkey] = weights
+            self.tensor_weights = weights
         sums = self._group_gradient_sums(tau)
         flat = torch.cat([v.reshape(self.n_groups, -1) for v in sums], 1).double()
         # solved block by block of groups (the unit of --shards), so a group's target is the same bits in any shard
@@ -347,19 +361,39 @@ class Matcher:
             p0 += n
         self._set_targets(out)
 
+    def _row_chunks(self, theta: dict[str, torch.Tensor], buffers, rows: torch.Tensor, desc: str, show_progress: bool):
+        """float64 [c, P] per-row CE gradients at ``theta`` over ``rows``, a chunk of ``batch_real`` at a time."""
+        for c0 in progress(range(0, len(rows), self.dcfg.batch_real), desc, show_progress):
+            r = rows[c0:c0 + self.dcfg.batch_real]
+            with torch.no_grad():
+                g = per_group_grads(self.model, theta, to_device(self.x[r][:, None], self.device),
+                                    to_device(self.y[r][:, None], self.device),
+                                    torch.ones(len(r), 1, device=self.device), self.impl, buffers)
+            yield torch.cat([v.reshape(len(r), -1) for v in g], 1).double()
+
+    def _fisher_tensor_weights(self, theta: dict[str, torch.Tensor], buffers, rows: torch.Tensor,
+                               show_progress: bool) -> torch.Tensor:
+        """``--tensor-weights fisher``: float64 [n_tensors], each parameter tensor's mean Fisher diagonal
+        tr(F_ll) / n_l = sum_{i in rows} |grad_l l_i(theta)|^2 / (n n_l): how much a unit change of one of its
+        parameters moves the training loss's gradient outputs, on average (one pass of per-row gradients)."""
+        sizes = [v.numel() for v in theta.values()]
+        acc = torch.zeros(len(sizes), dtype=torch.float64, device=self.device)
+        for chunk in self._row_chunks(theta, buffers, rows, "influence: tensor weights", show_progress):
+            acc += torch.stack([part.pow(2).sum() for part in chunk.split(sizes, 1)])
+        return acc / (len(rows) * torch.tensor(sizes, dtype=torch.float64, device=self.device))
+
+    def _weighted(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor times sqrt(w_l) (``--tensor-weights``), so squared distances and dots weigh w_l."""
+        if self.tensor_weights is None:
+            return grads
+        return [v * self.tensor_weights[i].sqrt().to(v.dtype) for i, v in enumerate(grads)]
+
     def _fisher_solver(self, theta: dict[str, torch.Tensor], buffers, rows: torch.Tensor, size: int, damping: float,
                        rank: int, seed: int, show_progress: bool):
         """``solve(b [G, P], block) -> (F + damping I)^-1 b_g`` per row, F the empirical Fisher at ``theta`` over
         ``rows``: factored here once (exact, or its top ``rank`` eigenpairs), solved ``block`` rows at a time."""
         def row_chunks(desc: str):
-            """float64 [c, P] per-row gradients at theta_tau over ``rows``, a chunk of ``batch_real`` at a time."""
-            for c0 in progress(range(0, len(rows), self.dcfg.batch_real), desc, show_progress):
-                r = rows[c0:c0 + self.dcfg.batch_real]
-                with torch.no_grad():
-                    g = per_group_grads(self.model, theta, to_device(self.x[r][:, None], self.device),
-                                        to_device(self.y[r][:, None], self.device),
-                                        torch.ones(len(r), 1, device=self.device), self.impl, buffers)
-                yield torch.cat([v.reshape(len(r), -1) for v in g], 1).double()
+            return self._row_chunks(theta, buffers, rows, desc, show_progress)
 
         if rank:
             vecs, vals = low_rank_fisher(row_chunks, len(rows), size, rank, generator(seed, 59), self.device)
@@ -410,11 +444,14 @@ class Matcher:
             ones = torch.ones(syn_x.shape[:2], device=self.device)
             lab = torch.stack(labels[g0:g1]) if isinstance(labels, list) else labels[g0:g1]
             syn = per_group_grads(self.model, p_syn, syn_x, lab, ones, buffers=self.reader.buffers(t_syn))
+            # training steps weigh each tensor by --tensor-weights; the reported losses stay unweighted
+            w_real, w_syn, norm2 = ((self._weighted(real), self._weighted(syn), self.target_wnorm2[g0:g1])
+                                    if fixed and backward else (real, syn, self.target_norm2[g0:g1] if fixed else None))
             if fixed and rated:  # each tensor at its best rate (--layer-rates): what it leaves of |T_k|^2
-                loss = 1.0 - explained(syn, real) / self.target_norm2[g0:g1]
+                loss = 1.0 - explained(w_syn, w_real, signed=backward) / norm2
             elif fixed:  # relative L2 over every parameter: |grad L(theta_tau; S_k) + T_k|^2 / |T_k|^2
-                loss = matching_loss(real, syn, sign=-1.0, include_1d=True, distance="mse",
-                                     backend=self.kernel) / self.target_norm2[g0:g1]
+                loss = matching_loss(w_real, w_syn, sign=-1.0, include_1d=True, distance="mse",
+                                     backend=self.kernel) / norm2
             else:
                 loss = matching_loss(real, syn, sign=self.dcfg.sign, include_1d=self.dcfg.include_1d,
                                      distance=self.dcfg.distance, backend=self.kernel)
@@ -514,11 +551,16 @@ def _tensor_dots(syn: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[t
     return dots, torch.stack([flat(s).pow(2).sum(1) for s in syn])
 
 
-def explained(syn: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
+def explained(syn: list[torch.Tensor], target: list[torch.Tensor], signed: bool = False) -> torch.Tensor:
     """[G]: how much of |T_k|^2 the synset's step explains when every tensor takes its best rate,
-    sum_l max(0, <-g_l, T_l>)^2 / |g_l|^2 (the relative L2 at those rates is 1 - this / |T_k|^2)."""
+    sum_l max(0, <-g_l, T_l>)^2 / |g_l|^2 (the relative L2 at those rates is 1 - this / |T_k|^2).
+
+    ``signed`` (``--rated-matching``'s training loss): a tensor pointing away from its target counts
+    -<-g_l, T_l>^2 / |g_l|^2 instead of 0, so its gradient turns it towards the target (the clamped form has none
+    there); equal to the unsigned form where every dot is >= 0."""
     dots, norms = _tensor_dots(syn, target)
-    return (dots.clamp(min=0).square() / norms.clamp(min=1e-30)).sum(0)
+    part = dots * dots.abs() if signed else dots.clamp(min=0).square()
+    return (part / norms.clamp(min=1e-30)).sum(0)
 
 
 FISHER_SOLVE_BYTES = 8 << 30  # the float64 system --target influence may build (P x P or n x n)
@@ -747,6 +789,8 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
         opt = torch.optim.Adam(groups_opt, lr=dcfg.lr_img)
     else:
         opt = torch.optim.SGD(groups_opt, lr=dcfg.lr_img, momentum=dcfg.img_momentum)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(dcfg.distill_steps, 1))
+             if dcfg.lr_schedule == "cosine" else None)
     chunk = dcfg.block
     pairing = dcfg.resolved_pairing()
 
@@ -776,8 +820,11 @@ def distill_groups(model: nn.Module, reader: Checkpoints, x: torch.Tensor, y: to
     shown = not getattr(bar, "disable", True)
     for step, pair in enumerate(bar):
         opt.zero_grad(set_to_none=True)
-        loss, _, _ = matcher.losses(images, label_fn(), pair, batch_gen, chunk, backward=True, aug_gen=aug_gen)
+        loss, _, _ = matcher.losses(images, label_fn(), pair, batch_gen, chunk, backward=True, aug_gen=aug_gen,
+                                    rated=dcfg.rated_matching)
         opt.step()
+        if sched is not None:
+            sched.step()
         history.append(loss)
         if shown and step % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{float(loss.mean()):.4f}")  # a device sync: only for a visible bar

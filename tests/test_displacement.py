@@ -291,3 +291,100 @@ def test_contraction_needs_layer_rates_and_the_cluster_level():
         DistillConfig(target="displacement", layer_rates=True, contraction=-1)
     from ddm_hpc.config import _key_dict
     assert "contraction" not in _key_dict(DistillConfig(target="displacement", layer_rates=True))
+
+
+def _distil_rated(**opts):
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    dcfg = DistillConfig(**{"target": "displacement", "syn_labels": "learn", "ipc": 3, "optimizer": "adam",
+                            "lr_img": 0.05, "lr_label": 0.3, "distill_steps": 10, "batch_real": 16, "group_chunk": 2,
+                            **opts})
+    per_row = contribution_per_row(tcfg, reader.tau)
+    syn = distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
+                         torch.device("cpu"), show_progress=False, per_row=per_row)
+    m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
+    m.set_displacement_targets(per_row)
+    return syn, m, reader
+
+
+def test_signed_explained_counts_a_tensor_that_points_away_against_the_match():
+    """``explained(signed=True)``: sum_l <-g_l, T_l> |<-g_l, T_l>| / |g_l|^2, recomputed here per tensor; equal to
+    the clamped form where every dot is >= 0; a tensor pointing away counts negatively and still has a gradient
+    (finite differences), where the clamped form's is 0."""
+    from ddm_hpc.distill import explained
+    g = torch.Generator().manual_seed(3)
+    target = [torch.randn(2, 4, 3, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)]
+    syn = [-(t + 0.3 * torch.randn(t.shape, generator=g, dtype=torch.float64)) for t in target]  # pointing at it
+    torch.testing.assert_close(explained(syn, target, signed=True), explained(syn, target))
+    syn[1] = -syn[1]  # the second tensor points away from its target now
+    d = -(syn[1] * target[1]).sum(1)
+    assert (d < 0).all()
+    want = explained([syn[0]], [target[0]]) - d.square() / syn[1].pow(2).sum(1)
+    torch.testing.assert_close(explained(syn, target, signed=True), want)
+    torch.testing.assert_close(explained(syn, target), explained([syn[0]], [target[0]]))  # clamped: counts 0
+    s1 = syn[1].clone().requires_grad_(True)
+    explained([syn[0], s1], target, signed=True).sum().backward()
+    assert s1.grad.abs().max() > 0
+    e, eps = torch.zeros_like(s1), 1e-6
+    e[0, 2] = eps
+    fd = (explained([syn[0], syn[1] + e], target, signed=True) - explained([syn[0], syn[1] - e], target, signed=True)
+          ).sum() / (2 * eps)
+    torch.testing.assert_close(s1.grad[0, 2], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_rated_matching_trains_on_the_residual_left_at_the_fitted_rates():
+    """``--rated-matching``: each step's training loss is 1 - explained(signed) / |T_k|^2 (the first one recomputed
+    here from the initial images, the rows' own init), not the rate-1 relative L2; the synsets' reported final
+    loss is still the residual at the stored rates; and the images differ from the rate-1 matching's."""
+    from ddm_hpc.distill import explained, init_images
+    from ddm_hpc.utils import generator
+    syn, m, reader = _distil_rated(rated_matching=True)
+    plain = _distil_rated()[0]
+    assert not torch.equal(syn.images, plain.images)
+    x, _, _ = _data()
+    init = torch.stack(init_images(x, m.members, m.sizes, 3, "real", [generator(0, 21, k) for k in range(6)]))
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    # labels at the first step: the learned logits' init, q(class) = 0.9
+    q = torch.full((6, 3, 3), 0.05)
+    q[torch.arange(6)[:, None], torch.arange(3)[None, :], torch.tensor([0, 1, 2, 0, 1, 2])[:, None]] = 0.9
+    g0 = per_group_grads(_model(), theta, init, q, torch.ones(6, 3), "loop")
+    first = 1 - explained(g0, m.targets, signed=True) / m.target_norm2
+    np.testing.assert_allclose(syn.group_history[:, 0], first.numpy(), rtol=1e-4, atol=1e-6)
+    g = per_group_grads(_model(), theta, syn.images, syn.targets, torch.ones(6, 3), "loop")
+    np.testing.assert_allclose(syn.final_loss, (1 - explained(g, m.targets) / m.target_norm2).numpy(), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_cosine_schedule_decays_the_synset_rates_to_zero(monkeypatch):
+    """``--lr-schedule cosine``: step t of N updates at lr_0 (1 + cos(pi t / N)) / 2, for the images and the label
+    logits alike (rates recorded at each optimizer step); constant keeps lr_0; one cosine step is the constant
+    run's, bit for bit."""
+    import math
+    seen = []
+    step = torch.optim.Adam.step
+
+    def record(self, *a, **k):
+        seen.append([grp["lr"] for grp in self.param_groups])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    cos = _distil_rated(lr_schedule="cosine")[0]
+    want = [[lr * (1 + math.cos(math.pi * t / 10)) / 2 for lr in (0.05, 0.3)] for t in range(10)]
+    np.testing.assert_allclose(np.array(seen), np.array(want), rtol=1e-12)
+    seen.clear()
+    const = _distil_rated()[0]
+    assert seen == [[0.05, 0.3]] * 10 and not torch.equal(cos.images, const.images)
+    assert torch.equal(_distil_rated(lr_schedule="cosine", distill_steps=1)[0].images,
+                       _distil_rated(distill_steps=1)[0].images)
+
+
+def test_rated_matching_and_schedule_options_are_checked_and_stay_out_of_existing_keys():
+    from ddm_hpc.config import _key_dict
+    with pytest.raises(ConfigError, match="--rated-matching .* pass --layer-rates"):
+        DistillConfig(target="influence", layer_rates=False, rated_matching=True)
+    with pytest.raises(ConfigError, match="--lr-schedule must be one of constant, cosine"):
+        DistillConfig(lr_schedule="linear")
+    key = _key_dict(DistillConfig())
+    assert "rated_matching" not in key and "lr_schedule" not in key
+    assert _key_dict(DistillConfig(rated_matching=True, lr_schedule="cosine"))["lr_schedule"] == "cosine"

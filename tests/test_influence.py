@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,3 +262,78 @@ def test_influence_targets_on_cuda_match_the_cpu():
         m.set_influence_targets(tcfg.lr, lam, rows)
         out[dev] = torch.cat([v.reshape(6, -1).cpu() for v in m.targets], 1)
     torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_fisher_tensor_weights_are_each_tensors_mean_fisher_diagonal(subset):
+    """``--tensor-weights fisher``: w_l = sum_{i in rows} |grad_l l_i(theta_tau)|^2 / (n n_l), against per-row gradients
+    by plain autograd; the class level reuses the cluster level's weights from the shared cache (same bits)."""
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    rows = influence_rows(len(x), 25 if subset else 0, seed=0)
+    lam = influence_damping(tcfg, len(x))
+    dcfg = DistillConfig(batch_real=8, tensor_weights="fisher")
+    cache: dict = {}
+    m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
+    m.set_influence_targets(tcfg.lr, lam, rows, cache=cache)
+    model = _model()
+    p = {n: v.detach().requires_grad_(True) for n, v in reader.params(reader.tau).items()}
+    want = torch.zeros(len(p), dtype=torch.float64)
+    for i in rows:
+        g = torch.autograd.grad(F.cross_entropy(functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]), list(p.values()))
+        want += torch.stack([v.double().pow(2).sum() for v in g])
+    want /= len(rows) * torch.tensor([v.numel() for v in p.values()], dtype=torch.float64)
+    torch.testing.assert_close(m.tensor_weights, want, rtol=1e-4, atol=1e-12)
+    assert m.tensor_weights.max() > 3 * m.tensor_weights[m.tensor_weights > 0].min()  # not uniform: a real test
+    wn = sum(m.tensor_weights[i].float() * v.reshape(6, -1).pow(2).sum(1) for i, v in enumerate(m.targets))
+    torch.testing.assert_close(m.target_wnorm2, wn, rtol=1e-4, atol=1e-12)
+    calls = []
+    real = Matcher._fisher_tensor_weights
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Matcher, "_fisher_tensor_weights", lambda self, *a: calls.append(1) or real(self, *a))
+        c = Matcher(_model(), reader, x, y, y, 3, dcfg, torch.device("cpu"))
+        c.set_influence_targets(tcfg.lr, lam, rows, cache=cache)
+    assert calls == [] and torch.equal(c.tensor_weights, m.tensor_weights)
+    plain = Matcher(_model(), reader, x, y, groups, 6, DistillConfig(batch_real=8), torch.device("cpu"))
+    plain.set_influence_targets(tcfg.lr, lam, rows)
+    assert plain.tensor_weights is None and torch.equal(plain.target_wnorm2, plain.target_norm2)
+    for a, b in zip(plain.targets, m.targets):  # the weights change the matching, not the targets
+        assert torch.equal(a, b)
+
+
+def test_tensor_weights_weigh_the_training_loss_and_not_the_reported_one():
+    """With ``--tensor-weights fisher`` the first training step's loss is sum_l w_l |g_l + T_l|^2 / sum_l w_l |T_l|^2
+    at the initial images and labels (recomputed here), the reported final loss the unweighted relative L2 at the
+    stored rates; the option is refused without --target influence and stays out of existing stage keys."""
+    from ddm_hpc.config import _key_dict
+    from ddm_hpc.distill import explained, init_images
+    from ddm_hpc.errors import ConfigError
+    from ddm_hpc.utils import generator
+    x, y, groups = _data()
+    tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
+    reader = _trajectory(x, y, tcfg)
+    dcfg = DistillConfig(target="influence", ipc=3, lr_img=0.05, distill_steps=5, batch_real=16, group_chunk=2,
+                         tensor_weights="fisher")
+    lam, rows = influence_damping(tcfg, len(x)), influence_rows(len(x), 0, 0)
+    cls = torch.tensor([0, 1, 2, 0, 1, 2])
+    syn = distill_groups(_model(), reader, x, y, groups, cls, dcfg, 0, torch.device("cpu"), show_progress=False,
+                         influence=(tcfg.lr, lam, rows, 0, 0))
+    m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
+    m.set_influence_targets(tcfg.lr, lam, rows)
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    init = torch.stack(init_images(x, m.members, m.sizes, 3, "real", [generator(0, 21, k) for k in range(6)]))
+    q = torch.full((6, 3, 3), 0.05)
+    q[torch.arange(6)[:, None], torch.arange(3)[None, :], cls[:, None]] = 0.9  # the learned labels' init
+    g0 = per_group_grads(_model(), theta, init, q, torch.ones(6, 3), "loop")
+    w = m.tensor_weights.float()
+    first = sum(w[i] * (a + t).reshape(6, -1).pow(2).sum(1) for i, (a, t) in enumerate(zip(g0, m.targets)))
+    first = first / sum(w[i] * t.reshape(6, -1).pow(2).sum(1) for i, t in enumerate(m.targets))
+    np.testing.assert_allclose(syn.group_history[:, 0], first.numpy(), rtol=1e-4, atol=1e-6)
+    g = per_group_grads(_model(), theta, syn.images, syn.targets, torch.ones(6, 3), "loop")
+    np.testing.assert_allclose(syn.final_loss, (1 - explained(g, m.targets) / m.target_norm2).numpy(), rtol=1e-4,
+                               atol=1e-6)
+    with pytest.raises(ConfigError, match="--tensor-weights fisher reads the Fisher .* pass --target influence"):
+        DistillConfig(target="displacement", tensor_weights="fisher")
+    assert "tensor_weights" not in _key_dict(DistillConfig())
+    assert _key_dict(DistillConfig(tensor_weights="fisher"))["tensor_weights"] == "fisher"
