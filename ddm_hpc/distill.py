@@ -374,8 +374,8 @@ class Matcher:
     def _fisher_tensor_weights(self, theta: dict[str, torch.Tensor], buffers, rows: torch.Tensor,
                                show_progress: bool) -> torch.Tensor:
         """``--tensor-weights fisher``: float64 [n_tensors], each parameter tensor's mean Fisher diagonal
-        tr(F_ll) / n_l = sum_{i in rows} |grad_l l_i(theta)|^2 / (n n_l): how much a unit change of one of its
-        parameters moves the training loss's gradient outputs, on average (one pass of per-row gradients)."""
+        tr(F_ll) / n_l = sum_{i in rows} |grad_l l_i(theta)|^2 / (n n_l): the curvature the training rows' outputs
+        show, per parameter of the tensor, on average (one pass of per-row gradients)."""
         sizes = [v.numel() for v in theta.values()]
         acc = torch.zeros(len(sizes), dtype=torch.float64, device=self.device)
         for chunk in self._row_chunks(theta, buffers, rows, "influence: tensor weights", show_progress):
