@@ -1,7 +1,8 @@
 """Score a displacement-matching variant (``ddm-disp`` with options changed) against an evaluated run.
 
 Distils ``RUN/variants/ddm-disp-<name>`` from the run's trajectory and clusters with the ``ddm-disp``
-settings (``ddm_hpc.variants.DISPLACEMENT``) plus ``--set`` overrides of the distill options, attributes
+settings (``ddm_hpc.variants.DISPLACEMENT``; ``--base ddm-inf`` / ``ddm-fw`` starts from those variants' instead)
+plus ``--set`` overrides of the distill options, attributes
 with one unweighted fine-tune step per cluster, and scores it exactly as ``evaluate`` scores ``ddm-disp``
 (Dist1 located by the variant's own rule, ``methods.ddm.dist1_rule``; both rules printed) under every protocol and kept fraction of the run. Prints the
 distill seconds and the matching loss too. Nothing is retrained.
@@ -10,6 +11,7 @@ distill seconds and the matching loss too. Nothing is retrained.
     python benchmarks/score_more.py --seeds s50_seed0.json s50_seed1.json s50_seed2.json
     OMP_NUM_THREADS=1 python benchmarks/disp_variants.py runs_gt/seed0 --name r500 \
         --attr perturbation=random n_perturbations=500 removal_prob=0.5   # ddm-disp's synsets, other removals
+    python benchmarks/disp_variants.py runs_gt/seed7 --base ddm-fw --name fw-lr2 --attr finetune_lr=0.02
 """
 from __future__ import annotations
 
@@ -24,7 +26,12 @@ import h5py
 from ddm_hpc.methods.ddm import DDMDisp, dist1_rule, read_ddm_scores
 from ddm_hpc.pipeline import materialise
 from ddm_hpc.storage import artifact_path
-from ddm_hpc.variants import DISPLACEMENT, ONE_STEP, displacement_matching, synset_variant
+from ddm_hpc.variants import (DISPLACEMENT, FISHER_WEIGHTED, INFLUENCE, ONE_STEP, displacement_matching,
+                              fisher_weighted_influence, influence_matching, synset_variant)
+
+# --base: the registered synset variants whose distill options (and, without --set, synsets) a variant starts from
+BASES = {"ddm-disp": (DISPLACEMENT, displacement_matching), "ddm-inf": (INFLUENCE, influence_matching),
+         "ddm-fw": (FISHER_WEIGHTED, fisher_weighted_influence)}
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_more import open_run, view_cells  # noqa: E402
@@ -48,21 +55,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--name", required=True, help="the variant's directory is RUN/variants/ddm-disp-<name>")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="distill options over DISPLACEMENT")
+    ap.add_argument("--base", choices=sorted(BASES), default="ddm-disp",
+                    help="the variant whose distill options --set changes (default ddm-disp)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="distill options over --base's")
     ap.add_argument("--attr", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="attribute options over ddm-disp's (e.g. perturbation=random n_perturbations=500); "
-                         "without --set the variant shares RUN/variants/ddm-disp's synsets")
+                    help="attribute options over --base's one fine-tune step (e.g. finetune_lr=0.02); "
+                         "without --set the variant shares RUN/variants/<base>'s synsets")
     ap.add_argument("--json", help="also write {'ddm-disp-<name>': {'<removal>/<metric>[@alpha]': mean}} here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg, _, _ = open_run(args.run_dir)
     name = f"ddm-disp-{args.name}"
     sets = parse_sets(args.set)
-    sources = {} if sets else {"distill": displacement_matching()}  # the same synsets: distil them once
-    variant = synset_variant(name, {**DISPLACEMENT, **sets}, ("attribute",) if sources else ("distill", "attribute"),
+    settings, make_base = BASES[args.base]
+    sources = {} if sets else {"distill": make_base()}  # the same synsets: distil them once
+    variant = synset_variant(name, {**settings, **sets}, ("attribute",) if sources else ("distill", "attribute"),
                              sources=sources,
                              attribute={**ONE_STEP, **parse_sets(args.attr)})
-    materialise(cfg, [variant] if sets else [displacement_matching(), variant])
+    materialise(cfg, [variant] if sets else [make_base(), variant])
     cfg, ctx, retrained = open_run(args.run_dir)
     out_dir = variant.directory(cfg)
     res = read_ddm_scores(out_dir, DDMDisp.note, dist1_by=dist1_rule(variant.config(cfg)))

@@ -268,9 +268,10 @@ class DistillConfig:
         "(the reported loss); off: the relative L2 at rate 1", added=True))
     tensor_weights: str = field(default="none", metadata=_help(
         "--target influence only: how the training steps of the matching weigh each parameter tensor's residual: "
-        "none (relative L2 over every parameter), or fisher (by the tensor's mean Fisher diagonal tr(F_ll) / n_l at "
+        "none (relative L2 over every parameter), fisher (by the tensor's mean Fisher diagonal tr(F_ll) / n_l at "
         "theta_tau, one more pass of per-row gradients: an error in a tensor the outputs are more sensitive to "
-        "counts more). The reported losses stay unweighted", added=True))
+        "counts more), or fisher-sqrt (by its square root, halfway between the two on a log scale). The reported "
+        "losses stay unweighted", added=True))
     lr_schedule: str = field(default="constant", metadata=_help(
         "rates of the synset optimizer over --distill-steps: constant, or cosine (decayed from --lr-img and "
         "--lr-label to 0 along a half cosine)", added=True))
@@ -305,7 +306,7 @@ class DistillConfig:
             raise ConfigError("--rated-matching matches each tensor up to its fitted fine-tune rate: pass --layer-rates "
                               "(with --target displacement or influence), or --no-rated-matching")
         _choice(self, "lr_schedule", ("constant", "cosine"))
-        _choice(self, "tensor_weights", ("none", "fisher"))
+        _choice(self, "tensor_weights", ("none", "fisher", "fisher-sqrt"))
         if self.tensor_weights != "none" and self.target != "influence":
             raise ConfigError(f"--tensor-weights {self.tensor_weights} reads the Fisher that --target influence "
                               f"computes: pass --target influence, or --tensor-weights none")

@@ -248,7 +248,7 @@ class Matcher:
         self.impl = resolve_group_grads(dcfg.group_grads, device)
         self.targets: list[torch.Tensor] | None = None  # --target displacement/influence: per parameter [G, *shape]
         self.target_norm2: torch.Tensor | None = None  # [G] |target|^2, the relative L2's denominator
-        self.tensor_weights: torch.Tensor | None = None  # --tensor-weights fisher: float64 [n_tensors] w_l
+        self.tensor_weights: torch.Tensor | None = None  # --tensor-weights fisher(-sqrt): float64 [n_tensors] w_l
         self.target_wnorm2: torch.Tensor | None = None  # [G] sum_l w_l |T_l|^2, the training loss's denominator
 
     def _group_gradient_sums(self, t: int) -> list[torch.Tensor]:
@@ -342,14 +342,14 @@ class Matcher:
             solve = self._fisher_solver(theta, buffers, rows, size, damping, rank, seed, show_progress)
             if cache is not None:
                 cache[key] = solve
-        if self.dcfg.tensor_weights == "fisher":
+        if self.dcfg.tensor_weights != "none":
             wkey = ("tensor weights",) + key[1:]
             weights = cache.get(wkey) if cache is not None else None
             if weights is None:
                 weights = self._fisher_tensor_weights(theta, buffers, rows, show_progress)
                 if cache is not None:
                     cache[wkey] = weights
-            self.tensor_weights = weights
+            self.tensor_weights = weights.sqrt() if self.dcfg.tensor_weights == "fisher-sqrt" else weights
         sums = self._group_gradient_sums(tau)
         flat = torch.cat([v.reshape(self.n_groups, -1) for v in sums], 1).double()
         # solved block by block of groups (the unit of --shards), so a group's target is the same bits in any shard

@@ -433,12 +433,14 @@ def test_hierarchical_row_locates_the_searchs_pick(protocols):
 
 
 def _displacement_variant(evaluated, monkeypatch, method: str = "ddm-disp"):
-    """The evaluated run's ``ddm-disp`` (or ``ddm-inf``) variant, small (3 matching steps, 2 images per cluster):
-    (config, directory)."""
+    """The evaluated run's ``ddm-disp`` (or ``ddm-inf``, ``ddm-fw``, ``ddm-fws``) variant, small (3 matching steps,
+    2 images per cluster): (config, directory)."""
     from ddm_hpc import variants
     from ddm_hpc.pipeline import materialise
     settings, make = {"ddm-disp": (variants.DISPLACEMENT, variants.displacement_matching),
-                      "ddm-inf": (variants.INFLUENCE, variants.influence_matching)}[method]
+                      "ddm-inf": (variants.INFLUENCE, variants.influence_matching),
+                      "ddm-fw": (variants.FISHER_WEIGHTED, variants.fisher_weighted_influence),
+                      "ddm-fws": (variants.FISHER_SQRT_WEIGHTED, variants.fisher_sqrt_weighted_influence)}[method]
     monkeypatch.setitem(settings, "distill_steps", 3)
     monkeypatch.setitem(settings, "ipc", 2)
     cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
@@ -447,18 +449,22 @@ def _displacement_variant(evaluated, monkeypatch, method: str = "ddm-disp"):
     return cfg, out
 
 
-@pytest.mark.parametrize("method, target", [("ddm-disp", "displacement"), ("ddm-inf", "influence")])
+@pytest.mark.parametrize("method, target", [("ddm-disp", "displacement"), ("ddm-inf", "influence"),
+                                            ("ddm-fw", "influence"), ("ddm-fws", "influence")])
 def test_displacement_row_is_one_unweighted_step_on_its_synsets(evaluated, monkeypatch, method, target):
-    """``ddm-disp`` and ``ddm-inf``: the variant distils --target displacement (influence) synsets with per-tensor
-    rates a_k and fine-tunes one unweighted step of rate lr per cluster; its Dist2 scores are the CE change at
-    theta_tau - lr c a_k * grad L(theta_tau; S_k) (recomputed here from the synsets, their stored rates and the
-    --contraction factors c, which only ddm-disp fits); they also locate ddm-disp's Dist1, not ddm-inf's."""
+    """``ddm-disp``, ``ddm-inf``, ``ddm-fw`` and ``ddm-fws``: the variant distils --target displacement (influence)
+    synsets with per-tensor rates a_k (ddm-fw, ddm-fws: Fisher-weighted tensors) and fine-tunes one unweighted
+    step of rate lr per cluster; its Dist2 scores are the CE change at theta_tau - lr c a_k * grad L(theta_tau; S_k)
+    (recomputed here from the synsets, their stored rates and the --contraction factors c, which only ddm-disp
+    fits); they also locate ddm-disp's Dist1, not the influence rows'."""
     from torch.func import functional_call
 
     from ddm_hpc.methods import score_methods
     from ddm_hpc.trajectory import TrajectoryReader
 
     cfg, out = _displacement_variant(evaluated, monkeypatch, method)
+    stored = json.loads((out / "config.json").read_text())["distill"]
+    assert stored["tensor_weights"] == {"ddm-fw": "fisher", "ddm-fws": "fisher-sqrt"}.get(method, "none")
     ctx = RunContext(cfg)
     res = score_methods(ctx, [method])[method]
     assert torch.equal(res.for_metric("dist1"), res.for_metric("dist2")) == (method == "ddm-disp")

@@ -264,16 +264,17 @@ def test_influence_targets_on_cuda_match_the_cpu():
     torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("subset", [False, True])
-def test_fisher_tensor_weights_are_each_tensors_mean_fisher_diagonal(subset):
+@pytest.mark.parametrize("subset, mode", [(False, "fisher"), (True, "fisher"), (False, "fisher-sqrt")])
+def test_fisher_tensor_weights_are_each_tensors_mean_fisher_diagonal(subset, mode):
     """``--tensor-weights fisher``: w_l = sum_{i in rows} |grad_l l_i(theta_tau)|^2 / (n n_l), against per-row gradients
-    by plain autograd; the class level reuses the cluster level's weights from the shared cache (same bits)."""
+    by plain autograd (``fisher-sqrt``: its square root); the class level reuses the cluster level's weights from the
+    shared cache (same bits)."""
     x, y, groups = _data()
     tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
     reader = _trajectory(x, y, tcfg)
     rows = influence_rows(len(x), 25 if subset else 0, seed=0)
     lam = influence_damping(tcfg, len(x))
-    dcfg = DistillConfig(batch_real=8, tensor_weights="fisher")
+    dcfg = DistillConfig(batch_real=8, tensor_weights=mode)
     cache: dict = {}
     m = Matcher(_model(), reader, x, y, groups, 6, dcfg, torch.device("cpu"))
     m.set_influence_targets(tcfg.lr, lam, rows, cache=cache)
@@ -284,8 +285,9 @@ def test_fisher_tensor_weights_are_each_tensors_mean_fisher_diagonal(subset):
         g = torch.autograd.grad(F.cross_entropy(functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]), list(p.values()))
         want += torch.stack([v.double().pow(2).sum() for v in g])
     want /= len(rows) * torch.tensor([v.numel() for v in p.values()], dtype=torch.float64)
+    want = want.sqrt() if mode == "fisher-sqrt" else want
     torch.testing.assert_close(m.tensor_weights, want, rtol=1e-4, atol=1e-12)
-    assert m.tensor_weights.max() > 3 * m.tensor_weights[m.tensor_weights > 0].min()  # not uniform: a real test
+    assert m.tensor_weights.max() > 2 * m.tensor_weights[m.tensor_weights > 0].min()  # not uniform: a real test
     wn = sum(m.tensor_weights[i].float() * v.reshape(6, -1).pow(2).sum(1) for i, v in enumerate(m.targets))
     torch.testing.assert_close(m.target_wnorm2, wn, rtol=1e-4, atol=1e-12)
     calls = []

@@ -25,6 +25,10 @@
               Dist1 located by its Dist1 scores.
               The default ``ddm`` on its cluster level, so not in the default ``--methods``: it is the row for
               runs made with other distill options (``--preset paper``).
+  ddm-fw      ddm-inf with ``--tensor-weights fisher`` (not in the paper), run in ``RUN/variants/ddm-fw``: each
+              parameter tensor's residual weighed in the matching loss by its mean Fisher diagonal at theta_tau.
+  ddm-fws     the same with the square roots of those weights (``--tensor-weights fisher-sqrt``), in
+              ``RUN/variants/ddm-fws``.
   ddm-hier    this run's class-first hierarchical search (Eq. 11): Dist1/2/3 locate the cluster it
               picks inside the class it picks; its LDS reads the class scores spread evenly over each
               class's clusters (the search has no score for clusters outside the chosen class).
@@ -46,7 +50,8 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.methods.base import AttributionMethod, MethodResult
 from ddm_hpc.storage import artifact_path, open_read, read_attrs
-from ddm_hpc.variants import (Variant, displacement_matching, forward_matching, influence_matching, learned_labels,
+from ddm_hpc.variants import (Variant, displacement_matching, fisher_sqrt_weighted_influence,
+                              fisher_weighted_influence, forward_matching, influence_matching, learned_labels,
                               paper_method, sequential_clusters)
 
 
@@ -189,6 +194,26 @@ class DDMInf(DDMDisp, name="ddm-inf", label="DDM, influence matching",
 
     def variant(self) -> Variant:
         return influence_matching()
+
+
+class DDMFisherWeighted(DDMDisp, name="ddm-fw", label="DDM, influence matching, Fisher-weighted tensors",
+                        help="ddm-inf with each tensor's residual weighed by its mean Fisher diagonal "
+                             "(--tensor-weights fisher)"):
+    note = ("--target influence --layer-rates --tensor-weights fisher: ddm-inf's synsets, each parameter tensor's "
+            "residual weighed in the matching loss by its mean Fisher diagonal at theta_tau")
+
+    def variant(self) -> Variant:
+        return fisher_weighted_influence()
+
+
+class DDMFisherSqrt(DDMDisp, name="ddm-fws", label="DDM, influence matching, sqrt-Fisher-weighted tensors",
+                    help="ddm-inf with each tensor's residual weighed by the square root of its mean Fisher diagonal "
+                         "(--tensor-weights fisher-sqrt)"):
+    note = ("--target influence --layer-rates --tensor-weights fisher-sqrt: ddm-inf's synsets, each parameter "
+            "tensor's residual weighed in the matching loss by the square root of its mean Fisher diagonal")
+
+    def variant(self) -> Variant:
+        return fisher_sqrt_weighted_influence()
 
 
 def hierarchical_scores(run_dir: Path, cluster_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
