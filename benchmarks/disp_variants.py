@@ -1,7 +1,8 @@
 """Score a displacement-matching variant (``ddm-disp`` with options changed) against an evaluated run.
 
 Distils ``RUN/variants/ddm-disp-<name>`` from the run's trajectory and clusters with the ``ddm-disp``
-settings (``ddm_hpc.variants.DISPLACEMENT``; ``--base ddm-inf`` / ``ddm-fw`` starts from those variants' instead)
+settings (``ddm_hpc.variants.DISPLACEMENT``; ``--base ddm-inf`` / ``ddm-fw`` / ``ddm-fws`` starts from those
+variants' instead)
 plus ``--set`` overrides of the distill options, attributes
 with one unweighted fine-tune step per cluster, and scores it exactly as ``evaluate`` scores ``ddm-disp``
 (Dist1 located by the variant's own rule, ``methods.ddm.dist1_rule``; both rules printed) under every protocol and kept fraction of the run. Prints the
@@ -26,12 +27,7 @@ import h5py
 from ddm_hpc.methods.ddm import DDMDisp, dist1_rule, read_ddm_scores
 from ddm_hpc.pipeline import materialise
 from ddm_hpc.storage import artifact_path
-from ddm_hpc.variants import (DISPLACEMENT, FISHER_WEIGHTED, INFLUENCE, ONE_STEP, displacement_matching,
-                              fisher_weighted_influence, influence_matching, synset_variant)
-
-# --base: the registered synset variants whose distill options (and, without --set, synsets) a variant starts from
-BASES = {"ddm-disp": (DISPLACEMENT, displacement_matching), "ddm-inf": (INFLUENCE, influence_matching),
-         "ddm-fw": (FISHER_WEIGHTED, fisher_weighted_influence)}
+from ddm_hpc.variants import ONE_STEP, ONE_STEP_VARIANTS, synset_variant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_more import open_run, view_cells  # noqa: E402
@@ -55,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--name", required=True, help="the variant's directory is RUN/variants/ddm-disp-<name>")
-    ap.add_argument("--base", choices=sorted(BASES), default="ddm-disp",
+    ap.add_argument("--base", choices=sorted(ONE_STEP_VARIANTS), default="ddm-disp",
                     help="the variant whose distill options --set changes (default ddm-disp)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="distill options over --base's")
     ap.add_argument("--attr", nargs="*", default=[], metavar="KEY=VALUE",
@@ -67,7 +63,7 @@ def main() -> None:
     cfg, _, _ = open_run(args.run_dir)
     name = f"ddm-disp-{args.name}"
     sets = parse_sets(args.set)
-    settings, make_base = BASES[args.base]
+    settings, make_base = ONE_STEP_VARIANTS[args.base]
     sources = {} if sets else {"distill": make_base()}  # the same synsets: distil them once
     variant = synset_variant(name, {**settings, **sets}, ("attribute",) if sources else ("distill", "attribute"),
                              sources=sources,

@@ -165,7 +165,7 @@ def fisher_weighted_influence(stages: tuple[str, ...] = ("distill", "attribute")
 
 
 # --tensor-weights fisher-sqrt: the square roots of those weights, halfway between ddm-inf's equal weights and ddm-fw's
-# on a log scale (ddm-fw measured Dist1 +0.3 and LDS at alpha 0.5 -0.02 on held-out seeds 5-8; RESULTS).
+# on a log scale (ddm-fw measured Dist1 +0.31 and LDS at alpha 0.5 -0.014 on held-out seeds 5-8, drop; RESULTS).
 FISHER_SQRT_WEIGHTED = {**INFLUENCE, "tensor_weights": "fisher-sqrt"}
 
 
@@ -174,6 +174,14 @@ def fisher_sqrt_weighted_influence(stages: tuple[str, ...] = ("distill", "attrib
     """``RUN/variants/ddm-fws``: ddm-inf's synsets with each tensor's residual weighed by the square root of its mean
     Fisher diagonal (``--tensor-weights fisher-sqrt``), removed by one fine-tune step."""
     return synset_variant("ddm-fws", FISHER_SQRT_WEIGHTED, stages, parent, attribute=ONE_STEP)
+
+
+# The one-step synset variants by method name: (distill settings, factory). benchmarks/disp_variants.py starts its
+# variants from them (--base), and the tests shrink them.
+ONE_STEP_VARIANTS: dict[str, tuple[dict[str, Any], Callable[..., Variant]]] = {
+    "ddm-disp": (DISPLACEMENT, displacement_matching), "ddm-inf": (INFLUENCE, influence_matching),
+    "ddm-fw": (FISHER_WEIGHTED, fisher_weighted_influence),
+    "ddm-fws": (FISHER_SQRT_WEIGHTED, fisher_sqrt_weighted_influence)}
 
 
 def paper_method(stages: tuple[str, ...] = ("distill", "attribute"), parent: Variant | None = None) -> Variant:
@@ -200,7 +208,7 @@ def sequential_clusters() -> Variant:
 
 
 __all__ = ["Variant", "FLAT_CLUSTERS", "DISPLACEMENT", "INFLUENCE", "FISHER_WEIGHTED", "FISHER_SQRT_WEIGHTED",
-           "ONE_STEP", "PAIRS_ATTRIBUTE", "synset_variant",
+           "ONE_STEP", "ONE_STEP_VARIANTS", "PAIRS_ATTRIBUTE", "synset_variant",
            "pair_matching", "influence_matching", "fisher_weighted_influence",
            "fisher_sqrt_weighted_influence", "forward_matching", "learned_labels",
            "displacement_matching", "paper_method", "sequential_clusters"]

@@ -437,10 +437,7 @@ def _displacement_variant(evaluated, monkeypatch, method: str = "ddm-disp"):
     2 images per cluster): (config, directory)."""
     from ddm_hpc import variants
     from ddm_hpc.pipeline import materialise
-    settings, make = {"ddm-disp": (variants.DISPLACEMENT, variants.displacement_matching),
-                      "ddm-inf": (variants.INFLUENCE, variants.influence_matching),
-                      "ddm-fw": (variants.FISHER_WEIGHTED, variants.fisher_weighted_influence),
-                      "ddm-fws": (variants.FISHER_SQRT_WEIGHTED, variants.fisher_sqrt_weighted_influence)}[method]
+    settings, make = variants.ONE_STEP_VARIANTS[method]
     monkeypatch.setitem(settings, "distill_steps", 3)
     monkeypatch.setitem(settings, "ipc", 2)
     cfg = Config.from_dict({**json.loads((evaluated / "config.json").read_text()),
