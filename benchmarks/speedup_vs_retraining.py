@@ -13,7 +13,7 @@ scores and the exact Dist1 of each removal.
 
     python benchmarks/speedup_vs_retraining.py --quick          # ~5 min on 2 CPU cores
     python benchmarks/speedup_vs_retraining.py --size eval --method ddm-disp   # displacement matching, ~6 min on 2 CPU cores
-    python benchmarks/speedup_vs_retraining.py --size eval --method ddm-inf    # influence matching, ~6 min on 2 CPU cores
+    python benchmarks/speedup_vs_retraining.py --size eval --method ddm-inf    # unweighted influence matching, ~6 min on 2 CPU cores
     python benchmarks/speedup_vs_retraining.py --size gpu       # one H100/H200 in ~2 min: 8000 images, width 64, K = 50
     python benchmarks/speedup_vs_retraining.py                  # full size (GPU): MNIST 17k, width 128, K = 100
     python benchmarks/speedup_vs_retraining.py --run-dir RUN    # ratios from an evaluated run (evaluation.h5)
@@ -80,9 +80,10 @@ def main() -> None:
                          "on 2 CPU cores), gpu (8000 images, width 64, 15 epochs, K = 50: minutes on one GPU), "
                          "full (the default: all 17k images, width 128, 30 epochs, K = 100)")
     ap.add_argument("--method", choices=("ddm", "ddm-disp", "ddm-inf"), default="ddm",
-                    help="ddm: the default distill and attribute options at that size (influence matching, both "
-                         "levels); ddm-disp / ddm-inf: displacement / influence matching as those rows of evaluate "
-                         "run it (cluster level only); fixed-target synsets locate Dist1 by their CE scores")
+                    help="ddm: the default distill and attribute options at that size (influence matching with "
+                         "sqrt-Fisher tensor weights, both levels); ddm-disp / ddm-inf: displacement / unweighted "
+                         "influence matching as those rows of evaluate run it (cluster level only); displacement "
+                         "synsets locate Dist1 by their CE scores")
     ap.add_argument("--run-dir", type=Path, help="report the ratios of an evaluated run instead of measuring")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--device", default="auto")

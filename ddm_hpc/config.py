@@ -266,12 +266,12 @@ class DistillConfig:
         "minimise sum_l |T_l|^2 (1 - c_l |c_l|) / |T|^2 (c_l: the cosine of the synset's step on tensor l with its "
         "target), which where every c_l >= 0 is the residual left at the per-tensor rates the synsets are used at "
         "(the reported loss); off: the relative L2 at rate 1", added=True))
-    tensor_weights: str = field(default="none", metadata=_help(
+    tensor_weights: str = field(default="fisher-sqrt", metadata=_help(
         "--target influence only: how the training steps of the matching weigh each parameter tensor's residual: "
-        "none (relative L2 over every parameter), fisher (by the tensor's mean Fisher diagonal tr(F_ll) / n_l at "
-        "theta_tau, one more pass of per-row gradients: an error in a tensor the outputs are more sensitive to "
-        "counts more), or fisher-sqrt (by its square root, halfway between the two on a log scale). The reported "
-        "losses stay unweighted", added=True))
+        "none (relative L2 over every parameter; pass it with --target pairs or displacement), fisher (by the "
+        "tensor's mean Fisher diagonal tr(F_ll) / n_l at theta_tau, one more pass of per-row gradients: an error in "
+        "a tensor the outputs are more sensitive to counts more), or fisher-sqrt (the default: by its square root, "
+        "halfway between the two on a log scale). The reported losses stay unweighted", added=True, legacy="none"))
     lr_schedule: str = field(default="constant", metadata=_help(
         "rates of the synset optimizer over --distill-steps: constant, or cosine (decayed from --lr-img and "
         "--lr-label to 0 along a half cosine)", added=True))
@@ -291,7 +291,7 @@ class DistillConfig:
                               f"--method {self.method}: pass --method ddm, or {self._to_pairs()}")
         if self.layer_rates and not self.fixed_target:
             raise ConfigError("--layer-rates fits each synset's fine-tune rates to its displacement target: pass "
-                              "--target displacement or influence, or --no-layer-rates")
+                              f"--target displacement or influence, or --no-layer-rates{self._unweighted()}")
         if self.damping < 0:
             raise ConfigError(f"--damping is a ridge added to the Fisher (0 = from the training's steps); got "
                               f"{self.damping}")
@@ -307,9 +307,6 @@ class DistillConfig:
                               "(with --target displacement or influence), or --no-rated-matching")
         _choice(self, "lr_schedule", ("constant", "cosine"))
         _choice(self, "tensor_weights", ("none", "fisher", "fisher-sqrt"))
-        if self.tensor_weights != "none" and self.target != "influence":
-            raise ConfigError(f"--tensor-weights {self.tensor_weights} reads the Fisher that --target influence "
-                              f"computes: pass --target influence, or --tensor-weights none")
         if self.contraction < 0:
             raise ConfigError(f"--contraction is a number of retrainings (0 = off); got {self.contraction}")
         if self.contraction and not self.layer_rates:
@@ -322,6 +319,10 @@ class DistillConfig:
         if self.augment and self.fixed_target:
             raise ConfigError(f"--augment augments the real minibatch of each step, and --target {self.target} has "
                               f"none: pass {self._to_pairs()}, or --augment ''")
+        if self.tensor_weights != "none" and self.target != "influence":
+            default = " (the default)" if self.tensor_weights == DistillConfig.tensor_weights else ""
+            raise ConfigError(f"--tensor-weights {self.tensor_weights}{default} reads the Fisher that --target "
+                              f"influence computes: pass --target influence, or --tensor-weights none")
         _choice(self, "pairing", ("auto", "reverse", "alg1", "same"))
         _choice(self, "distance", ("cos", "mse"))
         _choice(self, "init", ("real", "noise"))
@@ -339,7 +340,12 @@ class DistillConfig:
     def _to_pairs(self) -> str:
         """The flags that switch these options to trajectory-pair matching (for refusals)."""
         extra = " --no-layer-rates" if self.layer_rates else ""
-        return f"--target pairs{extra}{' --contraction 0' if self.contraction else ''} (or --preset paper)"
+        return (f"--target pairs{extra}{self._unweighted()}{' --contraction 0' if self.contraction else ''} "
+                f"(or --preset paper)")
+
+    def _unweighted(self) -> str:
+        """`` --tensor-weights none`` where these options weigh tensors (for refusals that leave --target influence)."""
+        return " --tensor-weights none" if self.tensor_weights != "none" else ""
 
     def level_list(self) -> list[str]:
         return [s.strip() for s in self.levels.split(",") if s.strip()]
@@ -833,10 +839,11 @@ def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str
 
 
 # The distill options whose defaults were the paper's trajectory-pair matching before influence matching became the
-# default (issue 18): hard labels, one image per cluster, SGD on the images at 0.1, 100 steps, no per-tensor rates.
+# default (issue 18): hard labels, one image per cluster, SGD on the images at 0.1, 100 steps, no per-tensor rates
+# or tensor weights.
 # --preset paper and the pair-matching variants (ddm-paper, ddm-match, ddm-soft) pin them.
 PAIRS_DISTILL: dict[str, Any] = {"target": "pairs", "syn_labels": "hard", "ipc": 1, "optimizer": "sgd", "lr_img": 0.1,
-                                 "lr_label": 1.0, "distill_steps": 100, "layer_rates": False}
+                                 "lr_label": 1.0, "distill_steps": 100, "layer_rates": False, "tensor_weights": "none"}
 
 
 def paper_preset() -> dict[str, Any]:

@@ -25,7 +25,10 @@ empirical Fisher of the training rows at theta_tau (per-row gradients, one pass)
 (:func:`influence_damping`): directions flatter than that keep the summed-gradient step, steeper ones, which later
 training contracts, get the Newton step (:meth:`Matcher.set_influence_targets`, :func:`damped_fisher_solve`). No
 trajectory sum and no retraining: the scale is the training's own. ``--fisher-rank r`` keeps F's top r eigenpairs
-(:func:`low_rank_fisher`, streamed: P x r memory) where the exact F does not fit.
+(:func:`low_rank_fisher`, streamed: P x r memory) where the exact F does not fit. ``--tensor-weights fisher-sqrt``
+(the default) weighs each parameter tensor's residual in the training loss by the square root of its mean Fisher
+diagonal (:meth:`Matcher._fisher_tensor_weights`, one more pass of per-row gradients), ``fisher`` by the diagonal
+itself, ``none`` equally; the reported losses stay unweighted.
 
 ``--augment`` (DSA, paper sec. 4.1; :mod:`ddm_hpc.augment`): each step, every group takes one augmentation draw
 from its own generator, applied alike to its sampled real rows (before the real gradient) and to its synthetic

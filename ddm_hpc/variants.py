@@ -124,7 +124,7 @@ def learned_labels(stages: tuple[str, ...] = ("distill", "attribute"), parent: V
 # the clusters fits how much of each tensor's step survives later training (--contraction 1): LDS at alpha 0.5
 # 0.67 -> 0.78 (three seeds; RESULTS, "Contraction factors").
 DISPLACEMENT = {"target": "displacement", "syn_labels": "learn", "ipc": 10, "optimizer": "adam", "lr_img": 0.03,
-                "lr_label": 0.3, "distill_steps": 50, "layer_rates": True, "contraction": 1}
+                "lr_label": 0.3, "distill_steps": 50, "layer_rates": True, "contraction": 1, "tensor_weights": "none"}
 
 
 # How --target displacement and influence synsets are removed online: one unweighted fine-tune step per cluster.
@@ -140,7 +140,8 @@ def displacement_matching(stages: tuple[str, ...] = ("distill", "attribute"), pa
 
 # --target influence's settings: ddm-disp's synsets (learned labels, 10 images, Adam, 50 steps, per-tensor rates)
 # matched to the damped influence displacement at theta_tau instead of the summed trajectory gradient. Its scale is
-# the training's own (the ridge comes from the number of steps), so nothing is retrained: no --contraction.
+# the training's own (the ridge comes from the number of steps), so nothing is retrained: no --contraction. Every
+# tensor's residual weighs the same (--tensor-weights none): the default ddm before fisher-sqrt became the default.
 INFLUENCE = {**DISPLACEMENT, "target": "influence", "contraction": 0}
 
 
@@ -166,6 +167,7 @@ def fisher_weighted_influence(stages: tuple[str, ...] = ("distill", "attribute")
 
 # --tensor-weights fisher-sqrt: the square roots of those weights, halfway between ddm-inf's equal weights and ddm-fw's
 # on a log scale (ddm-fw measured Dist1 +0.31 and LDS at alpha 0.5 -0.014 on held-out seeds 5-8, drop; RESULTS).
+# The default ddm's cluster level since issue 18 (held-out seeds 7-9), so on a default run this row equals it.
 FISHER_SQRT_WEIGHTED = {**INFLUENCE, "tensor_weights": "fisher-sqrt"}
 
 

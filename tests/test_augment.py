@@ -284,8 +284,8 @@ def test_augmentation_off_is_the_old_distill_stage(monkeypatch):
 # ----------------------------------------------------------------------------- options
 
 def test_augment_option_refusals_are_one_line():
-    with pytest.raises(ConfigError, match=r"pass --target pairs --no-layer-rates \(or --preset paper\), or --augment ''"
-                       ) as e:
+    with pytest.raises(ConfigError, match=r"pass --target pairs --no-layer-rates --tensor-weights none "
+                                          r"\(or --preset paper\), or --augment ''") as e:
         DistillConfig(augment="dsa", target="displacement")
     assert "\n" not in str(e.value)
     for bad in ("colour", "color_color", "color__flip_x", "_"):

@@ -73,8 +73,8 @@ def test_matching_reports_the_relative_error_of_the_synset_gradient():
     x, y, groups = _data()
     tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
     reader = _trajectory(x, y, tcfg)
-    dcfg = DistillConfig(target="displacement", syn_labels="learn", ipc=3, optimizer="adam", lr_img=0.05,
-                         lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2, layer_rates=False)
+    dcfg = DistillConfig(target="displacement", tensor_weights="none", syn_labels="learn", ipc=3, optimizer="adam",
+                         lr_img=0.05, lr_label=0.3, distill_steps=25, batch_real=16, group_chunk=2, layer_rates=False)
     cls = torch.tensor([0, 1, 2, 0, 1, 2])
     per_row = contribution_per_row(tcfg, reader.tau)
     syn = distill_groups(_model(), reader, x, y, groups, cls, dcfg, 0, torch.device("cpu"), show_progress=False,
@@ -95,24 +95,24 @@ def test_matching_reports_the_relative_error_of_the_synset_gradient():
                                        {"finetune_scale": "matched", "finetune_steps": 1},
                                        {"finetune_scale": "uniform", "finetune_steps": 3}])
 def test_displacement_synsets_need_one_unweighted_step(attribute):
-    cfg = Config.from_dict({"distill": {"target": "displacement"}, "attribute": attribute})
+    cfg = Config.from_dict({"distill": {"target": "displacement", "tensor_weights": "none"}, "attribute": attribute})
     with pytest.raises(ConfigError, match="pass --finetune-scale auto --finetune-steps 0 \\(or uniform and 1\\)"):
         check(cfg)
     for ok in ({}, {"finetune_scale": "uniform", "finetune_steps": 1}, {"finetune_scale": "auto", "finetune_steps": 1},
                {"finetune_scale": "uniform"}):  # auto and 0 resolve to one unweighted step for fixed targets
-        check(Config.from_dict({"distill": {"target": "displacement"}, "attribute": ok}))
+        check(Config.from_dict({"distill": {"target": "displacement", "tensor_weights": "none"}, "attribute": ok}))
 
 
 def test_displacement_needs_reverse_matching():
     with pytest.raises(ConfigError, match="--method ddm"):
-        DistillConfig(target="displacement", method="ddm-match")
+        DistillConfig(target="displacement", tensor_weights="none", method="ddm-match")
 
 
 def test_displacement_options_leave_existing_stage_keys_alone():
     from ddm_hpc.config import _key_dict
     pairs = DistillConfig(**PAIRS_DISTILL)  # the former defaults: what runs made before these options had
     assert "target" not in _key_dict(pairs) and "optimizer" not in _key_dict(pairs)
-    assert _key_dict(DistillConfig(target="displacement"))["target"] == "displacement"
+    assert _key_dict(DistillConfig(target="displacement", tensor_weights="none"))["target"] == "displacement"
 
 
 def test_paper_preset_is_the_papers_method():
@@ -134,8 +134,8 @@ def test_paper_row_is_the_papers_method_whatever_the_run():
     from ddm_hpc.variants import paper_method
     run = Config.from_dict(merge(Config().to_dict(), {
         "train": {"epochs": 7, "lr": 0.05},
-        "distill": {"target": "displacement", "syn_labels": "learn", "ipc": 10, "optimizer": "adam",
-                    "distill_steps": 3, "pairing": "reverse"},
+        "distill": {"target": "displacement", "tensor_weights": "none", "syn_labels": "learn", "ipc": 10,
+                    "optimizer": "adam", "distill_steps": 3, "pairing": "reverse"},
         "attribute": {"finetune_scale": "uniform", "finetune_steps": 1, "n_queries": 7, "beta": "uniform"},
         "runtime": {"out": "/tmp/somewhere"}}))
     assert {"ddm-paper", "ddm-disp"} <= set(DEFAULT_METHODS.split(",")) and "ddm-paper" in REGISTRY
@@ -157,8 +157,9 @@ def _rated_synsets(layer_rates: bool = True):
     x, y, groups = _data()
     tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
     reader = _trajectory(x, y, tcfg)
-    dcfg = DistillConfig(target="displacement", syn_labels="learn", ipc=3, optimizer="adam", lr_img=0.05,
-                         lr_label=0.3, distill_steps=10, batch_real=16, group_chunk=2, layer_rates=layer_rates)
+    dcfg = DistillConfig(target="displacement", tensor_weights="none", syn_labels="learn", ipc=3, optimizer="adam",
+                         lr_img=0.05, lr_label=0.3, distill_steps=10, batch_real=16, group_chunk=2,
+                         layer_rates=layer_rates)
     per_row = contribution_per_row(tcfg, reader.tau)
     syn = distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
                          torch.device("cpu"), show_progress=False, per_row=per_row)
@@ -229,8 +230,8 @@ def test_layer_rates_need_the_displacement_target():
     with pytest.raises(ConfigError, match="--layer-rates .* --target displacement or influence, or --no-layer-rates"):
         DistillConfig(target="pairs", layer_rates=True)
     from ddm_hpc.config import _key_dict
-    assert "layer_rates" not in _key_dict(DistillConfig(target="displacement", layer_rates=False))
-    assert _key_dict(DistillConfig(target="displacement"))["layer_rates"] is True  # the default now
+    assert "layer_rates" not in _key_dict(DistillConfig(target="displacement", tensor_weights="none", layer_rates=False))
+    assert _key_dict(DistillConfig(target="displacement", tensor_weights="none"))["layer_rates"] is True  # default
 
 
 def test_rated_synsets_refuse_more_than_one_step():
@@ -284,22 +285,22 @@ def test_contraction_factor_is_each_tensors_least_squares_scale():
 
 def test_contraction_needs_layer_rates_and_the_cluster_level():
     with pytest.raises(ConfigError, match="--contraction .* --layer-rates"):
-        DistillConfig(target="displacement", layer_rates=False, contraction=1)
+        DistillConfig(target="displacement", tensor_weights="none", layer_rates=False, contraction=1)
     with pytest.raises(ConfigError, match="--contraction is fitted on the cluster synsets"):
-        DistillConfig(target="displacement", layer_rates=True, contraction=1, levels="class")
+        DistillConfig(target="displacement", tensor_weights="none", layer_rates=True, contraction=1, levels="class")
     with pytest.raises(ConfigError, match="number of retrainings"):
-        DistillConfig(target="displacement", layer_rates=True, contraction=-1)
+        DistillConfig(target="displacement", tensor_weights="none", layer_rates=True, contraction=-1)
     from ddm_hpc.config import _key_dict
-    assert "contraction" not in _key_dict(DistillConfig(target="displacement", layer_rates=True))
+    assert "contraction" not in _key_dict(DistillConfig(target="displacement", tensor_weights="none", layer_rates=True))
 
 
 def _distil_rated(**opts):
     x, y, groups = _data()
     tcfg = TrainConfig(epochs=3, batch_size=30, lr=0.05)
     reader = _trajectory(x, y, tcfg)
-    dcfg = DistillConfig(**{"target": "displacement", "syn_labels": "learn", "ipc": 3, "optimizer": "adam",
-                            "lr_img": 0.05, "lr_label": 0.3, "distill_steps": 10, "batch_real": 16, "group_chunk": 2,
-                            **opts})
+    dcfg = DistillConfig(**{"target": "displacement", "tensor_weights": "none", "syn_labels": "learn", "ipc": 3,
+                            "optimizer": "adam", "lr_img": 0.05, "lr_label": 0.3, "distill_steps": 10, "batch_real": 16,
+                            "group_chunk": 2, **opts})
     per_row = contribution_per_row(tcfg, reader.tau)
     syn = distill_groups(_model(), reader, x, y, groups, torch.tensor([0, 1, 2, 0, 1, 2]), dcfg, 0,
                          torch.device("cpu"), show_progress=False, per_row=per_row)

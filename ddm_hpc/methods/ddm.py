@@ -1,8 +1,8 @@
 """DDM and its variants as attribution methods: each reads the flat scores of a run's attribute stage.
 
   ddm         this run's ``attribution.h5`` (flat search), one score matrix per objective: with the defaults,
-              influence matching (as ddm-inf below); Dist1 located by its Dist1 scores (Eq. 10), or by its
-              Dist2 scores for ``--target displacement`` synsets.
+              influence matching with sqrt-Fisher tensor weights (as ddm-fws below); Dist1 located by its Dist1
+              scores (Eq. 10), or by its Dist2 scores for ``--target displacement`` synsets.
   ddm-match   forward gradient matching of trajectory pairs (``config.PAIRS_DISTILL``, the defaults before
               influence matching, with ``--method ddm-match``), run in ``RUN/variants/ddm-match`` on this
               run's train.h5 and clusters.h5.
@@ -22,13 +22,13 @@
               ddm-disp, each synset matched to its cluster's damped influence displacement at theta_tau,
               (F + lambda I)^-1 times its summed gradient over N (F the empirical Fisher of the training rows,
               lambda the weight decay plus the ridge early stopping after the training's steps amounts to);
-              Dist1 located by its Dist1 scores.
-              The default ``ddm`` on its cluster level, so not in the default ``--methods``: it is the row for
-              runs made with other distill options (``--preset paper``).
+              Dist1 located by its Dist1 scores. Every tensor's residual weighs the same (``--tensor-weights
+              none``): the default ``ddm`` before issue 18's held-out seeds 7-9 made ddm-fws the default.
   ddm-fw      ddm-inf with ``--tensor-weights fisher`` (not in the paper), run in ``RUN/variants/ddm-fw``: each
               parameter tensor's residual weighed in the matching loss by its mean Fisher diagonal at theta_tau.
   ddm-fws     the same with the square roots of those weights (``--tensor-weights fisher-sqrt``), in
-              ``RUN/variants/ddm-fws``.
+              ``RUN/variants/ddm-fws``. The default ``ddm`` on its cluster level, so not in the default
+              ``--methods``: it is the row for runs made with other distill options (``--preset paper``).
   ddm-hier    this run's class-first hierarchical search (Eq. 11): Dist1/2/3 locate the cluster it
               picks inside the class it picks; its LDS reads the class scores spread evenly over each
               class's clusters (the search has no score for clusters outside the chosen class).
