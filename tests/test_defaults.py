@@ -15,6 +15,7 @@ import pytest
 from ddm_hpc.attribute import check
 from ddm_hpc.config import PAIRS_DISTILL, PRESETS, Config, DistillConfig, complete_saved, merge
 from ddm_hpc.errors import ConfigError
+from ddm_hpc.methods.base import REGISTRY as METHODS
 from ddm_hpc.methods.ddm import dist1_rule
 from ddm_hpc.variants import (FISHER_SQRT_WEIGHTED, ONE_STEP_VARIANTS, fisher_sqrt_weighted_influence,
                               forward_matching, influence_matching, learned_labels, paper_method)
@@ -87,6 +88,10 @@ def test_runs_made_with_the_former_defaults_keep_their_stage_keys(tmp_path):
         for name, (_, make) in ONE_STEP_VARIANTS.items():
             vc = make().config(root)
             assert (vc.stage_key("distill"), vc.stage_key("attribute")) == ONE_STEP_KEYS[name], name
+    for name, (settings, make) in ONE_STEP_VARIANTS.items():  # each method row reads the variant of its name
+        v = METHODS[name].variant()
+        assert v == make() and v.path == f"variants/{name}", name
+        assert {k: v.config(Config()).to_dict()["distill"][k] for k in settings} == settings, name
 
     # a run saved before --target, --optimizer and --layer-rates existed ran pairs, SGD, no per-tensor rates
     saved = former_default()

@@ -50,9 +50,8 @@ from ddm_hpc.context import RunContext
 from ddm_hpc.errors import ConfigError
 from ddm_hpc.methods.base import AttributionMethod, MethodResult
 from ddm_hpc.storage import artifact_path, open_read, read_attrs
-from ddm_hpc.variants import (Variant, displacement_matching, fisher_sqrt_weighted_influence,
-                              fisher_weighted_influence, forward_matching, influence_matching, learned_labels,
-                              paper_method, sequential_clusters)
+from ddm_hpc.variants import (ONE_STEP_VARIANTS, Variant, forward_matching, learned_labels, paper_method,
+                              sequential_clusters)
 
 
 LOCATED_BY = "Dist1 located by the {} scores"  # the note of a row whose Dist1 another objective locates (report.py)
@@ -178,8 +177,8 @@ class DDMDisp(_VariantDDM, name="ddm-disp", label="DDM, displacement matching",
     note = ("--target displacement --layer-rates: learned labels, ipc 10, matched at theta_tau by relative L2 to the "
             "summed trajectory gradient, removed by one fine-tune step at per-tensor rates fitted to that target")
 
-    def variant(self) -> Variant:
-        return displacement_matching()
+    def variant(self) -> Variant:  # the one-step rows below share this: their variant is registered by their name
+        return ONE_STEP_VARIANTS[self.name][1]()
 
     def score(self, ctx: RunContext) -> MethodResult:
         run = self.synset_run(ctx.cfg)
@@ -192,9 +191,6 @@ class DDMInf(DDMDisp, name="ddm-inf", label="DDM, influence matching",
     note = ("--target influence --layer-rates: ddm-disp's synsets matched at theta_tau to (F + lambda I)^-1 times the "
             "cluster's summed gradient (F the empirical Fisher, lambda from the training's steps), one fine-tune step")
 
-    def variant(self) -> Variant:
-        return influence_matching()
-
 
 class DDMFisherWeighted(DDMDisp, name="ddm-fw", label="DDM, influence matching, Fisher-weighted tensors",
                         help="ddm-inf with each tensor's residual weighed by its mean Fisher diagonal "
@@ -202,18 +198,12 @@ class DDMFisherWeighted(DDMDisp, name="ddm-fw", label="DDM, influence matching, 
     note = ("--target influence --layer-rates --tensor-weights fisher: ddm-inf's synsets, each parameter tensor's "
             "residual weighed in the matching loss by its mean Fisher diagonal at theta_tau")
 
-    def variant(self) -> Variant:
-        return fisher_weighted_influence()
-
 
 class DDMFisherSqrt(DDMDisp, name="ddm-fws", label="DDM, influence matching, sqrt-Fisher-weighted tensors",
                     help="ddm-inf with each tensor's residual weighed by the square root of its mean Fisher diagonal "
                          "(--tensor-weights fisher-sqrt)"):
     note = ("--target influence --layer-rates --tensor-weights fisher-sqrt: ddm-inf's synsets, each parameter "
             "tensor's residual weighed in the matching loss by the square root of its mean Fisher diagonal")
-
-    def variant(self) -> Variant:
-        return fisher_sqrt_weighted_influence()
 
 
 def hierarchical_scores(run_dir: Path, cluster_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
