@@ -21,6 +21,9 @@ that checkpoint), and the means of the first 2..J of them (a checkpoint ensemble
 per-tensor rates (it reproduces the evaluated ``ddm`` row's LDS), and with rates that give each tensor's step the
 target's length instead, |T_l| / |g_l| (and the geometric middle of the two); and the stored step with one parameter
 tensor replaced by its target (tensors holding >= 0.5 % of the parameters or of |D|^2): where the synsets' gap sits.
+``--unlearning``: also each row as an unlearning step, the softmax at theta_tau + c D_k against the exact retraining
+without cluster k (mean L2 over the queries and the leave-one-out clusters, x100, as ``diagnose`` measures unlearning
+on the test set), for each scale c in ``UNLEARN_SCALES``; c = 0 is doing nothing.
 
     OMP_NUM_THREADS=2 python benchmarks/influence_targets.py runs_gt/seed0 --tangents tangents_seed0.pt --mc --ggn
     python benchmarks/score_more.py --seeds inf_seed0.json inf_seed1.json inf_seed2.json
@@ -107,6 +110,22 @@ def ggn(model, theta: dict, x: torch.Tensor) -> torch.Tensor:
     return g / len(x)
 
 
+UNLEARN_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)  # --unlearning: multiples of each row's displacement; 0 = do nothing
+
+
+def unlearning_distances(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor, view) -> dict[float, float]:
+    """{c: mean over the leave-one-out clusters k and the queries of |softmax(theta_tau + c D_k) - exact_k|_2} for c
+    in ``UNLEARN_SCALES`` (exact_k: the retraining without cluster k under ``view``'s protocol)."""
+    flat0 = table.flatten(theta).double()
+    out = {}
+    with torch.no_grad():
+        for c in UNLEARN_SCALES:
+            probs = torch.stack([functional_call(model, table.unflatten((flat0 + c * D[k]).float()), (x,)).softmax(-1)
+                                 for k in view.removed.tolist()])
+            out[c] = float((probs - view.gt.outputs).norm(dim=-1).mean())
+    return out
+
+
 class _Earlier:
     """A trajectory whose last checkpoint is theta_{tau-j}: the pipeline's influence targets computed there."""
 
@@ -170,6 +189,8 @@ def main() -> None:
     ap.add_argument("--rate-rules", action="store_true", help="also the run's synsets' rated step under other rate rules")
     ap.add_argument("--synsets", type=Path, help="--rate-rules: these synsets.h5 (e.g. RUN/variants/V/synsets.h5, "
                     "distilled on this run's trajectory and clusters) instead of RUN/synsets.h5")
+    ap.add_argument("--unlearning", action="store_true", help="also each row as an unlearning step: its softmax's "
+                    "distance to the exact leave-one-out retraining at scales UNLEARN_SCALES")
     ap.add_argument("--json", help="also write {row: {'<removal>/<metric>[@alpha]': mean}} here (for --seeds)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -226,6 +247,14 @@ def main() -> None:
         out[name], text = score_stepped(model, reader, theta, d, ctx, retrained, cfg)
         cos = f"cos to exact {float(F.cosine_similarity(d, de, dim=1).mean()):.3f} | " if de is not None else ""
         print(f"{name:52s} {cos}{text}", flush=True)
+        if args.unlearning:
+            parts = []
+            for removal in cfg.evaluate.removal_list():
+                dist = unlearning_distances(model, reader.table, theta, d, ctx.query_x,
+                                            retrained.view(removal, cfg.evaluate.alpha_list()[0]))
+                out[name].update({f"{removal}/unlearn@{c:g}": v for c, v in dist.items()})
+                parts.append(f"{removal[:4]}: " + " ".join(f"x{c:g} {100 * v:.3f}" for c, v in dist.items()))
+            print(f"{'':52s} unlearning, L2 to exact x100: " + " | ".join(parts), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

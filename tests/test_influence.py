@@ -343,3 +343,33 @@ def test_tensor_weights_weigh_the_training_loss_and_not_the_reported_one():
     assert "tensor_weights" not in _key_dict(DistillConfig(tensor_weights="none"))  # runs made before it weighed none
     assert _key_dict(DistillConfig())["tensor_weights"] == "fisher-sqrt"  # the default since issue 18's seeds 7-9
     assert _key_dict(DistillConfig(tensor_weights="fisher"))["tensor_weights"] == "fisher"
+
+
+def test_unlearning_distances_are_zero_at_the_exact_step_and_the_removal_effect_at_none():
+    """``benchmarks/influence_targets.py --unlearning``: exact outputs made by stepping theta_tau by D_k give distance 0
+    at scale 1 and, at scale 0, the mean L2 of theta_tau's softmax from them, with the leave-one-out rows in the
+    view's (unsorted) order of removed clusters."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from influence_targets import UNLEARN_SCALES, unlearning_distances
+    x, y, _ = _data()
+    reader = _trajectory(x, y, TrainConfig(epochs=2, batch_size=30, lr=0.05))
+    model, table = _model().eval(), reader.table
+    theta = {k: v.detach() for k, v in reader.params(reader.tau).items()}
+    D = 0.3 * torch.randn(4, table.total, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    removed, q = torch.tensor([3, 0, 2]), x[:12]
+    flat0 = table.flatten(theta).double()
+    with torch.no_grad():
+        exact = torch.stack([functional_call(model, table.unflatten((flat0 + D[k]).float()), (q,)).softmax(-1)
+                             for k in removed.tolist()])
+        p_tau = functional_call(model, theta, (q,)).softmax(-1)
+    view = SimpleNamespace(removed=removed, gt=SimpleNamespace(outputs=exact))
+    dist = unlearning_distances(model, table, theta, D, q, view)
+    assert set(dist) == set(UNLEARN_SCALES) and 0.0 in dist and 1.0 in dist
+    assert dist[1.0] < 1e-6
+    expected = float((p_tau[None] - exact).norm(dim=-1).mean())
+    assert expected > 1e-3  # the steps move the outputs, so the test can tell the scales apart
+    np.testing.assert_allclose(dist[0.0], expected, rtol=1e-5)
+    assert 0 < dist[0.5] < dist[0.0]  # halfway there is closer than nothing (smooth softmax, small steps)
