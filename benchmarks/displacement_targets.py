@@ -91,15 +91,21 @@ def result(d_ce: torch.Tensor, d_p: torch.Tensor, note: str) -> MethodResult:
                                                           "dist3": (1.0 / (1.0 + shift)).float()}, note=note)
 
 
+def stepped_probs(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[K, Q, L]: the queries' softmax at theta_tau + D_k (not linearised), for every row k of ``D``."""
+    flat0 = table.flatten(theta).double()
+    with torch.no_grad():
+        return torch.stack([functional_call(model, table.unflatten((flat0 + d).float()), (x,)).softmax(-1)
+                            for d in D])
+
+
 def stepped(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> MethodResult:
     """What a perfect displacement synset gives online: the objectives at theta_tau + D_k (not linearised), scored
     as the attribute stage scores a fine-tune; Dist1 located by the CE change, as ``ddm-disp`` does (the Dist1 scores,
     the softmax's distance from theta_tau's, are kept too: ``view_cells``' 'dist1 by dist1')."""
-    flat0 = table.flatten(theta).double()
     with torch.no_grad():
         base = functional_call(model, theta, (x,)).softmax(-1)
-        probs = torch.stack([functional_call(model, table.unflatten((flat0 + d).float()), (x,)).softmax(-1)
-                             for d in D])
+    probs = stepped_probs(model, table, theta, D, x)
     obj = objective_values(probs, base, labels, "single")
     d_ce = (obj["dist2"] - objective_values(base[None], base, labels, "single")["dist2"]).T.float()
     return MethodResult(d_ce, 0.0, per_objective={"dist1": obj["dist1"].T.float(), "dist2": d_ce,

@@ -44,7 +44,7 @@ from ddm_hpc.config import DistillConfig
 from ddm_hpc.distill import Matcher, damped_fisher_solve, influence_damping, influence_rows, per_group_grads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from displacement_targets import flat_grads, score_stepped, uniform_targets  # noqa: E402
+from displacement_targets import flat_grads, score_stepped, stepped_probs, uniform_targets  # noqa: E402
 from score_more import open_run  # noqa: E402
 
 
@@ -113,16 +113,16 @@ def ggn(model, theta: dict, x: torch.Tensor) -> torch.Tensor:
 UNLEARN_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)  # --unlearning: multiples of each row's displacement; 0 = do nothing
 
 
-def unlearning_distances(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor, view) -> dict[float, float]:
-    """{c: mean over the leave-one-out clusters k and the queries of |softmax(theta_tau + c D_k) - exact_k|_2} for c
-    in ``UNLEARN_SCALES`` (exact_k: the retraining without cluster k under ``view``'s protocol)."""
-    flat0 = table.flatten(theta).double()
-    out = {}
-    with torch.no_grad():
-        for c in UNLEARN_SCALES:
-            probs = torch.stack([functional_call(model, table.unflatten((flat0 + c * D[k]).float()), (x,)).softmax(-1)
-                                 for k in view.removed.tolist()])
-            out[c] = float((probs - view.gt.outputs).norm(dim=-1).mean())
+def unlearning_distances(model, table, theta: dict, D: torch.Tensor, x: torch.Tensor,
+                         views: dict[str, object]) -> dict[str, dict[float, float]]:
+    """{protocol: {c: mean over the leave-one-out clusters k and the queries of |softmax(theta_tau + c D_k) -
+    exact_k|_2}} for c in ``UNLEARN_SCALES`` (exact_k: the retraining without cluster k in that protocol's view).
+    The stepped outputs are computed once per scale and shared by the protocols."""
+    out: dict[str, dict[float, float]] = {name: {} for name in views}
+    for c in UNLEARN_SCALES:
+        probs = stepped_probs(model, table, theta, c * D, x)
+        for name, view in views.items():
+            out[name][c] = float((probs[view.removed] - view.gt.outputs).norm(dim=-1).mean())
     return out
 
 
@@ -248,13 +248,13 @@ def main() -> None:
         cos = f"cos to exact {float(F.cosine_similarity(d, de, dim=1).mean()):.3f} | " if de is not None else ""
         print(f"{name:52s} {cos}{text}", flush=True)
         if args.unlearning:
-            parts = []
-            for removal in cfg.evaluate.removal_list():
-                dist = unlearning_distances(model, reader.table, theta, d, ctx.query_x,
-                                            retrained.view(removal, cfg.evaluate.alpha_list()[0]))
+            views = {r: retrained.view(r, cfg.evaluate.alpha_list()[0]) for r in cfg.evaluate.removal_list()}
+            dists = unlearning_distances(model, reader.table, theta, d, ctx.query_x, views)
+            for removal, dist in dists.items():
                 out[name].update({f"{removal}/unlearn@{c:g}": v for c, v in dist.items()})
-                parts.append(f"{removal[:4]}: " + " ".join(f"x{c:g} {100 * v:.3f}" for c, v in dist.items()))
-            print(f"{'':52s} unlearning, L2 to exact x100: " + " | ".join(parts), flush=True)
+            print(f"{'':52s} unlearning, L2 to exact x100: " + " | ".join(
+                f"{r[:4]}: " + " ".join(f"x{c:g} {100 * v:.3f}" for c, v in dist.items()) for r, dist in dists.items()),
+                flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

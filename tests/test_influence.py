@@ -366,7 +366,7 @@ def test_unlearning_distances_are_zero_at_the_exact_step_and_the_removal_effect_
                              for k in removed.tolist()])
         p_tau = functional_call(model, theta, (q,)).softmax(-1)
     view = SimpleNamespace(removed=removed, gt=SimpleNamespace(outputs=exact))
-    dist = unlearning_distances(model, table, theta, D, q, view)
+    dist = unlearning_distances(model, table, theta, D, q, {"drop": view})["drop"]
     assert set(dist) == set(UNLEARN_SCALES) and 0.0 in dist and 1.0 in dist
     assert dist[1.0] < 1e-6
     expected = float((p_tau[None] - exact).norm(dim=-1).mean())
